@@ -1,0 +1,71 @@
+"""Plain PyTorch networks used by recipes, examples and tests."""
+
+from __future__ import annotations
+
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn.Identity}
+
+
+class MLP(nn.Module):
+    """``depth`` linear layers of width ``width``: input (in_dim→width), hidden, readout (width→out_dim).
+
+    The paper's Gegenbauer experiments use ``depth=3`` (two hidden representations) with ReLU.
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 5,
+        width: int = 256,
+        out_dim: int = 1,
+        depth: int = 3,
+        activation: str = "relu",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth={depth}: an MLP needs at least an input layer and a readout")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        dims = [in_dim] + [width] * (depth - 1)
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out, bias=bias), ACTIVATIONS[activation]()]
+        self.features = nn.Sequential(*layers)
+        self.readout = nn.Linear(width, out_dim, bias=bias)
+
+    def forward(self, x):
+        return self.readout(self.features(x))
+
+
+class ResidualMLP(nn.Module):
+    """Pre-LayerNorm residual MLP, h ← h + W₂ φ(W₁ LN(h)): the simplest model for depth scaling.
+
+    Its blocks are ``blocks.<i>`` with branch end ``blocks.<i>.out`` (pass
+    ``residual_blocks={"blocks.*": ["out"]}`` to :func:`~lightning_mup.parametrize`).
+    """
+
+    def __init__(self, in_dim: int = 8, width: int = 64, out_dim: int = 1, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(_ResidualBlock(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.readout = nn.Linear(width, out_dim)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.readout(self.norm(h))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + self.out(self.act(self.fc(self.norm(h))))

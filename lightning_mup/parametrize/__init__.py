@@ -1,0 +1,24 @@
+"""Pure-torch core: roles from shapes, the parameterization table, and applying it (no Lightning)."""
+
+from lightning_mup.parametrize.adapters import register_block
+from lightning_mup.parametrize.coord_check import CoordCheck, coord_check, plot_coord_checks
+from lightning_mup.parametrize.core import parametrize
+from lightning_mup.parametrize.optim import effective_lrs, optimizer_family, scale_optimizer, scaling_param_groups
+from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
+from lightning_mup.parametrize.table import FORMS
+
+__all__ = [
+    "FORMS",
+    "CoordCheck",
+    "ModuleHook",
+    "ParamScale",
+    "Parametrization",
+    "coord_check",
+    "effective_lrs",
+    "optimizer_family",
+    "parametrize",
+    "plot_coord_checks",
+    "register_block",
+    "scale_optimizer",
+    "scaling_param_groups",
+]

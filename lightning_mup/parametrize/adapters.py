@@ -1,0 +1,170 @@
+"""Model-family knowledge, keyed by module type, so the core never branches on a family.
+
+Three registries:
+
+* :data:`LAYERS` — where a layer's fan-in and fan-out live in its weight tensor, and whether a forward
+  multiplier can be applied by scaling the layer's (single) input.
+* :data:`BLOCKS` — residual blocks and the modules that end each residual branch (depth scaling
+  multiplies those modules' outputs). Users extend it with :func:`register_block` or pass
+  ``residual_blocks={"glob": ["branch_end", ...]}`` to :func:`~lightning_mup.parametrize`.
+* attention — how the logit scale is changed where it takes effect: HF transformers' ``module.scaling``
+  (read by eager, sdpa and flash paths alike), and timm's ``q_norm`` output, because timm's fused path
+  calls ``scaled_dot_product_attention`` without ``scale=`` and ignores ``module.scale``.
+
+Types are matched by fully qualified name along the MRO, so nothing here imports timm or transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def type_names(module: nn.Module) -> set[str]:
+    return {f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__}
+
+
+# ---------------------------------------------------------------------------------------------- layers
+@dataclass(frozen=True)
+class LayerKind:
+    """Layout of a layer's weight: which dim is fan-out / fan-in, and the matmul's fan-in."""
+
+    out_dim: int
+    in_dim: int
+    fan_in: Callable[[nn.Module], int]
+    scalable_input: bool  # y = W(c·x) + b equals scaling W by c (not true for lookups)
+
+
+def _conv_fan_in(m: nn.Module) -> int:
+    return m.weight.shape[1] * math.prod(m.weight.shape[2:])
+
+
+def _conv_transpose_fan_in(m: nn.Module) -> int:
+    return m.weight.shape[0] // m.groups * math.prod(m.weight.shape[2:])
+
+
+LAYERS: list[tuple[str, LayerKind]] = [
+    ("torch.nn.modules.linear.Linear", LayerKind(0, 1, lambda m: m.in_features, True)),
+    ("torch.nn.modules.conv._ConvTransposeNd", LayerKind(1, 0, _conv_transpose_fan_in, True)),
+    ("torch.nn.modules.conv._ConvNd", LayerKind(0, 1, _conv_fan_in, True)),
+    ("transformers.pytorch_utils.Conv1D", LayerKind(1, 0, lambda m: m.weight.shape[0], True)),
+    ("torch.nn.modules.sparse.Embedding", LayerKind(1, 0, lambda m: 1, False)),
+    ("torch.nn.modules.sparse.EmbeddingBag", LayerKind(1, 0, lambda m: 1, False)),
+]
+
+
+def layer_kind(module: nn.Module, attr: str) -> LayerKind | None:
+    """The layout of ``module.<attr>`` if it is the weight of a known layer, else ``None``."""
+    if attr == "weight":
+        names = type_names(module)
+        for name, kind in LAYERS:
+            if name in names:
+                return kind
+    if attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight") and isinstance(
+        module, nn.MultiheadAttention
+    ):
+        return LayerKind(0, 1, lambda m: m.embed_dim, False)
+    return None
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A grouped conv with one input channel per group: per-channel weights, vector-like in width."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+BranchEnds = Callable[[nn.Module], list[str]]
+BLOCKS: dict[str, BranchEnds] = {}
+
+
+def register_block(type_name: str, branch_ends: BranchEnds | Sequence[str]) -> None:
+    """Teach depth scaling a residual block type.
+
+    ``type_name`` is the block's fully qualified class name (``f"{cls.__module__}.{cls.__qualname__}"``);
+    ``branch_ends`` lists the submodules (relative names) whose output is the residual branch F(h)
+    just before ``h + F(h)``, or a function of the block returning them.
+    """
+    BLOCKS[type_name] = branch_ends if callable(branch_ends) else (lambda m, ends=tuple(branch_ends): list(ends))
+
+
+def _present(*names: str) -> BranchEnds:
+    def ends(block: nn.Module) -> list[str]:
+        return [n for n in names if _get(block, n) is not None]
+
+    return ends
+
+
+def _resnet_branch_end(last_norm: str) -> BranchEnds:
+    # drop_path and SE come after the last norm; multiply after whichever runs last
+    # (DropPath is linear in its input; squeeze-excitation is not).
+    def ends(block: nn.Module) -> list[str]:
+        for name in ("drop_path", "se", last_norm):
+            if isinstance(getattr(block, name, None), nn.Module):
+                return [name]
+        raise ValueError(f"{type(block).__name__} has no {last_norm}: cannot find its residual branch end")
+
+    return ends
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+register_block("timm.models.vision_transformer.Block", ["drop_path1", "drop_path2"])
+register_block("timm.models.vision_transformer.ResPostBlock", ["drop_path1", "drop_path2"])
+register_block("timm.models.vision_transformer.ParallelScalingBlock", ["drop_path"])
+register_block("timm.models.convnext.ConvNeXtBlock", ["drop_path"])
+register_block("timm.models.resnet.BasicBlock", _resnet_branch_end("bn2"))
+register_block("timm.models.resnet.Bottleneck", _resnet_branch_end("bn3"))
+register_block(
+    "transformers.models.gpt2.modeling_gpt2.GPT2Block",
+    _present("attn.c_proj", "crossattention.c_proj", "mlp.c_proj"),
+)
+register_block("transformers.models.llama.modeling_llama.LlamaDecoderLayer", ["self_attn.o_proj", "mlp.down_proj"])
+register_block(
+    "transformers.models.bert.modeling_bert.BertLayer",
+    _present("attention.output.dense", "crossattention.output.dense", "output.dense"),
+)
+
+
+def block_branch_ends(module: nn.Module) -> list[str] | None:
+    """Branch-end submodule names if ``module`` is a registered residual block, else ``None``."""
+    for name in type_names(module):
+        if name in BLOCKS:
+            return BLOCKS[name](module)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- attention
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+
+
+def head_dim(module: nn.Module) -> int | None:
+    """The per-head dimension of an attention module, if it declares one."""
+    for attr in HEAD_DIM_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def attention_patch(module: nn.Module) -> str | None:
+    """How this attention module's logit scale can be changed so that it takes effect.
+
+    ``"scaling"``: HF transformers modules pass ``self.scaling`` to every attention backend.
+    ``"q_norm"``: timm modules apply ``q_norm`` to q on the fused and the eager path, so scaling its
+    output scales the logits in both (``self.scale`` alone is ignored by the fused path).
+    """
+    if isinstance(getattr(module, "scaling", None), float):
+        return "scaling"
+    if isinstance(getattr(module, "scale", None), float) and isinstance(getattr(module, "q_norm", None), nn.Module):
+        return "q_norm"
+    return None

@@ -1,0 +1,284 @@
+"""Coordinate check: the first thing to run after parametrizing a model.
+
+Train the model at several widths for a few steps (several seeds, a fixed batch) and record, for every
+module, the typical size of its output coordinates, mean |h|, and of their change since init,
+mean |h_t − h_0|. Under a correct μP both are flat in width after the first step (log-log slope ≈ 0);
+under SP the readout grows ≈ width¹. A flat check is necessary, not sufficient: also check that the
+optimal learning rate transfers across widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_mup.parametrize.core import parametrize
+from lightning_mup.parametrize.optim import scale_optimizer
+
+SKIPPED_TYPES = (nn.Dropout, nn.Identity)
+OUTPUT = "<output>"
+
+
+@dataclass
+class CoordCheck:
+    """Sizes per module × width × recorded step (averaged over seeds) and their width slopes."""
+
+    parametrization: str | None
+    widths: list[int]
+    modules: list[str]
+    activation: np.ndarray  # [module, width, step] mean |h_t|
+    change: np.ndarray  # [module, width, step] mean |h_t − h_0|
+    losses: np.ndarray  # [width, step]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.activation.shape[2]
+
+    def slopes(self, which: str = "activation") -> np.ndarray:
+        """Log-log slope of size vs width, [module, step]; NaN where a size is zero."""
+        sizes = getattr(self, which)
+        log_w = np.log(np.asarray(self.widths, dtype=float))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_s = np.log(sizes)
+        out = np.full(sizes.shape[::2], np.nan)
+        for i in range(sizes.shape[0]):
+            for t in range(sizes.shape[2]):
+                y = log_s[i, :, t]
+                if np.all(np.isfinite(y)):
+                    out[i, t] = np.polyfit(log_w, y, 1)[0]
+        return out
+
+    def max_abs_slope(self, which: str = "activation", from_step: int = 1) -> dict[str, float]:
+        s = np.abs(self.slopes(which)[:, from_step:])
+        return {m: float(np.nanmax(row)) if np.isfinite(row).any() else float("nan") for m, row in zip(self.modules, s)}
+
+    def table(self) -> str:
+        """One row per module: slopes at step 1 and at the last step, and the worst after step 1."""
+        act, chg = self.slopes("activation"), self.slopes("change")
+        last = self.steps - 1
+        header = ("module", "|h| t=1", f"|h| t={last}", "|Δh| t=1", f"|Δh| t={last}", "max|slope| t≥1")
+        worst_act, worst_chg = self.max_abs_slope("activation"), self.max_abs_slope("change")
+        rows = [
+            (
+                name,
+                *(f"{v:+.3f}" for v in (act[i, 1], act[i, last], chg[i, 1], chg[i, last])),
+                f"{np.nanmax([worst_act[name], worst_chg[name]]):.3f}",
+            )
+            for i, name in enumerate(self.modules)
+        ]
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        title = (
+            f"coordinate check ({self.parametrization or 'as built'}), widths {self.widths}: "
+            "log-log slope of size vs width (0 = width-independent)"
+        )
+        lines = [title] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        return plot_coord_checks([self], path, title)
+
+
+def plot_coord_checks(checks: Sequence[CoordCheck], path: str | Path, title: str | None = None) -> Path:
+    """One row per check, one column per recorded step (size vs width, log-log, a line per module)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({0, 1, checks[0].steps // 2, checks[0].steps - 1})
+    fig, axes = plt.subplots(len(checks), len(steps), figsize=(3.2 * len(steps), 2.8 * len(checks)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, check in zip(axes, checks):
+        for ax, t in zip(row, steps):
+            for i, name in enumerate(check.modules):
+                color = cmap(i / max(1, len(check.modules) - 1))
+                ax.plot(check.widths, check.activation[i, :, t], marker="o", ms=3, color=color, label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{check.parametrization or 'as built'} · step {t}", fontsize=9)
+            ax.set_xlabel("width")
+        row[0].set_ylabel("mean |h|")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=6, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def coord_check(
+    make_model: Callable[[int], nn.Module],
+    widths: Sequence[int],
+    batch: Any,
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    parametrization: str | None = "mup",
+    base_width: int | None = None,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+    lr: float = 0.1,
+    steps: int = 10,
+    seeds: Sequence[int] = (0, 1, 2),
+    modules: Sequence[str] | None = None,
+    progress: bool = False,
+    **parametrize_kwargs: Any,
+) -> CoordCheck:
+    """Train ``make_model(width)`` for ``steps`` steps at each width and measure coordinate sizes.
+
+    Args:
+        make_model: builds the model at a width (plain init; this function parametrizes it).
+        widths: at least two widths; span ≥ 8× for a meaningful slope.
+        batch: the fixed training batch, passed to ``loss``.
+        loss: ``loss(model, batch) -> scalar``.
+        parametrization: a form of :func:`parametrize` (base ``make_model(base_width)``), or
+            ``None`` to train the models as built.
+        optimizer: ``"sgd"``, ``"adam"`` or a factory ``params -> Optimizer`` (given ``lr=``).
+        modules: module names to record (default: every leaf module except dropout/identity, and
+            the model output).
+
+    Example::
+
+        check = coord_check(lambda w: MLP(in_dim=8, width=w), [64, 256, 1024],
+                            batch=(x, y), loss=lambda m, b: F.mse_loss(m(b[0]), b[1]))
+        print(check.table()); check.plot("coord_check.png")
+    """
+    widths = sorted(widths)
+    if len(widths) < 2:
+        raise ValueError("coord_check needs at least two widths")
+    base_width = base_width or widths[0]
+    delta_width = widths[-1] if widths[-1] != base_width else widths[0]
+    make_optimizer = _optimizer_factory(optimizer)
+    runs = [(w, s) for w in widths for s in seeds]
+    iterator = _progress(runs, progress)
+    activation: dict[str, np.ndarray] = {}
+    change: dict[str, np.ndarray] = {}
+    losses = np.zeros((len(widths), steps))
+    names: list[str] | None = None
+    for w, seed in iterator:
+        torch.manual_seed(seed)
+        model = make_model(w)
+        if parametrization is not None:
+            record = parametrize(
+                model,
+                base=lambda: make_model(base_width),
+                delta=lambda: make_model(delta_width),
+                parametrization=parametrization,
+                **parametrize_kwargs,
+            )
+        opt = make_optimizer(model.parameters(), lr=lr)
+        if parametrization is not None:
+            scale_optimizer(opt, record, model)
+        names = names or _module_names(model, modules)
+        act, chg, run_losses = _train_and_record(model, opt, batch, loss, steps, names)
+        i = widths.index(w)
+        for name in names:
+            activation.setdefault(name, np.zeros((len(widths), steps)))[i] += act[name] / len(seeds)
+            change.setdefault(name, np.zeros((len(widths), steps)))[i] += chg[name] / len(seeds)
+        losses[i] += np.asarray(run_losses) / len(seeds)
+    assert names is not None
+    return CoordCheck(
+        parametrization=parametrization,
+        widths=list(widths),
+        modules=names,
+        activation=np.stack([activation[n] for n in names]),
+        change=np.stack([change[n] for n in names]),
+        losses=losses,
+        settings={
+            "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom"),
+            "lr": lr,
+            "seeds": list(seeds),
+            "base_width": base_width,
+            **parametrize_kwargs,
+        },
+    )
+
+
+def _optimizer_factory(optimizer):
+    if optimizer == "sgd":
+        return torch.optim.SGD
+    if optimizer == "adam":
+        return torch.optim.Adam
+    if callable(optimizer):
+        return optimizer
+    raise ValueError(f"optimizer={optimizer!r}; use 'sgd', 'adam' or a factory params -> Optimizer")
+
+
+def _module_names(model: nn.Module, modules: Sequence[str] | None) -> list[str]:
+    from lightning_mup._names import select
+
+    all_names = [n for n, _ in model.named_modules() if n]
+    if modules is not None:
+        chosen = select(modules, all_names)
+        if not chosen:
+            raise ValueError(f"modules={list(modules)} match nothing; names look like {all_names[:8]}")
+        return chosen
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children()) and not isinstance(m, SKIPPED_TYPES)]
+    return [*leaves, OUTPUT]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    logits = getattr(value, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _train_and_record(model, opt, batch, loss_fn, steps, names):
+    modules = dict(model.named_modules())
+    current: dict[str, torch.Tensor] = {}
+
+    def recorder(name):
+        def hook(module, args, output):
+            tensor = _first_tensor(output)
+            if tensor is not None:
+                current[name] = tensor.detach().float()
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(recorder(n)) for n in names if n != OUTPUT]
+    if OUTPUT in names:
+        handles.append(model.register_forward_hook(recorder(OUTPUT)))
+    act = {n: np.zeros(steps) for n in names}
+    chg = {n: np.zeros(steps) for n in names}
+    first: dict[str, torch.Tensor] = {}
+    losses = []
+    try:
+        model.train()
+        for t in range(steps):
+            current.clear()
+            opt.zero_grad(set_to_none=True)
+            value = loss_fn(model, batch)
+            for n in names:
+                h = current.get(n)
+                if h is None:
+                    continue
+                first.setdefault(n, h)
+                act[n][t] = float(h.abs().mean())
+                chg[n][t] = float((h - first[n]).abs().mean()) if h.shape == first[n].shape else float("nan")
+            value.backward()
+            opt.step()
+            losses.append(float(value.detach()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return act, chg, losses
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="coord check", unit="run")

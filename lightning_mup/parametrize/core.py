@@ -1,0 +1,419 @@
+"""``parametrize``: put a model into μP, mean-field, NTK or SP form in place, without editing its code."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_mup.parametrize.adapters import attention_patch, head_dim
+from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
+from lightning_mup.parametrize.hooks import has_hooks
+from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
+from lightning_mup.parametrize.roles import TensorRoles, infer_roles
+from lightning_mup.parametrize.table import (
+    DEPTH,
+    EPS_RULES,
+    EPS_SCALED,
+    FORMS,
+    OUTPUT,
+    ROLES,
+    WEIGHT_DECAY_CONVENTIONS,
+    Form,
+    form,
+)
+
+ModelSpec = nn.Module | Callable[[], nn.Module]
+
+# Initialisers in the libraries we know scale as a power of fan-in, fan-out or depth. Measured size
+# ratios are snapped to such a power when one is this close (log scale), which removes sampling noise.
+_SNAP_TOLERANCE = 0.12
+
+
+def parametrize(
+    model: nn.Module,
+    base: ModelSpec,
+    *,
+    delta: ModelSpec | None = None,
+    parametrization: str = "mup",
+    gamma0: float = 1.0,
+    depth_alpha: float | None = None,
+    output_mult: float = 1.0,
+    readout_zero_init: bool | None = None,
+    lr_mults: Mapping[str, float] | None = None,
+    weight_decay: str = "coupled",
+    eps: str = "constant",
+    attention: str | None = None,
+    residual_blocks: Mapping[str, Sequence[str]] | None = None,
+    keep_weights: bool = False,
+) -> Parametrization:
+    """Reparameterize ``model`` in place and return the record of what was done.
+
+    Args:
+        model: the model at its real width (and depth), freshly initialised by its own code.
+        base: the same model at the base width (a module, or a zero-argument factory). Its initial
+            sizes calibrate the init: at the base width every parameterization equals the model's own
+            init. A factory is built on CPU without consuming the caller's random numbers.
+        delta: optionally the model at a third width, built on the ``meta`` device; needed when the
+            model has the base width itself (nothing differs, so nothing says which dims are width).
+        parametrization: ``"mup"``, ``"mf"``, ``"sp"`` or ``"ntk"`` (see :mod:`.table`).
+        gamma0: mean-field richness γ0 (``mf`` only): readout 1/(γ0·N), SGD lr η0·γ0²·N.
+        depth_alpha: scale residual branches by (L/L_base)^-α, α ∈ [½, 1] (Depth-μP ½, CompleteP 1).
+        output_mult: readout multiplier α_out at the base width (``mup``).
+        readout_zero_init: zero the readout weights (default: on for ``mup``, off otherwise).
+        lr_mults: constant per-role learning-rate multipliers, e.g. ``{"input": 10.0}``.
+        weight_decay: ``"coupled"`` (as `mup`: lr·λ constant in width), ``"lr_invariant"`` (lr·λ
+            constant in width and depth, CompleteP) or ``"independent"`` (decay per step λ times the
+            schedule, independent of lr).
+        eps: Adam ε, ``"constant"`` or ``"scaled"`` (ε·m⁻¹ on hidden weights, ·m_L^-α in blocks).
+        attention: ``None`` for the form's rule (1/d_head for μP/mf), or ``"unchanged"``.
+        residual_blocks: ``{"block glob": ["branch end", ...]}`` for models without a block adapter.
+        keep_weights: keep existing (e.g. pretrained) weights: stored values are divided by their new
+            forward multiplier so the function is unchanged; only multipliers and lr scales apply.
+    """
+    chosen = form(parametrization)
+    _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
+    if getattr(model, "_lightning_mup_parametrized", False) or has_hooks(model):
+        raise RuntimeError(
+            "this model is already parametrized; parametrizing again would rescale its weights twice. "
+            "To restore multipliers on a freshly built model use Parametrization.attach(model)."
+        )
+    base_model = _build(base, "cpu")
+    delta_model = _build(delta, "meta") if delta is not None else None
+
+    blocks = find_blocks(model, residual_blocks)
+    base_blocks = find_blocks(base_model, residual_blocks)
+    to_base = base_name_mapper(blocks, base_blocks)
+    if depth_alpha is None and blocks.depth != base_blocks.depth:
+        raise ValueError(
+            f"the base has {base_blocks.depth} residual blocks and the model {blocks.depth}, but depth_alpha "
+            "is None: pass depth_alpha=0.5 (Depth-μP) or 1.0 (CompleteP) to scale depth, or build the base "
+            "at the model's depth"
+        )
+    if depth_alpha is not None and blocks.depth == 0:
+        raise ValueError(
+            f"depth_alpha={depth_alpha} but no residual block was found in {type(model).__name__}. "
+            "Pass residual_blocks={'<block glob>': ['<module ending each branch>', ...]} "
+            "(e.g. {'layers.*': ['mlp.fc2']}) or register the block type with "
+            "lightning_mup.parametrize.adapters.register_block."
+        )
+    depth_mult = blocks.depth / base_blocks.depth if blocks.depth else 1.0
+
+    tensors = infer_roles(model, base_model, delta_model, to_base)
+    if all(not s.width_dims for t in tensors.values() for s in t.shapes) and depth_mult == 1.0:
+        raise ValueError(
+            "no parameter differs in shape between the model and its base, so no width dimension can be "
+            "identified. Give a base built at a smaller width, or pass delta= (the model at another width) "
+            "when the model has the base width itself."
+        )
+    settings = {
+        "gamma0": gamma0,
+        "depth_alpha": depth_alpha,
+        "output_mult": output_mult,
+        "readout_zero_init": chosen.readout_zero_init if readout_zero_init is None else readout_zero_init,
+        "lr_mults": dict(lr_mults or {}),
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "attention": attention or chosen.attention,
+        "keep_weights": keep_weights,
+    }
+    notes: list[str] = []
+    if any(p.is_meta for p in base_model.parameters()):
+        notes.append("base built on the meta device: assumed the model's own init is SP (var ∝ 1/fan_in)")
+    native = _native_ratios(tensors, _rms_by_name(base_model), to_base or _same, blocks, depth_mult, notes)
+    params = {name: _scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
+    hooks = _layer_hooks(tensors, params, chosen, settings)
+    hooks += _branch_hooks(blocks, depth_alpha, depth_mult)
+    hooks += _attention_hooks(model, base_model, to_base or _same, settings["attention"])
+
+    _apply_init(tensors, params, settings)
+    record = Parametrization(
+        parametrization=parametrization,
+        settings=settings,
+        params=params,
+        hooks=hooks,
+        depth=blocks.depth or None,
+        base_depth=base_blocks.depth or None,
+        notes=notes,
+    )
+    record.attach(model)
+    return record
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _same(name: str) -> str:
+    return name
+
+
+def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
+    if depth_alpha is not None and not 0.5 <= depth_alpha <= 1.0:
+        raise ValueError(
+            f"depth_alpha={depth_alpha} is outside [0.5, 1]: use 0.5 (Depth-μP, branches × L^-1/2) or "
+            "1.0 (CompleteP, branches × L^-1), or None to leave depth unscaled"
+        )
+    if weight_decay not in WEIGHT_DECAY_CONVENTIONS:
+        raise ValueError(f"weight_decay={weight_decay!r}; choose one of {WEIGHT_DECAY_CONVENTIONS}")
+    if eps not in EPS_RULES:
+        raise ValueError(f"eps={eps!r}; choose one of {EPS_RULES}")
+    if attention not in (None, "unchanged"):
+        raise ValueError(f"attention={attention!r}; use None (the parametrization's rule) or 'unchanged'")
+    unknown = set(lr_mults or {}) - set(ROLES)
+    if unknown:
+        raise ValueError(f"lr_mults has unknown roles {sorted(unknown)}; roles are {ROLES}")
+    if not gamma0 > 0:
+        raise ValueError(f"gamma0 must be positive, got {gamma0}")
+
+
+@contextmanager
+def _private_rng():
+    """Build the base without consuming the caller's random numbers (runs stay reproducible)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _build(spec: ModelSpec, device: str) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        return spec
+    if not callable(spec):
+        raise TypeError(f"base/delta must be an nn.Module or a zero-argument factory, got {type(spec).__name__}")
+    with _private_rng(), torch.device(device):
+        built = spec()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"the base/delta factory returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _native_ratio(
+    model: torch.Tensor, base_rms: float | None, base_numel: int, multipliers: list[float], sp_init: float
+) -> tuple[float, bool]:
+    """How the model's own initialiser sized this tensor relative to the base (model / base), and
+    whether that is an exact power of the tensor's multipliers (else the measured ratio is used).
+
+    Initialisers scale as half-integer powers of fan-in, fan-out or depth, so the measured ratio is
+    snapped to the nearest such power; when sampling noise (a tensor of a few dozen entries) cannot
+    tell powers apart, the SP expectation (var ∝ 1/fan_in for weights, constant otherwise) is kept.
+    """
+    logs = [math.log(m) for m in multipliers if m != 1.0]
+    if not logs:  # same shape, same depth: the same initialiser draws the same distribution
+        return 1.0, True
+    if base_rms is None or model.is_meta:  # nothing to measure: assume the model's init is SP
+        return sp_init, True
+    model_rms = float(model.detach().float().pow(2).mean().sqrt())
+    if base_rms == 0.0 or model_rms == 0.0:
+        return 1.0, True
+    measured = math.log(model_rms / base_rms)
+    noise = math.sqrt(0.5 / model.numel() + 0.5 / base_numel)  # std of log(rms) ratio, Gaussian entries
+    if abs(math.log(sp_init) - measured) < 3 * noise:
+        return sp_init, True
+    candidates = {0.0}
+    for log_m in logs:  # half-integer powers of each multiplier, combined
+        candidates = {round(c + k * log_m / 2, 12) for c in candidates for k in (-2, -1, 0, 1, 2)}
+    best = min(candidates, key=lambda x: abs(x - measured))
+    snapped = abs(best - measured) < max(_SNAP_TOLERANCE, 3 * noise)
+    return math.exp(best if snapped else measured), snapped
+
+
+def _rms_by_name(model: nn.Module) -> dict[str, tuple[float | None, int]]:
+    with torch.no_grad():
+        return {
+            name: (None if p.is_meta else float(p.detach().float().pow(2).mean().sqrt()), p.numel())
+            for name, p in model.named_parameters(remove_duplicate=False)
+        }
+
+
+def _native_ratios(
+    tensors: dict[str, TensorRoles],
+    base_sizes: dict[str, tuple[float | None, int]],
+    to_base: Callable[[str], str],
+    blocks: Blocks,
+    depth_mult: float,
+    notes: list[str],
+) -> dict[str, float]:
+    """Model/base size ratio of every tensor under the model's own initialiser.
+
+    A layer's bias follows its weight (PyTorch draws both with the weight's fan-in; other libraries
+    zero it): measuring a bias of a handful of entries directly would be mostly noise.
+    """
+    canonical = {id(t.param): name for name, t in tensors.items()}
+
+    def weight_of(t: TensorRoles) -> str | None:
+        weight = getattr(t.uses[0].module, "weight", None)
+        if t.uses[0].attr == "bias" and isinstance(weight, nn.Parameter):
+            return canonical.get(id(weight))
+        return None
+
+    ratios: dict[str, float] = {}
+    for name, t in sorted(tensors.items(), key=lambda item: weight_of(item[1]) is not None):
+        weight = weight_of(t)
+        if weight is not None:
+            ratios[name] = ratios[weight]
+            continue
+        symbols = t.shapes[0].symbols
+        multipliers = [symbols["m_in"], symbols["m_out"], depth_mult if blocks.block_of(name) else 1.0]
+        sp_init = FORMS["sp"].rules[t.shapes[0].role].init(symbols)
+        base_rms, base_numel = base_sizes[to_base(name)]
+        ratios[name], snapped = _native_ratio(t.param, base_rms, base_numel, multipliers, sp_init)
+        if not snapped:
+            notes.append(
+                f"{name}: its initial size is {ratios[name]:.3g}× the base's, not a power of its width "
+                "multipliers; rescaled by that measured ratio"
+            )
+    return ratios
+
+
+def _scale_tensor(
+    t: TensorRoles,
+    chosen: Form,
+    settings: dict[str, Any],
+    blocks: Blocks,
+    depth_mult: float,
+    native: float,
+) -> ParamScale:
+    shape = t.shapes[0]
+    role, symbols = shape.role, {**shape.symbols, "gamma0": settings["gamma0"]}
+    rule = chosen.rules[role]
+    block = blocks.block_of(t.name)
+    alpha = settings["depth_alpha"]
+    in_depth = alpha is not None and block is not None
+    d_lr = {
+        "sgd": depth_mult ** DEPTH["lr_sgd"](alpha) if in_depth else 1.0,
+        "adam": depth_mult ** DEPTH["lr_adam"](alpha) if in_depth else 1.0,
+    }
+    width_lr = {"sgd": rule.lr_sgd(symbols), "adam": rule.lr_adam(symbols)}
+    lr_mult = settings["lr_mults"].get(role, 1.0)
+    lr_scale = {f: width_lr[f] * d_lr[f] * lr_mult for f in width_lr}
+    wd_convention = settings["weight_decay"]
+    weight_decay_scale = {
+        f: 1.0 / width_lr[f]
+        if wd_convention == "coupled"
+        else 1.0 / (width_lr[f] * d_lr[f])
+        if wd_convention == "lr_invariant"
+        else 1.0
+        for f in width_lr
+    }
+    eps_scale = 1.0
+    if settings["eps"] == "scaled":
+        eps_scale = EPS_SCALED[role](symbols) if role in EPS_SCALED else 1.0
+        if in_depth:
+            eps_scale *= depth_mult ** DEPTH["eps"](alpha)
+
+    forward_mult = rule.mult(symbols) * (settings["output_mult"] if role == OUTPUT else 1.0)
+    if settings["keep_weights"]:
+        init_scale = 1.0 / forward_mult
+    else:
+        init_scale = rule.init(symbols) / native
+        if role == OUTPUT and settings["readout_zero_init"] and not t.aliases:
+            init_scale = 0.0
+    return ParamScale(
+        role=role,
+        shape=list(t.param.shape),
+        base_shape=t.base_shape,
+        width_mult=symbols["m"],
+        fan_in_mult=symbols["m_in"],
+        fan_out_mult=symbols["m_out"],
+        depth_mult=depth_mult if block is not None else 1.0,
+        block=block,
+        init_scale=init_scale,
+        forward_mult=forward_mult,
+        lr_scale=lr_scale,
+        weight_decay_scale=weight_decay_scale,
+        eps_scale=eps_scale,
+        tied=list(t.aliases),
+    )
+
+
+def _layer_hooks(
+    tensors: dict[str, TensorRoles], params: dict[str, ParamScale], chosen: Form, settings: dict[str, Any]
+) -> list[ModuleHook]:
+    """Forward multipliers as pre-hooks scaling each layer's input (biases stay unscaled)."""
+    hooks = []
+    for name, t in tensors.items():
+        canonical = params[name]
+        for i, (use, shape) in enumerate(zip(t.uses, t.shapes)):
+            if i == 0:
+                mult = canonical.forward_mult
+            else:  # a tied use (e.g. lm_head sharing the embedding) gets its own role's multiplier
+                symbols = {**shape.symbols, "gamma0": settings["gamma0"]}
+                rule, first = chosen.rules[shape.role], chosen.rules[canonical.role]
+                if rule.mult(symbols) == first.mult(symbols):
+                    continue
+                if not math.isclose(rule.init(symbols), first.init(symbols)):
+                    raise ValueError(
+                        f"{use.name} shares its tensor with {name}, and under this parametrization the two "
+                        "uses need different initial sizes. Untie them (e.g. tie_word_embeddings=False) or "
+                        "use parametrization='mup'."
+                    )
+                mult = rule.mult(symbols) * (settings["output_mult"] if shape.role == OUTPUT else 1.0)
+                mult /= canonical.forward_mult
+            if mult == 1.0:
+                continue
+            if use.kind is None or not use.kind.scalable_input:
+                raise ValueError(
+                    f"{use.name} ({shape.role}) needs a forward multiplier {mult:.4g}, but "
+                    f"{type(use.module).__name__} is not a layer whose input can be scaled (Linear, Conv, "
+                    "HF Conv1D). Use parametrization='mup', whose multiplier sits on the readout only."
+                )
+            reason = "readout multiplier" if shape.role == OUTPUT else "forward multiplier"
+            hooks.append(ModuleHook(use.module_name, "input", mult, reason))
+    return hooks
+
+
+def _branch_hooks(blocks: Blocks, depth_alpha: float | None, depth_mult: float) -> list[ModuleHook]:
+    if depth_alpha is None or depth_mult == 1.0:
+        return []
+    mult = depth_mult ** DEPTH["branch"](depth_alpha)
+    return [
+        ModuleHook(end, "output", mult, "residual branch multiplier")
+        for block in blocks.names
+        for end in blocks.branch_ends[block]
+    ]
+
+
+def _attention_hooks(model: nn.Module, base: nn.Module, to_base: Callable[[str], str], rule: str) -> list[ModuleHook]:
+    """μP's 1/d_head logit scale, calibrated to equal the model's own scale at the base head_dim."""
+    if rule != "inverse":
+        return []
+    base_modules = dict(base.named_modules())
+    hooks = []
+    for name, module in model.named_modules():
+        d = head_dim(module)
+        base_module = base_modules.get(to_base(name))
+        d_base = head_dim(base_module) if base_module is not None else None
+        if d is None or d_base is None or d == d_base:
+            continue
+        factor = math.sqrt(d_base / d)  # s·sqrt(d_base/d): ∝ 1/d, equal at the base head_dim
+        patch = attention_patch(module)
+        if patch == "scaling":
+            hooks.append(ModuleHook(name, "scaling", module.scaling * factor, "attention 1/d_head"))
+        elif patch == "q_norm":
+            hooks.append(ModuleHook(f"{name}.q_norm", "output", factor, "attention 1/d_head (query)"))
+        else:
+            raise ValueError(
+                f"{name} ({type(module).__name__}) changes head_dim {d_base}→{d} with width; μP scales attention "
+                "logits by 1/head_dim, but this module computes its scale internally where it cannot be "
+                "changed. Keep head_dim fixed and grow the number of heads instead, or pass "
+                "attention='unchanged' to keep 1/sqrt(head_dim) (not μP)."
+            )
+    return hooks
+
+
+def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], settings: dict[str, Any]) -> None:
+    """Rescale each tensor exactly once (tied tensors appear once, under their canonical name)."""
+    with torch.no_grad():
+        for name, t in tensors.items():
+            scale = params[name].init_scale
+            if scale == 0.0:
+                t.param.zero_()
+            elif scale != 1.0:
+                t.param.mul_(scale)

@@ -1,0 +1,205 @@
+"""Per-parameter learning-rate, weight-decay and Adam-ε scales for *any* torch optimizer.
+
+Parameters are split into groups of equal scales. Each group keeps the user's hyperparameters, so
+``group["lr"]`` stays the scheduled base value; the scales are applied only while ``step()`` runs
+(optimizer step pre/post hooks) and undone right after. Every LR scheduler therefore keeps working
+unchanged — LambdaLR, CosineAnnealingLR, OneCycleLR (which writes absolute lrs), SequentialLR —
+and the effective lr of a group is always ``scheduled lr × its μP scale``.
+
+Split groups must exist before a scheduler is built (schedulers size their state by the number of
+groups): call :func:`scale_optimizer` right after building the optimizer, or build optimizer and
+scheduler inside :func:`scaling_param_groups`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_mup.parametrize.record import Parametrization
+
+_SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
+# Optimizers that normalise the gradient entrywise behave like Adam under width scaling.
+_ADAM_LIKE = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.SparseAdam,
+    torch.optim.Rprop,
+)
+FAMILIES = ("sgd", "adam")
+
+
+def optimizer_family(optimizer: Optimizer | type, family: str | None = None) -> str:
+    """``"sgd"`` or ``"adam"``: which column of the table applies to this optimizer."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ValueError(f"optimizer family {family!r}; choose one of {FAMILIES}")
+        return family
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if issubclass(cls, _SGD_LIKE):
+        return "sgd"
+    if issubclass(cls, _ADAM_LIKE):
+        return "adam"
+    raise ValueError(
+        f"lightning_mup does not know whether {cls.__name__} scales like SGD or like Adam. Pass "
+        "optimizer_family='sgd' (the update is proportional to the gradient) or 'adam' (the gradient is "
+        "normalised entrywise, as in Adam, RMSprop, Lion)."
+    )
+
+
+def split_group(group: dict[str, Any], record: Parametrization, names: dict[int, str], family: str) -> list[dict]:
+    """One user group → groups of equal μP scales, each carrying its scales under ``"mup"``."""
+    if "mup" in group:
+        return [group]
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    independent = record.settings["weight_decay"] == "independent"
+    buckets: dict[tuple, list] = {}
+    roles: dict[tuple, set[str]] = {}
+    for p in params:
+        name = names.get(id(p))
+        if name is None or name not in record.params:
+            raise ValueError(
+                "the optimizer holds a parameter that is not in the role map (not a parameter of the "
+                "parametrized model); every optimized parameter needs a μP scale. Optimize only "
+                "model.parameters(), or parametrize the module that owns it."
+            )
+        s = record.params[name]
+        key = (
+            _round(s.lr_scale[family]),
+            _round(s.weight_decay_scale[family]),
+            _round(s.eps_scale if family == "adam" else 1.0),
+        )
+        buckets.setdefault(key, []).append(p)
+        roles.setdefault(key, set()).add(s.role)
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    return [
+        {
+            **hyper,
+            "params": ps,
+            "mup": {"lr": key[0], "weight_decay": key[1], "eps": key[2], "independent_weight_decay": independent},
+            "mup_roles": sorted(roles[key]),
+        }
+        for key, ps in buckets.items()
+    ]
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.12g}")
+
+
+class _StepScaler:
+    """Applies each group's scales for the duration of ``optimizer.step()`` only."""
+
+    def __init__(self) -> None:
+        self.saved: list[dict[str, Any]] | None = None
+
+    def pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self.saved is not None:  # the previous step raised before the post-hook ran
+            self.post(optimizer, args, kwargs)
+        self.saved = []
+        for group in optimizer.param_groups:
+            scales = group.get("mup")
+            saved: dict[str, Any] = {}
+            self.saved.append(saved)
+            if scales is None:
+                continue
+            saved["lr"] = group["lr"]
+            group["lr"] = group["lr"] * scales["lr"]
+            if "weight_decay" in group:
+                saved["weight_decay"] = group["weight_decay"]
+                if scales["independent_weight_decay"]:
+                    _decay_independently(group)
+                    group["weight_decay"] = 0.0
+                else:
+                    group["weight_decay"] = group["weight_decay"] * scales["weight_decay"]
+            if "eps" in group and scales["eps"] != 1.0 and isinstance(group["eps"], float):
+                saved["eps"] = group["eps"]
+                group["eps"] = group["eps"] * scales["eps"]
+
+    def post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for group, saved in zip(optimizer.param_groups, self.saved or []):
+            group.update(saved)
+        self.saved = None
+
+
+def _decay_independently(group: dict[str, Any]) -> None:
+    """Decay per step λ × (schedule factor), independent of the lr's value and its μP scale."""
+    decay = group["weight_decay"]
+    if not decay:
+        return
+    base = group.get("initial_lr", group["lr"])
+    factor = float(group["lr"] / base) if base else 1.0
+    with torch.no_grad():
+        for p in group["params"]:
+            if p.grad is not None:
+                p.mul_(1.0 - decay * factor)
+
+
+def _install_step_hooks(optimizer: Optimizer) -> None:
+    if getattr(optimizer, "_lightning_mup_scaler", None) is not None:
+        return
+    scaler = _StepScaler()
+    optimizer.register_step_pre_hook(scaler.pre)
+    optimizer.register_step_post_hook(scaler.post)
+    optimizer._lightning_mup_scaler = scaler
+
+
+def scale_optimizer(
+    optimizer: Optimizer, record: Parametrization, model: nn.Module, family: str | None = None
+) -> Optimizer:
+    """Give ``optimizer`` the μP scales of ``record``, in place. Call before any step or scheduler.
+
+    Example::
+
+        record = parametrize(model, base=lambda: MLP(width=64))
+        optimizer = scale_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), record, model)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=1000)
+    """
+    if optimizer.state:
+        raise RuntimeError("scale_optimizer must run before the optimizer's first step (it already has state)")
+    family = optimizer_family(optimizer, family)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [g for group in optimizer.param_groups for g in split_group(group, record, names, family)]
+    optimizer.param_groups = []
+    for group in groups:
+        _ORIGINAL_ADD_PARAM_GROUP(optimizer, group)
+    _install_step_hooks(optimizer)
+    return optimizer
+
+
+_ORIGINAL_ADD_PARAM_GROUP = Optimizer.add_param_group
+
+
+@contextmanager
+def scaling_param_groups(record: Parametrization, model: nn.Module, family: str | None = None) -> Iterator[None]:
+    """Every optimizer built inside this block gets μP groups as it is built, before any scheduler
+    sees it (how MuPStrategy wraps ``configure_optimizers``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def add_param_group(self: Optimizer, group: dict[str, Any]) -> None:
+        for g in split_group(group, record, names, optimizer_family(self, family)):
+            _ORIGINAL_ADD_PARAM_GROUP(self, g)
+        _install_step_hooks(self)
+
+    Optimizer.add_param_group = add_param_group
+    try:
+        yield
+    finally:
+        Optimizer.add_param_group = _ORIGINAL_ADD_PARAM_GROUP
+
+
+def effective_lrs(optimizer: Optimizer) -> list[float]:
+    """The lr each group steps with right now: scheduled lr × μP scale."""
+    return [float(g["lr"]) * (g["mup"]["lr"] if "mup" in g else 1.0) for g in optimizer.param_groups]

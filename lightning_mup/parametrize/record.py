@@ -1,0 +1,169 @@
+"""The role map: what was decided for every parameter, stored outside the Parameter objects.
+
+`mup` hangs its state on Parameter attributes, which ``torch.save``, DDP and FSDP drop. Here the
+whole decision is one plain record: it serialises to JSON-able types, rides in checkpoints, and
+:meth:`Parametrization.attach` re-installs the forward multipliers on a freshly built model without
+touching its weights (resume, inference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_mup.parametrize.hooks import ScaleInput, ScaleOutput, remove_hooks
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ParamScale:
+    """The scales applied to one parameter (its canonical name; tied aliases listed in ``tied``)."""
+
+    role: str
+    shape: list[int]
+    base_shape: list[int]
+    width_mult: float
+    fan_in_mult: float
+    fan_out_mult: float
+    depth_mult: float
+    block: str | None
+    init_scale: float
+    forward_mult: float
+    lr_scale: dict[str, float]  # by optimizer family: "sgd", "adam"
+    weight_decay_scale: dict[str, float]
+    eps_scale: float
+    tied: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModuleHook:
+    """A multiplier on a module: ``input`` (pre-hook on its first input), ``output`` (forward hook),
+    or ``scaling`` (the module's attention ``scaling`` attribute set to ``value``)."""
+
+    module: str
+    kind: str
+    value: float
+    reason: str
+
+
+@dataclass
+class Parametrization:
+    """Everything :func:`~lightning_mup.parametrize` decided. See ``to_dict`` for the stored form."""
+
+    parametrization: str
+    settings: dict[str, Any]
+    params: dict[str, ParamScale]
+    hooks: list[ModuleHook]
+    depth: int | None = None
+    base_depth: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "parametrization": self.parametrization,
+            "settings": dict(self.settings),
+            "depth": self.depth,
+            "base_depth": self.base_depth,
+            "params": {name: asdict(p) for name, p in self.params.items()},
+            "hooks": [asdict(h) for h in self.hooks],
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Parametrization:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"role map format {version} is not supported (expected {FORMAT_VERSION})")
+        return cls(
+            parametrization=data["parametrization"],
+            settings=dict(data["settings"]),
+            params={name: ParamScale(**p) for name, p in data["params"].items()},
+            hooks=[ModuleHook(**h) for h in data["hooks"]],
+            depth=data.get("depth"),
+            base_depth=data.get("base_depth"),
+            notes=list(data.get("notes", [])),
+        )
+
+    # ---------------------------------------------------------------------------- model side
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Install this record's forward multipliers on ``model`` (weights untouched; idempotent)."""
+        self.check_matches(model)
+        remove_hooks(model)
+        modules = dict(model.named_modules())
+        for hook in self.hooks:
+            module = modules[hook.module]
+            if hook.kind == "input":
+                module.register_forward_pre_hook(ScaleInput(hook.value))
+            elif hook.kind == "output":
+                module.register_forward_hook(ScaleOutput(hook.value))
+            elif hook.kind == "scaling":
+                module.scaling = hook.value
+            else:
+                raise ValueError(f"unknown hook kind {hook.kind!r} in the role map")
+        model._lightning_mup_parametrized = True
+        return model
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove the multipliers (attention ``scaling`` attributes keep their value)."""
+        remove_hooks(model)
+        model._lightning_mup_parametrized = False
+
+    def check_matches(self, model: nn.Module) -> None:
+        names = {n for n, _ in model.named_parameters()}
+        modules = {n for n, _ in model.named_modules()}
+        missing = sorted(set(self.params) - names)
+        extra = sorted(names - set(self.params))
+        absent = sorted({h.module for h in self.hooks} - modules)
+        if missing or extra or absent:
+            raise ValueError(
+                "this role map was made for a different model: "
+                f"parameters missing from the model {missing[:5]}, not in the role map {extra[:5]}, "
+                f"hooked modules missing {absent[:5]}. Build the model with the same configuration."
+            )
+        for name, param in model.named_parameters():
+            if list(param.shape) != self.params[name].shape:
+                raise ValueError(
+                    f"parameter {name} has shape {list(param.shape)} but the role map says "
+                    f"{self.params[name].shape}: the model was built at a different width"
+                )
+
+    # ---------------------------------------------------------------------------- reading it
+    def roles(self) -> dict[str, str]:
+        return {name: p.role for name, p in self.params.items()}
+
+    def summary(self) -> str:
+        """A table of roles, multipliers and scales, one row per distinct combination."""
+        rows: dict[tuple, list[str]] = {}
+        for name, p in self.params.items():
+            key = (
+                p.role,
+                _fmt(p.width_mult),
+                _fmt(p.depth_mult),
+                _fmt(p.init_scale),
+                _fmt(p.forward_mult),
+                _fmt(p.lr_scale["sgd"]),
+                _fmt(p.lr_scale["adam"]),
+            )
+            rows.setdefault(key, []).append(name)
+        header = ("role", "width×", "depth×", "init×", "forward×", "lr× sgd", "lr× adam", "#", "example")
+        body = [(*key, str(len(names)), names[0]) for key, names in sorted(rows.items())]
+        widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+        lines = [f"parametrization={self.parametrization} " + " ".join(f"{k}={v}" for k, v in self.settings.items())]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+        branch = [h for h in self.hooks if h.kind != "input" or h.reason != "forward multiplier"]
+        if branch:
+            lines.append(
+                f"{len(self.hooks)} module multipliers, e.g. "
+                + "; ".join(f"{h.module}: {h.reason} ×{_fmt(h.value)}" for h in branch[:3])
+            )
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return "0" if x == 0 else f"{x:.4g}" if math.isfinite(x) else str(x)

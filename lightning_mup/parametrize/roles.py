@@ -1,0 +1,187 @@
+"""Roles from shapes: compare the model with the same model built at a base width.
+
+A dimension that differs between base and model (or between base and ``delta`` when given) is a width
+dimension. With the layer layout from :mod:`.adapters`, the width dimensions of each parameter use
+decide its role:
+
+* ``hidden``  — fan-in and fan-out are width (width → width)
+* ``input``   — only fan-out is width (fixed → width: embeddings, patch embed, stem, first layer;
+  additive tensors like position embeddings and cls tokens)
+* ``output``  — only fan-in is width (width → fixed: heads, lm_head, routers)
+* ``vector``  — one width dimension of per-unit values (biases, norm gains, layer scale, depthwise conv)
+* ``fixed``   — nothing scales
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_mup._names import join
+from lightning_mup.parametrize.adapters import LayerKind, is_depthwise, layer_kind
+from lightning_mup.parametrize.table import FIXED, HIDDEN, INPUT, OUTPUT, VECTOR
+
+
+@dataclass
+class Use:
+    """One place a parameter takes part in the forward pass: ``module.<attr>``."""
+
+    module_name: str
+    module: nn.Module
+    attr: str
+    kind: LayerKind | None
+
+    @property
+    def name(self) -> str:
+        return join(self.module_name, self.attr)
+
+
+@dataclass
+class Shape:
+    """What comparing shapes says about one use of a parameter; ``symbols`` feed the table."""
+
+    role: str
+    width_dims: list[int]
+    symbols: dict[str, float]
+
+
+@dataclass
+class TensorRoles:
+    name: str  # canonical (first) name
+    param: nn.Parameter
+    base_shape: list[int]
+    uses: list[Use]
+    shapes: list[Shape]  # one per use; the first decides how the tensor itself is scaled
+    aliases: list[str]
+
+
+def parameter_uses(model: nn.Module) -> dict[int, list[Use]]:
+    """Every (module, attribute) holding each parameter, keyed by ``id(param)``, in module order."""
+    uses: dict[int, list[Use]] = {}
+    seen: set[tuple[int, str]] = set()
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is None or (id(module), attr) in seen:
+                continue
+            seen.add((id(module), attr))
+            uses.setdefault(id(param), []).append(Use(module_name, module, attr, layer_kind(module, attr)))
+    return uses
+
+
+def infer_roles(
+    model: nn.Module,
+    base: nn.Module,
+    delta: nn.Module | None = None,
+    to_base_name: Callable[[str], str] | None = None,
+) -> dict[str, TensorRoles]:
+    """Role and width symbols of every parameter of ``model``, keyed by canonical name.
+
+    ``to_base_name`` maps a model name to its counterpart in base and delta; it differs from the
+    identity only when they are shallower than the model (block ``h.7`` of the model ↔ ``h.0``).
+    """
+    exact = to_base_name is None  # same depth: the names must match one to one
+    to_base_name = to_base_name or (lambda name: name)
+    names = _full_names(model)
+    base_shapes = {n: list(p.shape) for n, p in base.named_parameters(remove_duplicate=False)}
+    delta_shapes = (
+        None if delta is None else {n: list(p.shape) for n, p in delta.named_parameters(remove_duplicate=False)}
+    )
+    model_names = {n for group in names.values() for n in group}
+    _check_same_names("base", {to_base_name(n) for n in model_names}, set(base_shapes), exact)
+    if delta_shapes is not None:
+        _check_same_names("delta", {to_base_name(n) for n in model_names}, set(delta_shapes), exact)
+    base_modules = dict(base.named_modules(remove_duplicate=False))
+
+    out: dict[str, TensorRoles] = {}
+    uses_by_param = parameter_uses(model)
+    for name, param in model.named_parameters():
+        uses = uses_by_param[id(param)]
+        shapes = []
+        for use in uses:
+            base_name = to_base_name(use.name)
+            shape, base_shape = list(param.shape), base_shapes[base_name]
+            if len(shape) != len(base_shape):
+                raise ValueError(f"{use.name} has {len(shape)} dims in the model but {len(base_shape)} in the base")
+            ref = shape if delta_shapes is None else delta_shapes[base_name]
+            width_dims = [i for i, (b, r) in enumerate(zip(base_shape, ref)) if b != r]
+            if delta_shapes is not None:
+                stray = [i for i, (b, s) in enumerate(zip(base_shape, shape)) if b != s and i not in width_dims]
+                if stray:
+                    raise ValueError(
+                        f"{use.name}: dims {stray} differ between model {shape} and base {base_shape} but not "
+                        "between base and delta, so they are not width dimensions. Build base and delta "
+                        "with everything but the width equal to the model."
+                    )
+            base_module = base_modules.get(to_base_name(use.module_name)) if use.module_name else base
+            shapes.append(_shape(use, base_module, shape, base_shape, width_dims))
+        # A tied tensor is stored (and initialised) as its input use, e.g. the embedding, never the lm_head.
+        order = sorted(range(len(uses)), key=lambda i: shapes[i].role != INPUT)
+        uses, shapes = [uses[i] for i in order], [shapes[i] for i in order]
+        aliases = [n for n in names[id(param)] if n != name]
+        out[name] = TensorRoles(name, param, base_shapes[to_base_name(name)], uses, shapes, aliases)
+    return out
+
+
+def _shape(
+    use: Use, base_module: nn.Module | None, shape: list[int], base_shape: list[int], width_dims: list[int]
+) -> Shape:
+    def ratio(dim: int) -> float:
+        return shape[dim] / base_shape[dim]
+
+    if not width_dims:
+        return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0})
+    kind = use.kind
+    if kind is not None:
+        extra = set(width_dims) - {kind.out_dim, kind.in_dim}
+        if extra:
+            raise ValueError(f"{use.name}: width changes dims {sorted(extra)}, which are neither fan-in nor fan-out")
+        fan_in = kind.fan_in(use.module)
+        m_in = fan_in / kind.fan_in(base_module) if base_module is not None else ratio(kind.in_dim)
+        m_out = ratio(kind.out_dim) if kind.out_dim in width_dims else 1.0
+        if kind.out_dim in width_dims and kind.in_dim in width_dims:
+            role, m, n = HIDDEN, m_in, shape[kind.in_dim]
+        elif kind.in_dim in width_dims:
+            role, m, n = OUTPUT, m_in, shape[kind.in_dim]
+        else:
+            role = VECTOR if is_depthwise(use.module) else INPUT
+            m, n, m_in = m_out, shape[kind.out_dim], 1.0
+        return Shape(role, width_dims, {"m_in": m_in, "m_out": m_out, "m": m, "n": float(n), "fan_in": float(fan_in)})
+
+    # Not a layer weight: biases, norm gains, layer scale, position embeddings, cls tokens, raw matrices.
+    if len(width_dims) == 1:
+        dim = width_dims[0]
+        role = VECTOR if len(shape) == 1 else INPUT
+        return Shape(
+            role, width_dims, {"m_in": 1.0, "m_out": ratio(dim), "m": ratio(dim), "n": float(shape[dim]), "fan_in": 1.0}
+        )
+    if width_dims == [0, 1] and len(shape) == 2:  # a bare (out, in) matrix used in a custom op
+        return Shape(
+            HIDDEN,
+            width_dims,
+            {"m_in": ratio(1), "m_out": ratio(0), "m": ratio(1), "n": float(shape[1]), "fan_in": float(shape[1])},
+        )
+    raise ValueError(
+        f"{use.name} (shape {shape}, base {base_shape}) changes {len(width_dims)} dims with width and is not the "
+        "weight of a known layer type, so its role is ambiguous. Register its layer type in "
+        "lightning_mup.parametrize.adapters.LAYERS."
+    )
+
+
+def _full_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _check_same_names(what: str, model_names: set[str], other: set[str], exact: bool) -> None:
+    missing, extra = sorted(model_names - other), sorted(other - model_names) if exact else []
+    if missing or extra:
+        raise ValueError(
+            f"the {what} model's parameters are named differently from the model's: "
+            f"only in the model {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"only in the {what} {extra[:6]}{' ...' if len(extra) > 6 else ''}. "
+            f"Build the {what} with the same architecture and depth settings, changing only the width."
+        )

@@ -1,0 +1,166 @@
+"""The parameterization table: one place, as data, for every scaling rule.
+
+Every entry is a monomial in a few per-tensor quantities, evaluated by :func:`evaluate`:
+
+=========  =====================================================================================
+symbol     meaning
+=========  =====================================================================================
+m_in       fan-in width multiplier  (fan_in / fan_in at base; 1 when the fan-in is fixed)
+m_out      fan-out width multiplier
+m          the tensor's width multiplier (hidden/output: m_in, input: m_out, vector: its width dim)
+n          the tensor's width itself (the size of that width dimension, not a ratio)
+fan_in     fan-in of the matmul the tensor takes part in (1 for lookups and additive tensors)
+gamma0     mean-field richness γ0
+=========  =====================================================================================
+
+``init`` multiplies the *base-calibrated* initial value: the model's own initialiser, rescaled so
+that a tensor of role r is as large as the base model's tensor times the SP rule (hidden and output
+weights shrink as 1/sqrt(m_in); everything else keeps the base's size). ``mult`` is the forward
+multiplier (applied to the layer's input, so biases are untouched). ``lr_sgd`` / ``lr_adam`` scale
+the user's learning rate for SGD-like and Adam-like optimizers.
+
+The forms (N = width, m = N / N_base; abc notation W = N^-a w, w ~ N(0, N^-2b), lr ∝ N^-c):
+
+* ``sp``  — standard parameterization: init var ∝ 1/fan_in, no multipliers, one learning rate.
+* ``ntk`` — NTK parameterization in SP storage: effective SGD lr of hidden/readout ∝ 1/m_in,
+  Adam ∝ 1/sqrt(m_in). Features freeze as N grows.
+* ``mup`` — μP in the `mup` package's "Table 8" form: readout multiplier 1/m on a base-sized
+  (zero by default) readout, Adam hidden lr η/m, SGD input/vector/readout lr η·m.
+* ``mf``  — mean-field form with richness γ0 (Bordelon & Pehlevan 2022; Vyas et al. 2023, App. A.1):
+  stored weights O(1) with forward multiplier 1/sqrt(fan_in), readout 1/(γ0·N) (for a linear readout
+  fan_in = N), one SGD lr η0·γ0²·N;
+  Adam: η0·γ0 (input, readout, vectors), η0·γ0/sqrt(N) (hidden). Same class as ``mup`` (abc-symmetry).
+
+Depth (residual branches h + m_L^-α·F(h), Depth-μP α=½, CompleteP α=1) is in :data:`DEPTH`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+INPUT, HIDDEN, OUTPUT, VECTOR, FIXED = "input", "hidden", "output", "vector", "fixed"
+ROLES = (INPUT, HIDDEN, OUTPUT, VECTOR, FIXED)
+SYMBOLS = ("m_in", "m_out", "m", "n", "fan_in", "gamma0")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A monomial Π symbol**exponent (the empty monomial is 1)."""
+
+    exponents: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.exponents) - set(SYMBOLS)
+        if unknown:
+            raise ValueError(f"unknown symbols {sorted(unknown)} in a table entry; known: {SYMBOLS}")
+
+    def __call__(self, symbols: Mapping[str, float]) -> float:
+        return math.prod(float(symbols[k]) ** e for k, e in self.exponents.items())
+
+
+def S(**exponents: float) -> Scale:
+    return Scale(exponents)
+
+
+ONE = S()
+
+
+@dataclass(frozen=True)
+class Rule:
+    init: Scale = ONE
+    mult: Scale = ONE
+    lr_sgd: Scale = ONE
+    lr_adam: Scale = ONE
+
+
+@dataclass(frozen=True)
+class Form:
+    """One parameterization: a rule per role plus two form-wide choices."""
+
+    rules: Mapping[str, Rule]
+    readout_zero_init: bool = False
+    # Attention logits q·k·s: "inverse" s ∝ 1/d_head (μP), "inverse_sqrt" s ∝ 1/sqrt(d_head).
+    attention: str = "inverse_sqrt"
+
+
+_SP_INIT = {HIDDEN: S(m_in=-0.5), OUTPUT: S(m_in=-0.5)}
+
+FORMS: dict[str, Form] = {
+    "sp": Form(
+        rules={
+            INPUT: Rule(),
+            HIDDEN: Rule(init=_SP_INIT[HIDDEN]),
+            OUTPUT: Rule(init=_SP_INIT[OUTPUT]),
+            VECTOR: Rule(),
+            FIXED: Rule(),
+        }
+    ),
+    "ntk": Form(
+        rules={
+            INPUT: Rule(),
+            HIDDEN: Rule(init=_SP_INIT[HIDDEN], lr_sgd=S(m_in=-1), lr_adam=S(m_in=-0.5)),
+            OUTPUT: Rule(init=_SP_INIT[OUTPUT], lr_sgd=S(m_in=-1), lr_adam=S(m_in=-0.5)),
+            VECTOR: Rule(),
+            FIXED: Rule(),
+        }
+    ),
+    "mup": Form(
+        rules={
+            INPUT: Rule(lr_sgd=S(m_out=1)),
+            HIDDEN: Rule(init=_SP_INIT[HIDDEN], lr_sgd=S(m_out=1, m_in=-1), lr_adam=S(m_in=-1)),
+            OUTPUT: Rule(mult=S(m_in=-1), lr_sgd=S(m_in=1)),
+            VECTOR: Rule(lr_sgd=S(m=1)),
+            FIXED: Rule(),
+        },
+        readout_zero_init=True,
+        attention="inverse",
+    ),
+    "mf": Form(
+        rules={
+            INPUT: Rule(init=S(fan_in=0.5), mult=S(fan_in=-0.5), lr_sgd=S(gamma0=2, n=1), lr_adam=S(gamma0=1)),
+            HIDDEN: Rule(
+                init=S(m_in=-0.5, fan_in=0.5),
+                mult=S(fan_in=-0.5),
+                lr_sgd=S(gamma0=2, n=1),
+                lr_adam=S(gamma0=1, n=-0.5),
+            ),
+            OUTPUT: Rule(
+                init=S(m_in=-0.5, fan_in=0.5),
+                mult=S(fan_in=-0.5, gamma0=-1, n=-0.5),
+                lr_sgd=S(gamma0=2, n=1),
+                lr_adam=S(gamma0=1),
+            ),
+            VECTOR: Rule(lr_sgd=S(gamma0=2, n=1), lr_adam=S(gamma0=1)),
+            FIXED: Rule(),
+        },
+        attention="inverse",
+    ),
+}
+
+# Residual-branch depth scaling, m_L = L / L_base, exponents as functions of α ∈ [½, 1].
+# Applies to modules ending a branch ("branch") and to every parameter inside a residual block.
+# Embeddings, the final norm and the readout sit outside blocks and are untouched.
+DEPTH = {
+    "branch": lambda alpha: -alpha,  # forward multiplier of each branch
+    "lr_sgd": lambda alpha: 2 * alpha - 1,
+    "lr_adam": lambda alpha: alpha - 1,
+    "eps": lambda alpha: -alpha,  # only with eps="scaled"
+}
+
+# Adam ε with eps="scaled": gradients of hidden weights shrink as 1/m_in, so ε follows them.
+EPS_SCALED = {HIDDEN: S(m_in=-1)}
+
+WEIGHT_DECAY_CONVENTIONS = ("coupled", "lr_invariant", "independent")
+EPS_RULES = ("constant", "scaled")
+
+
+def form(name: str) -> Form:
+    try:
+        return FORMS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown parametrization {name!r}; choose one of {sorted(FORMS)} "
+            "(mup: μP Table-8 form, mf: mean-field with gamma0, sp: standard, ntk: NTK)"
+        ) from None
