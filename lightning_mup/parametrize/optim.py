@@ -159,7 +159,8 @@ def _install_step_hooks(optimizer: Optimizer) -> None:
 def scale_optimizer(
     optimizer: Optimizer, record: Parametrization, model: nn.Module, family: str | None = None
 ) -> Optimizer:
-    """Give ``optimizer`` the μP scales of ``record``, in place. Call before any step or scheduler.
+    """Give ``optimizer`` the μP scales of ``record``, in place (idempotent). Call it before building
+    an LR scheduler: schedulers size their state by the number of groups.
 
     Example::
 
@@ -167,8 +168,6 @@ def scale_optimizer(
         optimizer = scale_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), record, model)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=1000)
     """
-    if optimizer.state:
-        raise RuntimeError("scale_optimizer must run before the optimizer's first step (it already has state)")
     family = optimizer_family(optimizer, family)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [g for group in optimizer.param_groups for g in split_group(group, record, names, family)]

@@ -1,0 +1,76 @@
+"""Bad input stops early with one clear error saying what to do."""
+
+import pytest
+import torch
+from models import mlp, residual_mlp
+from torch import nn
+
+from lightning_mup import parametrize
+
+
+def test_base_identical_in_shape():
+    with pytest.raises(ValueError, match="no parameter differs in shape.*delta="):
+        parametrize(mlp(32), base=lambda: mlp(32))
+
+
+def test_base_with_different_parameter_names():
+    with pytest.raises(ValueError, match="named differently.*features.4"):
+        parametrize(mlp(64, depth=4), base=lambda: mlp(32, depth=3))
+
+
+def test_unknown_parametrization():
+    with pytest.raises(ValueError, match="unknown parametrization 'mu-p'.*'mf', 'mup', 'ntk', 'sp'"):
+        parametrize(mlp(64), base=lambda: mlp(32), parametrization="mu-p")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.5])
+def test_depth_alpha_outside_range(alpha):
+    with pytest.raises(ValueError, match=r"outside \[0.5, 1\]"):
+        parametrize(residual_mlp(64), base=lambda: residual_mlp(32), depth_alpha=alpha)
+
+
+def test_depth_scaling_without_residual_blocks():
+    with pytest.raises(ValueError, match="no residual block.*residual_blocks="):
+        parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), depth_alpha=0.5)
+
+
+def test_shallower_base_without_depth_alpha():
+    with pytest.raises(ValueError, match="pass depth_alpha"):
+        parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), residual_blocks={"blocks.*": ["out"]})
+
+
+class TorchAttentionModel(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.attn = nn.MultiheadAttention(width, num_heads=2, batch_first=True)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h)[0])
+
+
+def test_attention_that_cannot_be_patched():
+    with pytest.raises(ValueError, match="MultiheadAttention.*head_dim 8→32.*grow the number of heads"):
+        parametrize(TorchAttentionModel(64), base=lambda: TorchAttentionModel(16))
+    # keeping 1/sqrt(head_dim) is an explicit, documented choice
+    record = parametrize(TorchAttentionModel(64), base=lambda: TorchAttentionModel(16), attention="unchanged")
+    assert record.settings["attention"] == "unchanged"
+
+
+def test_bad_option_values():
+    with pytest.raises(ValueError, match="weight_decay='l2'"):
+        parametrize(mlp(64), base=lambda: mlp(32), weight_decay="l2")
+    with pytest.raises(ValueError, match="lr_mults has unknown roles"):
+        parametrize(mlp(64), base=lambda: mlp(32), lr_mults={"embedding": 2.0})
+    with pytest.raises(TypeError, match="zero-argument factory"):
+        parametrize(mlp(64), base=32)
+
+
+def test_mean_field_with_tied_weights_is_refused():
+    from models import gpt2
+
+    with pytest.raises(ValueError, match="Untie them"):
+        parametrize(gpt2(64), base=lambda: gpt2(32), parametrization="mf")
+    assert torch.is_grad_enabled()
