@@ -13,8 +13,21 @@ from lightning_mup.parametrize import (
 
 __version__ = "0.1.0"
 
+# The Lightning layer is imported on first use: `import lightning_mup` for the pure-torch core stays fast.
+_LAZY = {"MuPStrategy": "lightning_mup.strategy"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_mup' has no attribute {name!r}")
+
+
 __all__ = [
     "CoordCheck",
+    "MuPStrategy",
     "Parametrization",
     "coord_check",
     "effective_lrs",

@@ -64,13 +64,31 @@ def coord_check_command(
     print(f"figure: {path}")
 
 
+def lightning_cli(args: list[str]) -> None:
+    """LightningCLI over any LightningModule / LightningDataModule given by class_path in the config."""
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_mup.strategy  # noqa: F401  (registers strategy="mup")
+
+    LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
 COMMANDS = {"coord-check": coord_check_command}
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINER_COMMANDS:
+        lightning_cli(argv)
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
+        names = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
         print(f"usage: lightning-mup {{{names}}} [options]   (lightning-mup <command> --help for options)")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     from jsonargparse import CLI

@@ -1,0 +1,268 @@
+"""MuPStrategy: one Trainer argument turns a Lightning project into a μP project.
+
+Lightning glue only — what the parameterization *is* lives in :mod:`lightning_mup.parametrize`.
+
+    trainer = Trainer(strategy=MuPStrategy(base={"width": 64}), devices=2)
+
+or in a LightningCLI config::
+
+    trainer:
+      strategy:
+        class_path: lightning_mup.MuPStrategy
+        init_args:
+          base: {width: 64}
+          parametrization: mup
+
+The strategy is Lightning's DDP strategy (one device, many devices, many nodes; gloo on CPU) that, in
+``setup`` — after the model is built, before it is wrapped or has optimizers — reparameterizes the
+LightningModule once, builds every optimizer that ``configure_optimizers`` returns with μP groups
+(schedulers see the split groups), stores the role map in checkpoints and restores it on resume,
+writes ``mup.json`` to the run's log folder and prints a summary. With one process it sets up like
+Lightning's single-device strategy: no process group, no DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_mup._hparams import rebuild_with_overrides
+from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+
+Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
+CHECKPOINT_KEY = "lightning_mup"
+ROLE_MAP_FILE = "mup.json"
+
+
+class MuPStrategy(DDPStrategy):
+    """Lightning's DDP strategy with μP (or mean-field, NTK, SP, depth scaling) applied in ``setup``.
+
+    Args:
+        base: how to build the model at the base width (and depth): dotted overrides of the
+            LightningModule's saved hyperparameters (``{"model.embed_dim": 64}``), a module, or a
+            zero-argument factory. ``None``: the LightningModule's ``mup_base`` attribute.
+        delta: the same for a third width, needed only when training at the base width itself
+            (overrides, module or factory).
+        parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
+            eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
+        keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
+        optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
+        **ddp_kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes
+            (``start_method``, ``find_unused_parameters``, ``timeout``, ...).
+    """
+
+    strategy_name = "mup"
+
+    def __init__(
+        self,
+        base: Base = None,
+        *,
+        delta: Base = None,
+        parametrization: str = "mup",
+        gamma0: float = 1.0,
+        depth_alpha: float | None = None,
+        output_mult: float = 1.0,
+        readout_zero_init: bool | None = None,
+        lr_mults: dict[str, float] | None = None,
+        weight_decay: str = "coupled",
+        eps: str = "constant",
+        attention: str | None = None,
+        residual_blocks: dict[str, list[str]] | None = None,
+        keep_weights: bool = False,
+        optimizer_family: str | None = None,
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(**ddp_kwargs)
+        self.base, self.delta = base, delta
+        self.parametrize_kwargs = dict(
+            parametrization=parametrization,
+            gamma0=gamma0,
+            depth_alpha=depth_alpha,
+            output_mult=output_mult,
+            readout_zero_init=readout_zero_init,
+            lr_mults=lr_mults,
+            weight_decay=weight_decay,
+            eps=eps,
+            attention=attention,
+            residual_blocks=residual_blocks,
+            keep_weights=keep_weights,
+        )
+        self.optimizer_family = optimizer_family
+        self.record: Parametrization | None = None
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Reparameterize the fresh model first, then let the checkpoint's weights and role map replace it.
+        return True
+
+    # ------------------------------------------------------------------------------- one process
+    @property
+    def _single_process(self) -> bool:
+        return self.num_nodes * self.num_processes == 1
+
+    def _configure_launcher(self) -> None:
+        if self._single_process:
+            self._launcher = None  # nothing to launch: this process is the only one
+            return
+        super()._configure_launcher()
+
+    def setup_distributed(self) -> None:
+        if self._single_process:  # no process group to talk to: skip gloo/NCCL set-up entirely
+            self.set_world_ranks()
+            return
+        super().setup_distributed()
+
+    def _setup_single_process(self, trainer: L.Trainer) -> None:
+        """Lightning's single-device set-up: DDP's would wrap the model and sync it with nobody."""
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self, trainer: L.Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        record = getattr(module, "_lightning_mup_record", None)
+        first_time = record is None
+        if first_time:
+            record = self._reparameterize(module)
+            module._lightning_mup_record = record
+        self.record = record
+        if first_time and trainer.state.fn == TrainerFn.FITTING:
+            self._write_role_map(trainer)
+            rank_zero_info(f"lightning_mup: {record.parametrization} applied\n{record.summary()}")
+        if self._single_process:
+            self._setup_single_process(trainer)
+        else:
+            super().setup(trainer)
+
+    def _reparameterize(self, module: L.LightningModule) -> Parametrization:
+        base = self._resolve(self.base if self.base is not None else getattr(module, "mup_base", None), module, "base")
+        if base is None:
+            raise ValueError(
+                "MuPStrategy needs the base model: pass MuPStrategy(base={'<hyperparameter>': <base value>}) "
+                "(e.g. {'width': 64}), a module or factory, or set `mup_base` on your LightningModule."
+            )
+        delta = self._resolve(self.delta, module, "delta")
+        record = parametrize(module, base, delta=delta, **self.parametrize_kwargs)
+        # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
+        if not self._single_process and torch.distributed.is_initialized():
+            record = Parametrization.from_dict(self.broadcast(record.to_dict(), src=0))
+            record.attach(module)
+        return record
+
+    @staticmethod
+    def _resolve(spec: Base, module: nn.Module, what: str) -> nn.Module | Callable[[], nn.Module] | None:
+        if spec is None or isinstance(spec, nn.Module) or callable(spec):
+            return spec
+        if isinstance(spec, Mapping):
+            return rebuild_with_overrides(module, spec)
+        raise TypeError(f"MuPStrategy({what}=...) takes hyperparameter overrides, a module or a factory")
+
+    def setup_optimizers(self, trainer: L.Trainer) -> None:
+        assert self.record is not None and self.lightning_module is not None
+        with scaling_param_groups(self.record, self.lightning_module, self.optimizer_family):
+            super().setup_optimizers(trainer)
+        for i, optimizer in enumerate(self.optimizers):
+            unscaled = [g for g in optimizer.param_groups if "mup" not in g]
+            if unscaled:
+                raise RuntimeError(
+                    f"optimizer {i} ({type(optimizer).__name__}) was built before MuPStrategy could give it μP "
+                    "learning-rate scales (LightningCLI's --optimizer builds it when the config is parsed), so "
+                    "μP would be silently off. Build the optimizer in configure_optimizers instead: take an "
+                    "`optimizer: OptimizerCallable` argument on your LightningModule and set it in the config "
+                    "under model.optimizer (class_path/init_args) rather than the top-level `optimizer:`."
+                )
+        rank_zero_info(_group_table(self.optimizers))
+
+    # ------------------------------------------------------------------------------- files, checkpoints
+    def _write_role_map(self, trainer: L.Trainer) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if log_dir is None or not self.is_global_zero:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        Path(log_dir, ROLE_MAP_FILE).write_text(json.dumps(self.record.to_dict(), indent=1))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.record is not None:
+            checkpoint[CHECKPOINT_KEY] = self.record.to_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        module = self.lightning_module
+        if saved is None:
+            rank_zero_warn(
+                f"{checkpoint_path} holds no μP role map (it was not written by MuPStrategy); its weights are "
+                "loaded as stored, with the multipliers of the current configuration."
+            )
+            return checkpoint
+        restored = Parametrization.from_dict(saved)
+        if self.record is not None and not _same_scaling(self.record, restored):
+            raise ValueError(
+                f"{checkpoint_path} was trained with a different μP configuration than this MuPStrategy "
+                f"({restored.parametrization} {restored.settings} vs {self.record.parametrization} "
+                f"{self.record.settings}). Resume with the settings it was trained with."
+            )
+        if module is not None:
+            restored.attach(module)  # the checkpoint's role map is the one in force; weights load next
+            module._lightning_mup_record = restored
+        self.record = restored
+        return checkpoint
+
+
+def _same_scaling(a: Parametrization, b: Parametrization) -> bool:
+    """Same roles, multipliers and optimizer scales (init scales may differ: weights come from the file)."""
+    if a.parametrization != b.parametrization or {h.module: h.value for h in a.hooks} != {
+        h.module: h.value for h in b.hooks
+    }:
+        return False
+    keys = ("role", "forward_mult", "lr_scale", "weight_decay_scale", "eps_scale")
+    return a.params.keys() == b.params.keys() and all(
+        getattr(a.params[n], k) == getattr(b.params[n], k) for n in a.params for k in keys
+    )
+
+
+def _group_table(optimizers: Sequence[torch.optim.Optimizer]) -> str:
+    lines = ["lightning_mup optimizer groups (effective lr = scheduled lr × lr×):"]
+    lines.append(f"  {'opt':>3} {'group':>5}  {'roles':24} {'params':>7} {'lr×':>9} {'wd×':>9} {'eps×':>9}")
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            scales = group.get("mup", {})
+            numel = sum(p.numel() for p in group["params"])
+            lines.append(
+                f"  {i:>3} {j:>5}  {','.join(group.get('mup_roles', [])):24} {numel:>7} "
+                f"{scales.get('lr', 1):>9.4g} {scales.get('weight_decay', 1):>9.4g} {scales.get('eps', 1):>9.4g}"
+            )
+    return "\n".join(lines)
+
+
+StrategyRegistry.register(
+    "mup",
+    MuPStrategy,
+    description="μP via lightning_mup on Lightning's DDP engine; the base comes from the module's `mup_base`",
+)
+StrategyRegistry.register(
+    "mup_fork",
+    MuPStrategy,
+    description="μP via lightning_mup, DDP processes started by fork (notebooks, CPU tests)",
+    start_method="fork",
+)

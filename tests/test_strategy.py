@@ -1,0 +1,272 @@
+"""MuPStrategy: the Lightning glue does exactly what the core computes, on one process and under DDP."""
+
+import copy
+import functools
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_mup import MuPStrategy, parametrize
+from lightning_mup.data.gegenbauer import GegenbauerDataModule
+from lightning_mup.models.regression import MLPRegressor
+from lightning_mup.parametrize import Parametrization
+
+SGD = functools.partial(torch.optim.SGD, lr=0.05)
+
+
+def _trainer(tmp_path, max_steps=10, callbacks=(), **kw):
+    kw.setdefault("strategy", MuPStrategy(base={"width": 32}))
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=kw.pop("devices", 1),
+        max_steps=max_steps,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def _module(width=128, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MLPRegressor(width=width, optimizer=kw.pop("optimizer", SGD), **kw)
+
+
+class _Capture(Callback):
+    """Weights and effective learning rates as training starts (after setup, before any step)."""
+
+    def on_train_start(self, trainer, module):
+        self.weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+        opt = trainer.optimizers[0]
+        self.lr = {id(p): g["lr"] * g["mup"]["lr"] for g in opt.param_groups for p in g["params"]}
+        self.names = {id(p): n for n, p in module.named_parameters()}
+
+
+def test_strategy_applies_exactly_what_parametrize_computes(tmp_path):
+    capture = _Capture()
+    module = _module()
+    _trainer(tmp_path, max_steps=1, callbacks=[capture]).fit(module, GegenbauerDataModule(batches_per_epoch=5))
+
+    reference = _module()  # same seed, same weights; parametrized directly by the core
+    record = parametrize(reference, base=lambda: MLPRegressor(width=32))
+    assert module._lightning_mup_record == record
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(capture.weights[name], p.detach(), rtol=0, atol=0)
+    for pid, lr in capture.lr.items():
+        assert lr == pytest.approx(0.05 * record.params[capture.names[pid]].lr_scale["sgd"])
+    hooks = {(h.module, h.kind, h.value) for h in record.hooks}
+    assert hooks == {("model.readout", "input", 0.25)}
+    assert json.loads((tmp_path / "lightning_logs" / "version_0" / "mup.json").read_text()) == record.to_dict()
+
+
+class _Sizes(Callback):
+    """mean |h| of every layer output at every training step, as the core's coord_check records it."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.current = {}
+        self.handles = [
+            m.register_forward_hook(lambda m, a, out, n=n: self.current.__setitem__(n, float(out.abs().mean())))
+            for n, m in module.model.named_modules()
+            if n
+        ]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for h in self.handles:
+            h.remove()
+        self.sizes.append(self.current)
+
+
+class _Repeat:
+    """The same batch ``n`` times (a list would be read as several dataloaders)."""
+
+    def __init__(self, batch, n):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
+def test_coordinate_check_through_trainer_matches_the_core(tmp_path):
+    from lightning_mup import coord_check
+
+    batch = GegenbauerDataModule().task.sample(64, torch.Generator().manual_seed(3))
+    widths, steps = [32, 128, 512], 5
+    core = coord_check(
+        lambda w: MLPRegressor(width=w).model,
+        widths,
+        batch,
+        lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+        lr=0.05,
+        steps=steps,
+        seeds=(0,),
+        base_width=32,
+    )
+    for i, width in enumerate(widths):
+        sizes = _Sizes()
+        strategy = MuPStrategy(base={"width": 32}, delta={"width": 512} if width == 32 else None)
+        _trainer(tmp_path, max_steps=steps, callbacks=[sizes], strategy=strategy).fit(
+            _module(width), train_dataloaders=_Repeat(batch, steps)
+        )
+        for j, name in enumerate(core.modules[:-1]):
+            through_trainer = [s[name] for s in sizes.sizes]
+            assert through_trainer == pytest.approx(core.activation[j, i].tolist(), rel=1e-5), (width, name)
+
+
+def test_setup_runs_once_across_fit_validate_and_test(tmp_path):
+    module = _module()
+    dm = GegenbauerDataModule(batches_per_epoch=5)
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, dm)
+    weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    hooks = sum(len(m._forward_pre_hooks) for m in module.modules())
+    trainer.validate(module, dm)
+    assert all(torch.equal(weights[n], p) for n, p in module.named_parameters())
+    assert sum(len(m._forward_pre_hooks) for m in module.modules()) == hooks
+
+
+def _fit_with_checkpoints(tmp_path, steps, ckpt_path=None, **kw):
+    module = _module(width=64)
+    dm = GegenbauerDataModule(batches_per_epoch=7)  # checkpoints fall mid-epoch
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    trainer = _trainer(tmp_path, max_steps=steps, callbacks=[every], enable_checkpointing=True, **kw)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_resume_is_bit_identical_and_restores_the_role_map(tmp_path):
+    straight, _ = _fit_with_checkpoints(tmp_path / "a", 20)
+    checkpoint = next((tmp_path / "a" / "ckpt").glob("*step=10.ckpt"))
+    loaded = torch.load(checkpoint, weights_only=True)  # plain types only
+    assert Parametrization.from_dict(loaded["lightning_mup"]) == straight._lightning_mup_record
+
+    resumed, _ = _fit_with_checkpoints(tmp_path / "b", 20, ckpt_path=checkpoint)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    _fit_with_checkpoints(tmp_path / "a", 10)
+    checkpoint = next((tmp_path / "a" / "ckpt").glob("*step=10.ckpt"))
+    with pytest.raises(ValueError, match="different μP configuration"):
+        _fit_with_checkpoints(tmp_path / "b", 20, ckpt_path=checkpoint, strategy=MuPStrategy(base={"width": 16}))
+
+
+class _SaveRank(Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, module):
+        torch.save(
+            {"weights": module.state_dict(), "record": module._lightning_mup_record.to_dict()},
+            self.path / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    ddp = MuPStrategy(base={"width": 32}, start_method="fork")
+    _trainer(tmp_path, max_steps=8, devices=2, strategy=ddp, callbacks=[_SaveRank(tmp_path)]).fit(
+        _module(width=64), GegenbauerDataModule(batch_size=32, batches_per_epoch=5)
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["record"] == ranks[1]["record"]
+    for name, p in ranks[0]["weights"].items():
+        torch.testing.assert_close(p, ranks[1]["weights"][name], rtol=0, atol=0)
+
+    single = _module(width=64)
+    _trainer(tmp_path / "single", max_steps=8).fit(single, GegenbauerDataModule(batch_size=32, batches_per_epoch=5))
+    for name, p in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["weights"][name], p, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_resume_matches_uninterrupted(tmp_path):
+    kw = {"devices": 2, "strategy": MuPStrategy(base={"width": 32}, start_method="fork")}
+    straight_dir, resumed_dir = tmp_path / "a", tmp_path / "b"
+    for d in (straight_dir, resumed_dir):
+        d.mkdir()
+    module = _module(width=64)
+    every = ModelCheckpoint(dirpath=straight_dir / "ckpt", every_n_train_steps=10, save_top_k=-1)
+    _trainer(
+        straight_dir, max_steps=20, callbacks=[every, _SaveRank(straight_dir)], enable_checkpointing=True, **kw
+    ).fit(module, GegenbauerDataModule(batches_per_epoch=7))
+    checkpoint = next((straight_dir / "ckpt").glob("*step=10.ckpt"))
+    kw["strategy"] = MuPStrategy(base={"width": 32}, start_method="fork")
+    _trainer(resumed_dir, max_steps=20, callbacks=[_SaveRank(resumed_dir)], **kw).fit(
+        _module(width=64), GegenbauerDataModule(batches_per_epoch=7), ckpt_path=checkpoint
+    )
+    a = torch.load(straight_dir / "rank0.pt", weights_only=True)["weights"]
+    b = torch.load(resumed_dir / "rank0.pt", weights_only=True)["weights"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_base_override_naming_a_missing_hyperparameter(tmp_path):
+    trainer = _trainer(tmp_path, strategy=MuPStrategy(base={"hidden_size": 32}))
+    with pytest.raises(ValueError, match="no hyperparameter 'hidden_size'.*'width'"):
+        trainer.fit(_module(), GegenbauerDataModule(batches_per_epoch=2))
+
+
+class _NoHparams(L.LightningModule):
+    def __init__(self, width=64):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, width)
+        self.out = torch.nn.Linear(width, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.out(self.layer(batch[0])).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_module_without_hyperparameters_needs_an_explicit_base(tmp_path):
+    with pytest.raises(ValueError, match="save_hyperparameters"):
+        _trainer(tmp_path).fit(_NoHparams(), train_dataloaders=_Repeat((torch.randn(4, 4),), 1))
+    # an explicit factory works
+    _trainer(tmp_path, max_steps=1, strategy=MuPStrategy(base=lambda: _NoHparams(16))).fit(
+        _NoHparams(), train_dataloaders=_Repeat((torch.randn(4, 4),), 1)
+    )
+
+
+def test_optimizer_built_before_the_strategy_is_refused(tmp_path):
+    module = _module()
+    prebuilt = torch.optim.SGD(module.parameters(), lr=0.1)  # what LightningCLI's --optimizer does
+    module.configure_optimizers = lambda: prebuilt
+    with pytest.raises(RuntimeError, match="μP would be silently off.*OptimizerCallable"):
+        _trainer(tmp_path).fit(module, GegenbauerDataModule(batches_per_epoch=2))
+
+
+def test_missing_base_everywhere(tmp_path):
+    with pytest.raises(ValueError, match="needs the base model"):
+        _trainer(tmp_path, strategy=MuPStrategy()).fit(_module(), GegenbauerDataModule(batches_per_epoch=2))
+    module = _module()
+    module.mup_base = {"width": 32}  # the registered "mup" strategy reads it from the module
+    _trainer(tmp_path, max_steps=1, strategy="mup").fit(module, GegenbauerDataModule(batches_per_epoch=2))
+    assert module._lightning_mup_record.params["model.features.2.weight"].width_mult == 4
+
+
+def test_schedulers_in_configure_optimizers_keep_their_groups(tmp_path):
+    scheduler = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=20)
+    module = _module(lr_scheduler=scheduler)
+    trainer = _trainer(tmp_path, max_steps=5)
+    trainer.fit(module, GegenbauerDataModule(batches_per_epoch=5))
+    optimizer = trainer.optimizers[0]
+    lrs = {g["lr"] for g in optimizer.param_groups}
+    assert len(lrs) == 1  # one scheduled base value shared by every μP group
+    assert {g["mup"]["lr"] for g in optimizer.param_groups} == {1.0, 4.0}
+    assert copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.get_last_lr())[0] == lrs.pop()
