@@ -14,6 +14,16 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(table.get(p, re.escape(p)) for p in parts) + r"\Z")
 
 
+# Wrappers that insert a level into parameter and module names without changing the model:
+# FSDP, activation checkpointing, torch.compile.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def unwrap_name(name: str) -> str:
+    """The name a parameter or module had before FSDP / checkpointing / compile wrapped it."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
 def glob_match(pattern: str, name: str) -> bool:
     return _compile(pattern).match(name) is not None
 

@@ -32,7 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -45,24 +45,8 @@ CHECKPOINT_KEY = "lightning_mup"
 ROLE_MAP_FILE = "mup.json"
 
 
-class MuPStrategy(DDPStrategy):
-    """Lightning's DDP strategy with μP (or mean-field, NTK, SP, depth scaling) applied in ``setup``.
-
-    Args:
-        base: how to build the model at the base width (and depth): dotted overrides of the
-            LightningModule's saved hyperparameters (``{"model.embed_dim": 64}``), a module, or a
-            zero-argument factory. ``None``: the LightningModule's ``mup_base`` attribute.
-        delta: the same for a third width, needed only when training at the base width itself
-            (overrides, module or factory).
-        parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
-            eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
-        keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
-        optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
-        **ddp_kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes
-            (``start_method``, ``find_unused_parameters``, ``timeout``, ...).
-    """
-
-    strategy_name = "mup"
+class _MuP:
+    """The μP part of a strategy; combined with one of Lightning's engines below."""
 
     def __init__(
         self,
@@ -81,9 +65,9 @@ class MuPStrategy(DDPStrategy):
         residual_blocks: dict[str, list[str]] | None = None,
         keep_weights: bool = False,
         optimizer_family: str | None = None,
-        **ddp_kwargs: Any,
+        **strategy_kwargs: Any,
     ) -> None:
-        super().__init__(**ddp_kwargs)
+        super().__init__(**strategy_kwargs)
         self.base, self.delta = base, delta
         self.parametrize_kwargs = dict(
             parametrization=parametrization,
@@ -106,37 +90,12 @@ class MuPStrategy(DDPStrategy):
         # Reparameterize the fresh model first, then let the checkpoint's weights and role map replace it.
         return True
 
-    # ------------------------------------------------------------------------------- one process
-    @property
-    def _single_process(self) -> bool:
-        return self.num_nodes * self.num_processes == 1
-
-    def _configure_launcher(self) -> None:
-        if self._single_process:
-            self._launcher = None  # nothing to launch: this process is the only one
-            return
-        super()._configure_launcher()
-
-    def setup_distributed(self) -> None:
-        if self._single_process:  # no process group to talk to: skip gloo/NCCL set-up entirely
-            self.set_world_ranks()
-            return
-        super().setup_distributed()
-
-    def _setup_single_process(self, trainer: L.Trainer) -> None:
-        """Lightning's single-device set-up: DDP's would wrap the model and sync it with nobody."""
-        assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
-
-    # ------------------------------------------------------------------------------- setup
     def setup(self, trainer: L.Trainer) -> None:
+        self._apply_mup(trainer)
+        super().setup(trainer)
+
+    def _apply_mup(self, trainer: L.Trainer) -> None:
+        """Reparameterize the LightningModule once (setup runs again for validate/test)."""
         module = self.lightning_module
         assert module is not None
         record = getattr(module, "_lightning_mup_record", None)
@@ -148,10 +107,6 @@ class MuPStrategy(DDPStrategy):
         if first_time and trainer.state.fn == TrainerFn.FITTING:
             self._write_role_map(trainer)
             rank_zero_info(f"lightning_mup: {record.parametrization} applied\n{record.summary()}")
-        if self._single_process:
-            self._setup_single_process(trainer)
-        else:
-            super().setup(trainer)
 
     def _reparameterize(self, module: L.LightningModule) -> Parametrization:
         base = self._resolve(self.base if self.base is not None else getattr(module, "mup_base", None), module, "base")
@@ -163,7 +118,7 @@ class MuPStrategy(DDPStrategy):
         delta = self._resolve(self.delta, module, "delta")
         record = parametrize(module, base, delta=delta, **self.parametrize_kwargs)
         # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
-        if not self._single_process and torch.distributed.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
             record = Parametrization.from_dict(self.broadcast(record.to_dict(), src=0))
             record.attach(module)
         return record
@@ -229,6 +184,83 @@ class MuPStrategy(DDPStrategy):
         return checkpoint
 
 
+class MuPStrategy(_MuP, DDPStrategy):
+    """Lightning's DDP strategy with μP (or mean-field, NTK, SP, depth scaling) applied in ``setup``.
+
+    Args:
+        base: how to build the model at the base width (and depth): dotted overrides of the
+            LightningModule's saved hyperparameters (``{"model.embed_dim": 64}``), a module, or a
+            zero-argument factory. ``None``: the LightningModule's ``mup_base`` attribute.
+        delta: the same for a third width, needed only when training at the base width itself
+            (overrides, module or factory).
+        parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
+            eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
+        keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
+        optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
+        **strategy_kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes
+            (``start_method``, ``find_unused_parameters``, ``timeout``, ...).
+    """
+
+    strategy_name = "mup"
+
+    # ------------------------------------------------------------------------------- one process
+    @property
+    def _single_process(self) -> bool:
+        return self.num_nodes * self.num_processes == 1
+
+    def _configure_launcher(self) -> None:
+        if self._single_process:
+            self._launcher = None  # nothing to launch: this process is the only one
+            return
+        super()._configure_launcher()
+
+    def setup_distributed(self) -> None:
+        if self._single_process:  # no process group to talk to: skip gloo/NCCL set-up entirely
+            self.set_world_ranks()
+            return
+        super().setup_distributed()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        if not self._single_process:
+            super().setup(trainer)
+            return
+        # Lightning's single-device set-up: DDP's would wrap the model and sync it with nobody.
+        self._apply_mup(trainer)
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+
+class MuPFSDPStrategy(_MuP, FSDPStrategy):
+    """Lightning's FSDP strategy with μP applied before the model is sharded.
+
+    Takes :class:`MuPStrategy`'s μP arguments and everything
+    :class:`~lightning.pytorch.strategies.FSDPStrategy` takes. ``use_orig_params`` defaults to True: μP
+    puts parameters of one flattened unit into several optimizer groups. The role map is keyed by the
+    names parameters had before wrapping, so it survives FSDP (and activation checkpointing, compile).
+    torch's FSDP runs on CUDA devices only.
+    """
+
+    strategy_name = "mup_fsdp"
+
+    def __init__(self, *args: Any, use_orig_params: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, use_orig_params=use_orig_params, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type != "cuda":
+            raise RuntimeError(
+                f"MuPFSDPStrategy was asked to run on {self.root_device.type}, but torch's FSDP needs CUDA GPUs. "
+                "On CPU use MuPStrategy (DDP), which gives every rank the whole model."
+            )
+        super().setup_environment()
+
+
 def _same_scaling(a: Parametrization, b: Parametrization) -> bool:
     """Same roles, multipliers and optimizer scales (init scales may differ: weights come from the file)."""
     if a.parametrization != b.parametrization or {h.module: h.value for h in a.hooks} != {
@@ -259,6 +291,11 @@ StrategyRegistry.register(
     "mup",
     MuPStrategy,
     description="μP via lightning_mup on Lightning's DDP engine; the base comes from the module's `mup_base`",
+)
+StrategyRegistry.register(
+    "mup_fsdp",
+    MuPFSDPStrategy,
+    description="μP via lightning_mup on Lightning's FSDP engine (CUDA); the base comes from `mup_base`",
 )
 StrategyRegistry.register(
     "mup_fork",

@@ -270,3 +270,32 @@ def test_schedulers_in_configure_optimizers_keep_their_groups(tmp_path):
     assert len(lrs) == 1  # one scheduled base value shared by every μP group
     assert {g["mup"]["lr"] for g in optimizer.param_groups} == {1.0, 4.0}
     assert copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.get_last_lr())[0] == lrs.pop()
+
+
+def test_role_map_survives_wrapping():
+    """FSDP, activation checkpointing and compile insert levels into names; the role map sees through."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lightning_mup import scale_optimizer
+    from lightning_mup.models.mlp import ResidualMLP
+
+    model = ResidualMLP(width=64, depth=3)
+    record = parametrize(model, base=lambda: ResidualMLP(width=16, depth=3))
+    x = torch.randn(4, 8)
+    expected = model(x)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    record.attach(model)
+    torch.testing.assert_close(model(x), expected)
+    optimizer = scale_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), record, model)
+    hidden = next(g for g in optimizer.param_groups if g["mup_roles"] == ["hidden"])
+    assert hidden["mup"]["lr"] == 0.25
+
+
+def test_fsdp_without_gpus_is_refused_before_training(tmp_path):
+    from lightning_mup import MuPFSDPStrategy
+
+    trainer = _trainer(tmp_path, strategy=MuPFSDPStrategy(base={"width": 32}))
+    with pytest.raises(RuntimeError, match="FSDP needs CUDA GPUs.*MuPStrategy"):
+        trainer.fit(_module(), GegenbauerDataModule(batches_per_epoch=2))

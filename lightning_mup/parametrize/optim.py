@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_mup._names import unwrap_name
 from lightning_mup.parametrize.record import Parametrization
 
 _SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
@@ -169,7 +170,7 @@ def scale_optimizer(
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=1000)
     """
     family = optimizer_family(optimizer, family)
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): unwrap_name(n) for n, p in model.named_parameters()}
     groups = [g for group in optimizer.param_groups for g in split_group(group, record, names, family)]
     optimizer.param_groups = []
     for group in groups:
@@ -185,7 +186,7 @@ _ORIGINAL_ADD_PARAM_GROUP = Optimizer.add_param_group
 def scaling_param_groups(record: Parametrization, model: nn.Module, family: str | None = None) -> Iterator[None]:
     """Every optimizer built inside this block gets μP groups as it is built, before any scheduler
     sees it (how MuPStrategy wraps ``configure_optimizers``)."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): unwrap_name(n) for n, p in model.named_parameters()}
 
     def add_param_group(self: Optimizer, group: dict[str, Any]) -> None:
         for g in split_group(group, record, names, optimizer_family(self, family)):

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_mup._names import unwrap_name
 from lightning_mup.parametrize.hooks import ScaleInput, ScaleOutput, remove_hooks
 
 FORMAT_VERSION = 1
@@ -95,7 +96,7 @@ class Parametrization:
         """Install this record's forward multipliers on ``model`` (weights untouched; idempotent)."""
         self.check_matches(model)
         remove_hooks(model)
-        modules = dict(model.named_modules())
+        modules = {unwrap_name(n): m for n, m in model.named_modules()}
         for hook in self.hooks:
             module = modules[hook.module]
             if hook.kind == "input":
@@ -115,8 +116,8 @@ class Parametrization:
         model._lightning_mup_parametrized = False
 
     def check_matches(self, model: nn.Module) -> None:
-        names = {n for n, _ in model.named_parameters()}
-        modules = {n for n, _ in model.named_modules()}
+        names = {unwrap_name(n) for n, _ in model.named_parameters()}
+        modules = {unwrap_name(n) for n, _ in model.named_modules()}
         missing = sorted(set(self.params) - names)
         extra = sorted(names - set(self.params))
         absent = sorted({h.module for h in self.hooks} - modules)
@@ -127,6 +128,7 @@ class Parametrization:
                 f"hooked modules missing {absent[:5]}. Build the model with the same configuration."
             )
         for name, param in model.named_parameters():
+            name = unwrap_name(name)
             if list(param.shape) != self.params[name].shape:
                 raise ValueError(
                     f"parameter {name} has shape {list(param.shape)} but the role map says "
