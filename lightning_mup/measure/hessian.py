@@ -1,0 +1,384 @@
+"""Curvature of the training loss without forming the Hessian: HVPs, top eigenvalues, trace.
+
+The loss is L(θ) = Σ_b w_b · loss(model, batch_b) over a fixed probe set. :class:`HessianOperator` gives
+v ↦ H v (H = ∇²L over the chosen parameters) in two ways:
+
+* ``"double_backward"`` (default): the gradient graph is built once and every HVP is one backward pass
+  through it — measured fastest on CPU (see ``benchmarks/sharpness.py``);
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, recomputing the forward each time
+  (less memory: nothing is kept between HVPs).
+
+Top eigenvalues come from scipy on a ``LinearOperator``: ``lobpcg`` (default: 1e-3-accurate top
+eigenvalue in ≤ 12 HVPs from a cold start, fewer warm-started from the previous eigenvectors) or
+``eigsh`` (implicitly restarted Lanczos, for many eigenpairs to high accuracy); or from subspace (power)
+iteration, PyHessian's method, warm-started too. The trace comes from Hutchinson's estimator. Under DDP, pass ``all_reduce``: each rank holds its shard of the probe set, weighted by
+its share of the global count, and every HVP is summed across ranks — the exact full-probe-set HVP.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, lobpcg
+from torch import nn
+
+Loss = Callable[[nn.Module, Any], torch.Tensor]
+METHODS = ("double_backward", "forward_over_reverse")
+
+
+def _math_attention():
+    """Fused scaled-dot-product attention has no double backward on CPU: use the math kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class HessianOperator:
+    """v ↦ H v for the probe-set loss, over ``params`` (default: every trainable parameter).
+
+    Args:
+        model: the (unwrapped) model; its parameters are differentiated in place.
+        loss: ``loss(model, batch) -> scalar`` (mean over the batch).
+        batches: the probe set.
+        weights: weight of each batch's loss (default: batch sizes / total, a mean over samples).
+        params: ``{name: parameter}`` to differentiate (default: all with ``requires_grad``).
+        method: ``"double_backward"`` or ``"forward_over_reverse"``.
+        all_reduce: sums a tensor over DDP ranks (identity on one process).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss,
+        batches: Sequence[Any],
+        *,
+        weights: Sequence[float] | None = None,
+        params: dict[str, torch.Tensor] | None = None,
+        method: str = "double_backward",
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; choose one of {METHODS}")
+        if not batches:
+            raise ValueError("the probe set is empty")
+        self.model, self.loss, self.batches, self.method = model, loss, list(batches), method
+        self.params = params if params is not None else {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.weights = list(weights) if weights is not None else [1.0 / len(self.batches)] * len(self.batches)
+        self.all_reduce = all_reduce or (lambda t: t)
+        self.shapes = [p.shape for p in self.params.values()]
+        self.dim = sum(p.numel() for p in self.params.values())
+        self.device = next(iter(self.params.values())).device
+        self.n_hvp = 0
+        self._graph: tuple[torch.Tensor, ...] | None = None
+        self._functional: nn.Module | None = None
+        self.loss_value: float | None = None
+
+    # ------------------------------------------------------------------------------------ products
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat float32 vector (the same on every rank)."""
+        self.n_hvp += 1
+        vs = self._split(v)
+        with _math_attention():
+            hv = self._double_backward(vs) if self.method == "double_backward" else self._forward_over_reverse(vs)
+        return self.all_reduce(torch.cat([h.reshape(-1) for h in hv]).float())
+
+    def _total_loss(self) -> torch.Tensor:
+        # Train-mode BatchNorm normalises with batch statistics (part of the training loss) and would
+        # also update its running statistics: it updates stand-in copies, the live buffers stay as they were.
+        live = [(m, name, b) for m in self.model.modules() for name, b in m._buffers.items() if b is not None]
+        for module, name, buffer in live:
+            module._buffers[name] = buffer.clone()
+        try:
+            total = sum(w * self.loss(self.model, b) for w, b in zip(self.weights, self.batches))
+        finally:
+            for module, name, buffer in live:
+                module._buffers[name] = buffer
+        self.loss_value = float(self.all_reduce(total.detach().float().reshape(1))[0])
+        if not math.isfinite(self.loss_value):
+            raise FloatingPointError(f"the probe-set loss is {self.loss_value}")
+        return total
+
+    def _double_backward(self, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self._graph is None:
+            with torch.enable_grad():
+                self._graph = torch.autograd.grad(self._total_loss(), list(self.params.values()), create_graph=True)
+        hv = torch.autograd.grad(self._graph, list(self.params.values()), grad_outputs=vs, retain_graph=True,
+                                 allow_unused=True)
+        return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params.values()))
+
+    def _forward_over_reverse(self, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        names = list(self.params)
+        if self._functional is None:
+            # torch.func cannot run train-mode BatchNorm's in-place statistics update; a copy whose
+            # BatchNorms normalise with batch statistics without keeping any computes the same loss.
+            model = copy.deepcopy(self.model)
+            torch.func.replace_all_batch_norm_modules_(model)
+            self._functional = _LossOf(model, self.loss, self.batches, self.weights)
+        frozen = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if n not in self.params}
+
+        def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(self._functional, {**frozen, **{f"model.{k}": v for k, v in params.items()}}, ())
+
+        primal = {n: p.detach() for n, p in self.params.items()}
+        tangent = dict(zip(names, vs))
+        _, hv = torch.func.jvp(torch.func.grad(total), (primal,), (tangent,))
+        return tuple(hv[n] for n in names)
+
+    def gradient(self) -> torch.Tensor:
+        """∇L as a flat vector (for the double-backward method, from the cached graph)."""
+        if self._graph is None:
+            with torch.enable_grad(), _math_attention():
+                self._graph = torch.autograd.grad(self._total_loss(), list(self.params.values()), create_graph=True)
+        return self.all_reduce(torch.cat([g.detach().reshape(-1) for g in self._graph]).float())
+
+    def release(self) -> None:
+        """Drop the cached graph (it holds the probe set's activations) and the functional copy."""
+        self._graph, self._functional = None, None
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p, shape in zip(self.params.values(), self.shapes):
+            n = p.numel()
+            out.append(v[offset : offset + n].view(shape).to(p.dtype))
+            offset += n
+        return out
+
+    def as_linear_operator(self, scale: torch.Tensor | None = None) -> LinearOperator:
+        """The (optionally preconditioned, D^½ H D^½) operator as a float64 scipy LinearOperator."""
+        root = None if scale is None else scale.sqrt()
+        last: dict[str, np.ndarray] = {}
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x).reshape(-1)
+            if "x" in last and np.array_equal(x, last["x"]):  # solvers often re-apply to their start vector
+                return last["y"].copy()
+            v = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+            out = self.matvec(v if root is None else root * v)
+            last["x"], last["y"] = x.copy(), (out if root is None else root * out).double().cpu().numpy()
+            return last["y"].copy()
+
+        return LinearOperator((self.dim, self.dim), matvec=matvec, dtype=np.float64)
+
+
+class _LossOf(nn.Module):
+    """The probe-set loss as a module, so ``torch.func.functional_call`` can swap the parameters."""
+
+    def __init__(self, model, loss, batches, weights):
+        super().__init__()
+        self.model, self.loss, self.batches, self.weights = model, loss, batches, weights
+
+    def forward(self):
+        return sum(w * self.loss(self.model, b) for w, b in zip(self.weights, self.batches))
+
+
+# ---------------------------------------------------------------------------------------- eigenvalues
+@dataclass
+class Eigen:
+    values: list[float]  # descending
+    vectors: torch.Tensor  # [k, dim]
+    n_hvp: int
+    converged: bool
+
+
+def _preconditioned(op: HessianOperator, scale: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if scale is None:
+        return op.matvec
+    root = scale.sqrt()
+    return lambda v: root * op.matvec(root * v)
+
+
+def top_eigen(
+    op: HessianOperator,
+    k: int = 1,
+    *,
+    method: str = "lobpcg",
+    rtol: float = 1e-3,
+    max_hvp: int = 20,
+    v0: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Eigen:
+    """Top-k eigenpairs of H (or of D^½ H D^½ with ``scale = D``) with ``method`` in
+    ``"lobpcg"``, ``"lanczos"``, ``"power"``; ``rtol`` is the relative accuracy sought."""
+    if method == "lobpcg":
+        return lobpcg_top(op, k, rtol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
+    if method == "lanczos":
+        return lanczos(op, k, tol=rtol, max_hvp=max_hvp, v0=v0, scale=scale)
+    if method == "power":
+        return power_iteration(op, k, tol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
+    raise ValueError(f"method={method!r}; choose 'lobpcg', 'lanczos' or 'power'")
+
+
+def lobpcg_top(
+    op: HessianOperator,
+    k: int = 1,
+    *,
+    rtol: float = 1e-3,
+    max_hvp: int = 20,
+    v0: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Eigen:
+    """Top-k eigenpairs by scipy's LOBPCG, started from ``v0`` (previous eigenvectors) when given.
+
+    Stops when the residual ‖Hx − θx‖ falls below 0.3·sqrt(rtol)·|θ₀| (θ₀: the start's Rayleigh
+    quotient). The eigenvalue error is then ≲ ‖r‖²/gap = 0.09·rtol·|θ|²/gap: inside ``rtol`` down to a
+    gap of 9% to the next eigenvalue (and in practice far inside: see tests/measure/test_hessian.py).
+    """
+    start = op.n_hvp
+    basis = _start_basis(op, k, v0, generator)
+    linear = op.as_linear_operator(scale)
+    x = basis.double().cpu().numpy().T
+    theta0 = np.abs(np.einsum("ij,ij->j", x, linear.matmat(x)) / np.einsum("ij,ij->j", x, x)).max()
+    tol = 0.3 * math.sqrt(rtol) * max(float(theta0), 1e-12)
+    # lobpcg spends k HVPs per iteration and ~3k to set up and finish (its start reuses the θ₀ products)
+    iterations = max(1, (max_hvp - (op.n_hvp - start)) // k - 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Exited at iteration ..." when the budget ends first
+        values, vectors, residuals = lobpcg(
+            linear, x, largest=True, maxiter=iterations, tol=tol, retResidualNormsHistory=True
+        )
+    order = np.argsort(values)[::-1]
+    converged = bool(np.all(np.asarray(residuals[-1]) <= tol)) if residuals else False
+    vecs = torch.as_tensor(vectors[:, order].T.copy(), dtype=torch.float32, device=op.device)
+    return Eigen([float(values[i]) for i in order], vecs, op.n_hvp - start, converged)
+
+
+def _start_basis(op: HessianOperator, k: int, v0: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    basis = torch.randn(k, op.dim, generator=generator)
+    if v0 is not None:
+        previous = v0.reshape(-1, op.dim)[:k].cpu().float()
+        basis[: previous.shape[0]] = previous
+    return basis.to(op.device)
+
+
+def lanczos(
+    op: HessianOperator,
+    k: int = 1,
+    *,
+    tol: float = 1e-4,
+    max_hvp: int = 100,
+    ncv: int | None = None,
+    v0: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> Eigen:
+    """Top-k (largest algebraic) eigenpairs of H — or of D^½ H D^½ with ``scale = D`` — by scipy's
+    implicitly restarted Lanczos (ARPACK). ``ncv`` is the Krylov dimension (HVPs per restart)."""
+    start = op.n_hvp
+    ncv = min(op.dim, ncv or max(2 * k + 10, 12))
+    x0 = None if v0 is None else v0.double().cpu().numpy()
+    try:
+        values, vectors = eigsh(
+            op.as_linear_operator(scale), k=k, which="LA", tol=tol, ncv=ncv, v0=x0,
+            maxiter=max(1, max_hvp // ncv),
+        )
+        converged = True
+    except ArpackNoConvergence as e:  # keep what converged; report it
+        values, vectors, converged = e.eigenvalues, e.eigenvectors, False
+        if len(values) == 0:
+            return Eigen([float("nan")] * k, torch.zeros(k, op.dim), op.n_hvp - start, False)
+    order = np.argsort(values)[::-1]
+    vecs = torch.as_tensor(vectors[:, order].T.copy(), dtype=torch.float32, device=op.device)
+    return Eigen([float(values[i]) for i in order], vecs, op.n_hvp - start, converged)
+
+
+def power_iteration(
+    op: HessianOperator,
+    k: int = 1,
+    *,
+    tol: float = 1e-3,
+    max_hvp: int = 100,
+    v0: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Eigen:
+    """Top-k eigenpairs by subspace (power) iteration with Rayleigh-Ritz, warm-started from ``v0``
+    (previous eigenvectors, [k, dim] or [dim]); stops when every value moves less than ``tol`` relative."""
+    start = op.n_hvp
+    apply = _preconditioned(op, scale)
+    q = torch.linalg.qr(_start_basis(op, k, v0, generator).T.double())[0].T.float()
+    previous = None
+    values = torch.full((k,), float("nan"))
+    while op.n_hvp - start + k <= max_hvp:
+        hq = torch.stack([apply(v) for v in q])
+        small = (q.double() @ hq.double().T + hq.double() @ q.double().T) / 2  # Rayleigh-Ritz on span(q)
+        evals, evecs = torch.linalg.eigh(small)
+        order = torch.argsort(evals, descending=True)
+        values, rot = evals[order], evecs[:, order]
+        ritz_hq = rot.T @ hq.double()
+        if previous is not None and torch.all((values - previous).abs() <= tol * values.abs().clamp_min(1e-12)):
+            q = (rot.T @ q.double()).float()
+            return Eigen(values.tolist(), q, op.n_hvp - start, True)
+        previous = values
+        q = torch.linalg.qr(ritz_hq.T)[0].T.float()
+    return Eigen(values.tolist(), q, op.n_hvp - start, False)
+
+
+def hutchinson_trace(
+    op: HessianOperator, samples: int = 32, *, scale: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> tuple[float, float]:
+    """tr(H) ≈ mean of zᵀHz over Rademacher z, with its standard error (the estimator's ±1σ band)."""
+    apply = _preconditioned(op, scale)
+    estimates = []
+    for _ in range(samples):
+        z = (torch.randint(0, 2, (op.dim,), generator=generator) * 2 - 1).float().to(op.device)
+        estimates.append(float(z @ apply(z)))
+    values = np.asarray(estimates)
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(samples)) if samples > 1 else float("nan")
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """D with λ_max(D H) the preconditioned sharpness of an Adam-family optimizer: per parameter,
+    lr-scale / ((sqrt(v̂) + ε)(1 - β1^t)) — the step per unit *base* lr (μP's group scale included).
+    Compared with the adaptive edge of stability (2 + 2β1) / ((1 - β1) η): 38/η for β1 = 0.9.
+    ``None`` when the optimizer has no second-moment state yet."""
+    parts = []
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for p in params.values():
+        state = optimizer.state.get(p, {})
+        group = by_param.get(id(p))
+        if "exp_avg_sq" not in state or group is None:
+            return None
+        step = float(state["step"])
+        beta1, beta2 = group["betas"]
+        v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+        lr_scale = group.get("mup", {}).get("lr", 1.0)
+        eps = group["eps"] * group.get("mup", {}).get("eps", 1.0)
+        parts.append((lr_scale / ((v_hat.sqrt() + eps) * (1 - beta1**step))).reshape(-1).float())
+    return torch.cat(parts)
+
+
+def step_preconditioner(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """D such that the optimizer's step is ≈ η·D·∇L, for the sharpness that meets the stability threshold:
+    Adam family: :func:`adam_preconditioner`; SGD with μP groups: each parameter's lr scale (None when
+    every scale is 1, so λ_max(H) itself is the one that meets (2 + 2β)/η)."""
+    if any("betas" in g for g in optimizer.param_groups):
+        return adam_preconditioner(optimizer, params)
+    scale_of = {id(p): g.get("mup", {}).get("lr", 1.0) for g in optimizer.param_groups for p in g["params"]}
+    scales = [scale_of.get(id(p), 1.0) for p in params.values()]
+    if all(s == 1.0 for s in scales):
+        return None
+    return torch.cat([torch.full((p.numel(),), s) for s, p in zip(scales, params.values())])
+
+
+def stability_threshold(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """The edge-of-stability threshold for the optimizer's current (first group's) lr, and whether it
+    applies to the preconditioned sharpness (Adam family) rather than λ_max(H) (SGD family):
+    SGD with heavy-ball momentum β: (2 + 2β)/η (2/η without momentum); Adam: (2 + 2β1)/((1 - β1) η)."""
+    group = optimizer.param_groups[0]
+    lr = float(group["lr"])
+    if "betas" in group:
+        beta1 = group["betas"][0]
+        return (2 + 2 * beta1) / ((1 - beta1) * lr), True
+    momentum = group.get("momentum", 0.0) or 0.0
+    return (2 + 2 * momentum) / lr, False
