@@ -81,7 +81,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         try:
             with observing(pl_module):
                 scalars = self.measure(trainer, pl_module)
-        except Exception as error:  # noqa: BLE001 - a measurement must never kill the run
+        except Exception as error:
             rank_zero_warn(f"{type(self).__name__} at step {step} failed and logs NaN: {type(error).__name__}: {error}")
             scalars = {key: math.nan for key in self.nan_keys()}
         self.steps.append(step)

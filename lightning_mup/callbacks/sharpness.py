@@ -84,23 +84,33 @@ class Sharpness(MeasurementCallback):
             return trainable
         chosen = select(self.param_patterns, trainable)
         if not chosen:
-            raise ValueError(f"params={list(self.param_patterns)} match no trainable parameter of {list(trainable)[:8]}")
+            raise ValueError(
+                f"params={list(self.param_patterns)} match no trainable parameter of {list(trainable)[:8]}"
+            )
         return {n: trainable[n] for n in chosen}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         params = self._params(pl_module)
         op = HessianOperator(
-            pl_module, self.training_loss, self.probe, weights=self.probe_weights(trainer), params=params,
-            method=self.hvp, all_reduce=self.all_reduce(trainer),
+            pl_module,
+            self.training_loss,
+            self.probe,
+            weights=self.probe_weights(trainer),
+            params=params,
+            method=self.hvp,
+            all_reduce=self.all_reduce(trainer),
         )
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)  # the same on every rank
         solve = dict(method=self.method, rtol=self.rtol, max_hvp=self.max_hvp, generator=generator)
         try:
             eigen = top_eigen(op, self.k, v0=self._vectors if self.warm_start else None, **solve)
             self._vectors = eigen.vectors
-            scalars = {"sharpness": eigen.values[0], "sharpness/hvps": float(eigen.n_hvp),
-                       "sharpness/loss": float(op.loss_value)}
-            arrays: dict[str, Any] = {"eigenvalues": eigen.values, "hvps": eigen.n_hvp}
+            scalars = {
+                "sharpness": eigen.values[0],
+                "sharpness/hvps": float(eigen.n_hvp),
+                "sharpness/loss": float(op.loss_value),
+            }
+            arrays: dict[str, Any] = {"eigenvalues": eigen.values}
             scalars.update({f"sharpness/top_{i + 1}": v for i, v in enumerate(eigen.values) if self.k > 1})
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             if optimizer is not None:
@@ -108,8 +118,13 @@ class Sharpness(MeasurementCallback):
                 scalars["sharpness/threshold"] = threshold
                 scale = step_preconditioner(optimizer, params)
                 if scale is not None:
-                    pre = top_eigen(op, 1, v0=self._preconditioned_vectors if self.warm_start else None,
-                                    scale=scale.to(op.device), **solve)
+                    pre = top_eigen(
+                        op,
+                        1,
+                        v0=self._preconditioned_vectors if self.warm_start else None,
+                        scale=scale.to(op.device),
+                        **solve,
+                    )
                     self._preconditioned_vectors = pre.vectors
                     scalars["sharpness/preconditioned" if adaptive else "sharpness/effective"] = pre.values[0]
             if self.trace_samples:
@@ -121,7 +136,9 @@ class Sharpness(MeasurementCallback):
         for key, value in scalars.items():
             self.series.setdefault(key, []).append(value)
         self.series.setdefault("step", []).append(step)
-        self.save_arrays(trainer, f"step_{step:08d}.npz", **arrays, **{k.split("/")[-1]: v for k, v in scalars.items()})
+        self.save_arrays(
+            trainer, f"step_{step:08d}.npz", **{**{k.split("/")[-1]: v for k, v in scalars.items()}, **arrays}
+        )
         self.save_arrays(trainer, "series.npz", **{k.replace("/", "."): v for k, v in self.series.items()})
         return scalars
 

@@ -80,3 +80,17 @@ def _slice(batch: Any, index: slice) -> Any:
     if isinstance(batch, dict):
         return {k: _slice(v, index) for k, v in batch.items()}
     raise TypeError(f"cannot slice a batch of type {type(batch).__name__}")
+
+
+class FullBatch:
+    """The same (full) batch every step: full-batch gradient descent, e.g. for edge-of-stability runs."""
+
+    def __init__(self, batch: Any, batches_per_epoch: int = 100) -> None:
+        self.batch, self.batches_per_epoch = batch, batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        for _ in range(self.batches_per_epoch):
+            yield self.batch

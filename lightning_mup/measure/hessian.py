@@ -112,8 +112,9 @@ class HessianOperator:
         if self._graph is None:
             with torch.enable_grad():
                 self._graph = torch.autograd.grad(self._total_loss(), list(self.params.values()), create_graph=True)
-        hv = torch.autograd.grad(self._graph, list(self.params.values()), grad_outputs=vs, retain_graph=True,
-                                 allow_unused=True)
+        hv = torch.autograd.grad(
+            self._graph, list(self.params.values()), grad_outputs=vs, retain_graph=True, allow_unused=True
+        )
         return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params.values()))
 
     def _forward_over_reverse(self, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -127,7 +128,9 @@ class HessianOperator:
         frozen = {f"model.{n}": p.detach() for n, p in self.model.named_parameters() if n not in self.params}
 
         def total(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.func.functional_call(self._functional, {**frozen, **{f"model.{k}": v for k, v in params.items()}}, ())
+            return torch.func.functional_call(
+                self._functional, {**frozen, **{f"model.{k}": v for k, v in params.items()}}, ()
+            )
 
         primal = {n: p.detach() for n, p in self.params.items()}
         tangent = dict(zip(names, vs))
@@ -254,7 +257,9 @@ def lobpcg_top(
     return Eigen([float(values[i]) for i in order], vecs, op.n_hvp - start, converged)
 
 
-def _start_basis(op: HessianOperator, k: int, v0: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+def _start_basis(
+    op: HessianOperator, k: int, v0: torch.Tensor | None, generator: torch.Generator | None
+) -> torch.Tensor:
     basis = torch.randn(k, op.dim, generator=generator)
     if v0 is not None:
         previous = v0.reshape(-1, op.dim)[:k].cpu().float()
@@ -279,7 +284,12 @@ def lanczos(
     x0 = None if v0 is None else v0.double().cpu().numpy()
     try:
         values, vectors = eigsh(
-            op.as_linear_operator(scale), k=k, which="LA", tol=tol, ncv=ncv, v0=x0,
+            op.as_linear_operator(scale),
+            k=k,
+            which="LA",
+            tol=tol,
+            ncv=ncv,
+            v0=x0,
             maxiter=max(1, max_hvp // ncv),
         )
         converged = True
@@ -325,7 +335,11 @@ def power_iteration(
 
 
 def hutchinson_trace(
-    op: HessianOperator, samples: int = 32, *, scale: torch.Tensor | None = None, generator: torch.Generator | None = None
+    op: HessianOperator,
+    samples: int = 32,
+    *,
+    scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """tr(H) ≈ mean of zᵀHz over Rademacher z, with its standard error (the estimator's ±1σ band)."""
     apply = _preconditioned(op, scale)

@@ -34,8 +34,14 @@ def _mlp_case(seed=4):
 def _cnn_case():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
     return model, _ce, [(torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,)))]
 
@@ -45,8 +51,15 @@ def _transformer_case():
 
     torch.manual_seed(0)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=8, num_heads=2, depth=1,
-        num_classes=3, mlp_ratio=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=8,
+        patch_size=4,
+        embed_dim=8,
+        num_heads=2,
+        depth=1,
+        num_classes=3,
+        mlp_ratio=2,
     )
     assert model.blocks[0].attn.fused_attn  # the fused path has no double backward on CPU: the trap
     return model, _ce, [(torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,)))]
@@ -70,7 +83,9 @@ def dense_spectrum(model, loss, batches):
             params[n] = v[offset : offset + s.numel()].view(s)
             offset += s.numel()
         call = lambda x: torch.func.functional_call(model, {**params, **buffers}, (x,))  # noqa: E731
-        return sum(loss(call, (b[0].double(), b[1] if b[1].dtype == torch.long else b[1].double())) for b in batches) / len(batches)
+        return sum(
+            loss(call, (b[0].double(), b[1] if b[1].dtype == torch.long else b[1].double())) for b in batches
+        ) / len(batches)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -136,7 +151,9 @@ def test_forward_over_reverse_equals_double_backward():
 def test_hutchinson_trace_inside_its_band():
     model, loss, batches = _mlp_case()
     exact = dense_spectrum(model, loss, batches).sum().item()
-    trace, stderr = hutchinson_trace(HessianOperator(model, loss, batches), 200, generator=torch.Generator().manual_seed(1))
+    trace, stderr = hutchinson_trace(
+        HessianOperator(model, loss, batches), 200, generator=torch.Generator().manual_seed(1)
+    )
     assert abs(trace - exact) < 3 * stderr
     assert stderr < 0.2 * abs(exact)
 
@@ -161,7 +178,10 @@ def test_preconditioned_sharpness_and_thresholds():
     exact = torch.linalg.eigvalsh(root[:, None] * dense * root[None, :])[-1].item()
     assert abs(pre.values[0] - exact) / exact < 1e-3
     assert stability_threshold(optimizer) == (pytest.approx(38 / 1e-2), True)
-    assert stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) == (pytest.approx(38.0), False)
+    assert stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)) == (
+        pytest.approx(38.0),
+        False,
+    )
 
 
 def _flat_loss(model, loss, batches, v):
