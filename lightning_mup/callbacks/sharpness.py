@@ -59,7 +59,7 @@ class Sharpness(MeasurementCallback):
         k: int = 1,
         method: str = "lobpcg",
         rtol: float = 1e-3,
-        max_hvp: int = 20,
+        max_hvp: int = 12,
         trace_samples: int = 0,
         hvp: str = "double_backward",
         params: Sequence[str] | None = None,

@@ -11,8 +11,10 @@ v ↦ H v (H = ∇²L over the chosen parameters) in two ways:
 Top eigenvalues come from scipy on a ``LinearOperator``: ``lobpcg`` (default: 1e-3-accurate top
 eigenvalue in ≤ 12 HVPs from a cold start, fewer warm-started from the previous eigenvectors) or
 ``eigsh`` (implicitly restarted Lanczos, for many eigenpairs to high accuracy); or from subspace (power)
-iteration, PyHessian's method, warm-started too. The trace comes from Hutchinson's estimator. Under DDP, pass ``all_reduce``: each rank holds its shard of the probe set, weighted by
-its share of the global count, and every HVP is summed across ranks — the exact full-probe-set HVP.
+iteration, PyHessian's method, warm-started too. The trace comes from Hutchinson's estimator.
+
+Under DDP, pass ``all_reduce``: each rank holds its shard of the probe set, weighted by its share of
+the global count, and every HVP is summed across ranks — the exact full-probe-set HVP.
 """
 
 from __future__ import annotations
@@ -163,8 +165,10 @@ class HessianOperator:
 
         def matvec(x: np.ndarray) -> np.ndarray:
             x = np.asarray(x).reshape(-1)
-            if "x" in last and np.array_equal(x, last["x"]):  # solvers often re-apply to their start vector
-                return last["y"].copy()
+            if "x" in last:  # solvers re-apply H to their (rescaled) start vector: H(c·x) = c·Hx
+                c = float(x @ last["x"]) / float(last["x"] @ last["x"])
+                if np.linalg.norm(x - c * last["x"]) <= 1e-10 * np.linalg.norm(x):
+                    return c * last["y"]
             v = torch.as_tensor(x, dtype=torch.float32, device=self.device)
             out = self.matvec(v if root is None else root * v)
             last["x"], last["y"] = x.copy(), (out if root is None else root * out).double().cpu().numpy()
@@ -206,7 +210,7 @@ def top_eigen(
     *,
     method: str = "lobpcg",
     rtol: float = 1e-3,
-    max_hvp: int = 20,
+    max_hvp: int = 12,
     v0: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -227,7 +231,7 @@ def lobpcg_top(
     k: int = 1,
     *,
     rtol: float = 1e-3,
-    max_hvp: int = 20,
+    max_hvp: int = 12,
     v0: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
