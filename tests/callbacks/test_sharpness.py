@@ -158,3 +158,16 @@ def test_nan_loss_gives_nan_and_a_warning_not_a_crash(tmp_path):
         )
     metrics = (next(tmp_path.glob("**/metrics.csv"))).read_text()
     assert "sharpness" in metrics and "nan" in metrics.lower()
+
+
+def test_mixed_precision_measures_in_float32(tmp_path):
+    values = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch.manual_seed(0)
+        callback = Sharpness(every_n_steps=100)
+        _trainer(tmp_path / precision, 1, [callback], precision=precision).fit(
+            MLPRegressor(width=64, optimizer=functools.partial(torch.optim.SGD, lr=0.05)),
+            GegenbauerDataModule(batches_per_epoch=2),
+        )
+        values[precision] = callback.series["sharpness"][0]  # step 0: identical weights
+    assert values["bf16-mixed"] == pytest.approx(values["32-true"], rel=1e-5)
