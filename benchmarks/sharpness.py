@@ -81,8 +81,11 @@ def accuracy_table() -> None:
     model, x, y = hard_case()
     exact = exact_top(model, x, y)
     rows = []
-    for label, kw in [("ours lobpcg (cold)", {}), ("ours lanczos/eigsh (cold)", {"method": "lanczos", "max_hvp": 60}),
-                      ("ours power (cold)", {"method": "power", "max_hvp": 100})]:
+    for label, kw in [
+        ("ours lobpcg (cold)", {}),
+        ("ours lanczos/eigsh (cold)", {"method": "lanczos", "max_hvp": 60}),
+        ("ours power (cold)", {"method": "power", "max_hvp": 100}),
+    ]:
         value, hvps, seconds, vectors = ours(model, x, y, **kw)
         rows.append((label, hvps, seconds, abs(value - exact) / exact))
     try:
@@ -121,17 +124,28 @@ def cost_table() -> None:
     cases = {
         "MLP 512×3, batch 256": (
             nn.Sequential(nn.Linear(32, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 10)),
-            torch.randn(256, 32), torch.randint(0, 10, (256,)),
+            torch.randn(256, 32),
+            torch.randint(0, 10, (256,)),
         ),
         "CNN 32ch, 16×16, batch 64": (
-            nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
-            torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,)),
+            nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(32, 10),
+            ),
+            torch.randn(64, 3, 16, 16),
+            torch.randint(0, 10, (64,)),
         ),
     }
     print("\nCost of one HVP as a multiple of one training step (forward + backward), same run")
-    print(f"{'model':28s} {'step ms':>8s} {'HVP ms (double bwd, cached)':>28s} {'×step':>6s} "
-          f"{'HVP ms (fwd-over-rev)':>22s} {'×step':>6s}")
+    print(
+        f"{'model':28s} {'step ms':>8s} {'HVP ms (double bwd, cached)':>28s} {'×step':>6s} "
+        f"{'HVP ms (fwd-over-rev)':>22s} {'×step':>6s}"
+    )
     for label, (model, x, y) in cases.items():
         loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
 
@@ -147,8 +161,10 @@ def cost_table() -> None:
         t_build = _time(lambda: HessianOperator(model, loss, [(x, y)]).matvec(v))
         functional = HessianOperator(model, loss, [(x, y)], method="forward_over_reverse")
         t_for = _time(lambda: functional.matvec(v))
-        print(f"{label:28s} {1e3 * t_step:8.2f} {1e3 * t_cached:28.2f} {t_cached / t_step:6.2f} "
-              f"{1e3 * t_for:22.2f} {t_for / t_step:6.2f}")
+        print(
+            f"{label:28s} {1e3 * t_step:8.2f} {1e3 * t_cached:28.2f} {t_cached / t_step:6.2f} "
+            f"{1e3 * t_for:22.2f} {t_for / t_step:6.2f}"
+        )
         print(f"{'':28s} {'':8s} {'first HVP incl. graph: ' + f'{1e3 * t_build:.2f}':>28s} {t_build / t_step:6.2f}")
 
 

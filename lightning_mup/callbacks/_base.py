@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_mup.measure.observe import observing
 
@@ -32,6 +33,10 @@ LossFn = Callable[[L.LightningModule, Any], torch.Tensor]
 
 class MeasurementCallback(Callback, metaclass=ABCMeta):
     name = "measurement"
+    # Kernel-type measurements need every probe point in one place: the probe batches are gathered from
+    # all ranks (so it is the same probe set as on one process) and rank 0 alone measures, on the
+    # replicated model — no collective inside a measurement, so nothing can hang.
+    gather_probe = False
 
     def __init__(
         self,
@@ -58,7 +63,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if len(self.probe) < self.num_batches and not self._given_probe:
-            self.probe.append(_detached_copy(batch))
+            if self.gather_probe and trainer.world_size > 1:  # [world, B, ...] -> [world·B, ...]
+                batch = apply_to_collection(batch, torch.Tensor, lambda t: trainer.strategy.all_gather(t).flatten(0, 1))
+            self.probe.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone()))
         if trainer.global_step == 0 and self._probe_ready and self.every_n_steps and 0 not in self.steps:
             self._safely_measure(trainer, pl_module)
 
@@ -78,6 +85,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def _safely_measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
+        if self.gather_probe and trainer.global_rank != 0:
+            self.steps.append(step)
+            return
         try:
             with observing(pl_module):
                 scalars = self.measure(trainer, pl_module)
@@ -154,14 +164,27 @@ def _muted_logging(module: L.LightningModule) -> Iterator[None]:
                 module.__dict__[name] = value
 
 
-def _detached_copy(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_detached_copy(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _detached_copy(v) for k, v in batch.items()}
-    return batch
+def concat_batches(batches: Sequence[Any]) -> Any:
+    """The probe batches as one batch."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches))
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches([b[i] for b in batches]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: concat_batches([b[k] for b in batches]) for k in first}
+    raise TypeError(f"cannot concatenate batches of type {type(first).__name__}")
+
+
+def load_step_arrays(run_dir: str | Path, name: str, step: int) -> dict[str, np.ndarray] | None:
+    """A callback's arrays at ``step`` in another run folder (a reference run), or None."""
+    path = Path(run_dir) / name / f"step_{step:08d}.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
 
 
 def _batch_size(batch: Any) -> int:

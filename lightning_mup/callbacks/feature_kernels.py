@@ -1,0 +1,140 @@
+"""FeatureKernels: feature and gradient kernels of chosen layers on a fixed probe batch (Vyas et al.
+Fig. 5c, 10, 11), their movement since initialisation, and CKA to a reference run (the widest of a sweep).
+
+Example::
+
+    from lightning_mup.callbacks import FeatureKernels
+    trainer = Trainer(callbacks=[FeatureKernels(every_n_steps=100, reference="runs/w1024/version_0")])
+
+Logs per layer ``<layer>`` at each measured step: ``feature_kernels/<layer>/movement`` (‖Φ - Φ₀‖/‖Φ₀‖),
+``/cka_init`` (CKA of Φ to Φ₀), ``/kta`` (kernel-target alignment), the same with ``grad_`` for G, and
+``/cka_reference`` when a reference run folder has kernels at the same step. Saves every kernel to
+``<log_dir>/feature_kernels/step_<step>.npz`` (keys ``phi/<layer>``, ``grad/<layer>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_mup._names import glob_match
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches, load_step_arrays
+from lightning_mup.measure.kernels import (
+    cka,
+    feature_kernel,
+    features,
+    gradient_kernel,
+    kernel_movement,
+    kernel_target_alignment,
+)
+from lightning_mup.measure.layers import capturing, resolve_layers
+
+Targets = Callable[[Any], torch.Tensor | None]
+
+
+def default_targets(batch: Any) -> torch.Tensor | None:
+    """y of an (x, y) batch; class labels become one-hot vectors."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        y = batch[1]
+        if not y.is_floating_point():
+            return torch.nn.functional.one_hot(y.long().reshape(-1)).double() if y.dim() <= 1 else None
+        return y
+    return None
+
+
+class FeatureKernels(MeasurementCallback):
+    """Φ and G of chosen layers on a fixed probe batch.
+
+    Args:
+        layers: module names or globs (default: the residual stream, else activation outputs).
+        every_n_steps: measure every n steps (and at step 0).
+        num_batches: probe batches (the first training batches; gathered from every DDP rank).
+        probe: a fixed probe set instead.
+        spatial: ``"flatten"`` (positions/tokens are features) or ``"mean"``; or ``{glob: mode}`` per layer.
+        gradient: also compute gradient kernels (one backward pass).
+        targets: ``targets(batch) -> y`` for kernel-target alignment (default: y of (x, y) batches).
+        reference: a run folder whose ``feature_kernels/`` arrays are compared at the same steps.
+        loss_fn: ``loss_fn(module, batch)`` instead of ``training_step`` (for the backward signal).
+        debiased: debiased CKA (unbiased HSIC), the default.
+    """
+
+    name = "feature_kernels"
+    gather_probe = True
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        every_n_steps: int | None = 100,
+        num_batches: int = 1,
+        probe: Sequence[Any] | None = None,
+        spatial: str | Mapping[str, str] = "flatten",
+        gradient: bool = True,
+        targets: Targets | None = default_targets,
+        reference: str | Path | None = None,
+        loss_fn: LossFn | None = None,
+        debiased: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        self.layers, self.spatial, self.gradient, self.targets = layers, spatial, gradient, targets
+        self.reference = Path(reference) if reference is not None else None
+        self.debiased = debiased
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def _spatial(self, layer: str) -> str:
+        if isinstance(self.spatial, str):
+            return self.spatial
+        return next((mode for pattern, mode in self.spatial.items() if glob_match(pattern, layer)), "flatten")
+
+    def kernels(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+        """``phi/<layer>`` and ``grad/<layer>`` kernels on ``batch`` (runs in the caller's context)."""
+        names = resolve_layers(pl_module, self.layers, "stream")
+        with torch.set_grad_enabled(self.gradient), capturing(pl_module, names) as seen:
+            loss = self.training_loss(pl_module, batch)
+        missing = [n for n in names if n not in seen]
+        if missing:
+            raise RuntimeError(f"layers {missing} produced no tensor output during training_step")
+        out = {f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n))) for n in names}
+        if self.gradient:
+            grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    out[f"grad/{n}"] = gradient_kernel(features(g * g.shape[0], self._spatial(n)))
+        return out
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        batch = concat_batches(self.probe)
+        kernels = self.kernels(pl_module, batch)
+        if not self.initial:
+            self.initial = {k: v.clone() for k, v in kernels.items()}
+        y = self.targets(batch) if self.targets is not None else None
+        step = trainer.global_step
+        reference = load_step_arrays(self.reference, self.name, step) if self.reference is not None else None
+        scalars: dict[str, float] = {}
+        for key, k in kernels.items():
+            kind, layer = key.split("/", 1)
+            prefix = f"{self.name}/{layer}/{'' if kind == 'phi' else 'grad_'}"
+            scalars[prefix + "movement"] = kernel_movement(k, self.initial[key])
+            scalars[prefix + "cka_init"] = cka(k, self.initial[key], self.debiased)
+            if y is not None:
+                scalars[prefix + "kta"] = kernel_target_alignment(k, y.to(k.device))
+            if reference is not None and key in reference and reference[key].shape == tuple(k.shape):
+                scalars[prefix + "cka_reference"] = cka(k, torch.as_tensor(reference[key]), self.debiased)
+        arrays = {k: v.cpu().numpy() for k, v in kernels.items()}
+        if y is not None:
+            arrays["targets"] = y.cpu().numpy()
+        self.save_arrays(trainer, f"step_{step:08d}.npz", **arrays)
+        return scalars
+
+    def nan_keys(self) -> list[str]:
+        return [f"{self.name}/failed"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.initial = dict(state_dict.get("initial", {}))
