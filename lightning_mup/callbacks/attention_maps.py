@@ -42,7 +42,7 @@ class AttentionMaps(MeasurementCallback):
     def __init__(
         self,
         layers: Sequence[str] | None = None,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = 200,
         heads: Sequence[int] | None = None,
         points: int = 2,
         reference: str | Path | None = None,

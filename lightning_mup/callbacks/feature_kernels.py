@@ -68,7 +68,7 @@ class FeatureKernels(MeasurementCallback):
     def __init__(
         self,
         layers: Sequence[str] | None = None,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = 200,
         num_batches: int = 1,
         probe: Sequence[Any] | None = None,
         spatial: str | Mapping[str, str] = "flatten",

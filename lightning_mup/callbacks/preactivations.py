@@ -47,7 +47,7 @@ class PreactivationHistograms(MeasurementCallback):
     def __init__(
         self,
         layers: Sequence[str] | None = None,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = 200,
         points: int = 4,
         edges: Sequence[float] | None = None,
         max_samples: int = 4096,
