@@ -56,9 +56,18 @@ def fit(callbacks, steps: int) -> tuple[float, float]:
     module = MLPRegressor(width=256, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(
-            default_root_dir=root, accelerator="cpu", devices=1, max_steps=steps, strategy=MuPStrategy(base={"width": 64}),
-            logger=L.pytorch.loggers.CSVLogger(root), enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, val_check_interval=100, check_val_every_n_epoch=None, callbacks=callbacks,
+            default_root_dir=root,
+            accelerator="cpu",
+            devices=1,
+            max_steps=steps,
+            strategy=MuPStrategy(base={"width": 64}),
+            logger=L.pytorch.loggers.CSVLogger(root),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            val_check_interval=100,
+            check_val_every_n_epoch=None,
+            callbacks=callbacks,
         )
         start = time.perf_counter()
         trainer.fit(module, GegenbauerDataModule(batches_per_epoch=100))

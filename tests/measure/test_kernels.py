@@ -113,3 +113,19 @@ def test_spatial_handling():
     torch.testing.assert_close(features(tokens, "mean"), tokens.mean(1))
     with pytest.raises(ValueError, match="spatial"):
         features(maps, "max")
+
+
+def _minibatch_cka_on_rank(rank, world):
+    torch.manual_seed(0)
+    xs, ys = [torch.randn(32, 16) for _ in range(4)], [torch.randn(32, 8) for _ in range(4)]
+    metric = MinibatchCKA()
+    for x, y in list(zip(xs, ys))[rank::world]:  # each rank sees its share of the minibatches
+        metric.update(x, y + 0.5 * x[:, :8])
+    return float(metric.compute())
+
+
+def test_minibatch_cka_sums_across_ddp_ranks():
+    from distributed import run_on_ranks
+
+    single = _minibatch_cka_on_rank(0, 1)
+    assert run_on_ranks(_minibatch_cka_on_rank) == [pytest.approx(single, rel=1e-12)] * 2
