@@ -14,7 +14,7 @@ from lightning_mup.parametrize import (
 __version__ = "0.1.0"
 
 # The Lightning layer is imported on first use: `import lightning_mup` for the pure-torch core stays fast.
-_LAZY = {"MuPStrategy": "lightning_mup.strategy", "MuPFSDPStrategy": "lightning_mup.strategy"}
+_LAZY = {name: "lightning_mup.strategy" for name in ("MuPStrategy", "MuPFSDPStrategy", "EnsembleStrategy")}
 
 
 def __getattr__(name: str):
@@ -27,6 +27,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CoordCheck",
+    "EnsembleStrategy",
     "MuPFSDPStrategy",
     "MuPStrategy",
     "Parametrization",

@@ -39,6 +39,7 @@ from torch import nn
 
 from lightning_mup._hparams import rebuild_with_overrides
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+from lightning_mup.parametrize.core import _private_rng
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
@@ -53,7 +54,7 @@ class _MuP:
         base: Base = None,
         *,
         delta: Base = None,
-        parametrization: str = "mup",
+        parametrization: str | None = "mup",
         gamma0: float = 1.0,
         depth_alpha: float | None = None,
         output_mult: float = 1.0,
@@ -98,6 +99,8 @@ class _MuP:
         """Reparameterize the LightningModule once (setup runs again for validate/test)."""
         module = self.lightning_module
         assert module is not None
+        if self.parametrize_kwargs["parametrization"] is None:
+            return
         record = getattr(module, "_lightning_mup_record", None)
         first_time = record is None
         if first_time:
@@ -118,7 +121,11 @@ class _MuP:
         delta = self._resolve(self.delta, module, "delta")
         record = parametrize(module, base, delta=delta, **self.parametrize_kwargs)
         # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and not getattr(self, "independent_members", False)
+        ):
             record = Parametrization.from_dict(self.broadcast(record.to_dict(), src=0))
             record.attach(module)
         return record
@@ -132,7 +139,10 @@ class _MuP:
         raise TypeError(f"MuPStrategy({what}=...) takes hyperparameter overrides, a module or a factory")
 
     def setup_optimizers(self, trainer: L.Trainer) -> None:
-        assert self.record is not None and self.lightning_module is not None
+        assert self.lightning_module is not None
+        if self.record is None:  # parametrization=None: the optimizers as the module builds them
+            super().setup_optimizers(trainer)
+            return
         with scaling_param_groups(self.record, self.lightning_module, self.optimizer_family):
             super().setup_optimizers(trainer)
         for i, optimizer in enumerate(self.optimizers):
@@ -197,11 +207,56 @@ class MuPStrategy(_MuP, DDPStrategy):
             eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
         keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
         optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
+        independent_members: every process trains its own ensemble member: it is initialised from
+            seed ``member_seed + rank`` (rebuilt from the module's saved hyperparameters), reads every
+            batch in the same order as the others (no data sharding), and never synchronises gradients
+            (no DDP wrapper). Checkpoints hold every member (``*.member<rank>.ckpt`` beside rank 0's).
+        member_seed: the seed of member 0.
         **strategy_kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes
             (``start_method``, ``find_unused_parameters``, ``timeout``, ...).
     """
 
     strategy_name = "mup"
+
+    def __init__(self, *args: Any, independent_members: bool = False, member_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.independent_members, self.member_seed = independent_members, member_seed
+
+    # ------------------------------------------------------------------------------- ensemble members
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self.independent_members:  # every member reads the whole dataset, in the same order
+            return {"num_replicas": 1, "rank": 0}
+        return super().distributed_sampler_kwargs
+
+    def _initialise_member(self, module: L.LightningModule) -> None:
+        """Re-draw this rank's member from its own seed with the module's own initialisers."""
+        seed = self.member_seed + self.global_rank
+        if getattr(module, "_lightning_mup_member_seed", None) == seed:
+            return
+        with _private_rng():
+            torch.manual_seed(seed)
+            fresh = rebuild_with_overrides(module, {})()
+        module.load_state_dict(fresh.state_dict())
+        module._lightning_mup_member_seed = seed
+        torch.manual_seed(seed + 1_000_003)  # members also draw their own dropout masks
+
+    def _member_path(self, filepath) -> str:
+        path = Path(filepath)
+        return str(path.with_name(f"{path.stem}.member{self.global_rank}{path.suffix}"))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        if self.independent_members and not self.is_global_zero:
+            if self.record is not None:
+                checkpoint[CHECKPOINT_KEY] = self.record.to_dict()
+            self.checkpoint_io.save_checkpoint(checkpoint, self._member_path(filepath), storage_options=storage_options)
+            return
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.independent_members and not self.is_global_zero:
+            checkpoint_path = self._member_path(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     # ------------------------------------------------------------------------------- one process
     @property
@@ -221,10 +276,14 @@ class MuPStrategy(_MuP, DDPStrategy):
         super().setup_distributed()
 
     def setup(self, trainer: L.Trainer) -> None:
-        if not self._single_process:
+        if self.independent_members:
+            assert self.lightning_module is not None
+            self._initialise_member(self.lightning_module)
+        elif not self._single_process:
             super().setup(trainer)
             return
-        # Lightning's single-device set-up: DDP's would wrap the model and sync it with nobody.
+        # Lightning's single-device set-up (also for independent members: DDP's wrapper would average
+        # their gradients and its start would copy rank 0's weights to every rank).
         self._apply_mup(trainer)
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
@@ -292,6 +351,17 @@ StrategyRegistry.register(
     MuPStrategy,
     description="μP via lightning_mup on Lightning's DDP engine; the base comes from the module's `mup_base`",
 )
+
+
+class EnsembleStrategy(MuPStrategy):
+    """Independent ensemble members on DDP ranks, without μP: ``Trainer(strategy=EnsembleStrategy(),
+    devices=4)`` trains 4 members from seeds ``seed``…``seed+3`` on the same batches in the same order.
+    (``MuPStrategy(independent_members=True, ...)`` does the same with μP.)"""
+
+    def __init__(self, seed: int = 0, **strategy_kwargs: Any) -> None:
+        super().__init__(parametrization=None, independent_members=True, member_seed=seed, **strategy_kwargs)
+
+
 StrategyRegistry.register(
     "mup_fsdp",
     MuPFSDPStrategy,

@@ -1,8 +1,18 @@
 """Callbacks that measure what the theory says stays consistent across widths (Lightning glue only)."""
 
+from lightning_mup.callbacks.after_ntk import AfterNTK
 from lightning_mup.callbacks.attention_maps import AttentionMaps
+from lightning_mup.callbacks.ensemble_logits import EnsembleLogits, merge_runs
 from lightning_mup.callbacks.feature_kernels import FeatureKernels
 from lightning_mup.callbacks.preactivations import PreactivationHistograms
 from lightning_mup.callbacks.sharpness import Sharpness
 
-__all__ = ["AttentionMaps", "FeatureKernels", "PreactivationHistograms", "Sharpness"]
+__all__ = [
+    "AfterNTK",
+    "AttentionMaps",
+    "EnsembleLogits",
+    "FeatureKernels",
+    "PreactivationHistograms",
+    "Sharpness",
+    "merge_runs",
+]

@@ -1,0 +1,145 @@
+"""EnsembleLogits: every ensemble member's logits on fixed test points over training, their aggregate and
+the bias/variance split over initialisations (Vyas et al. Fig. 3, 4, 7, 8; App. F, I).
+
+Members come from three places, one aggregate:
+
+1. separate runs (a seed sweep): each run saves its logits; :func:`merge_runs` aggregates the folders;
+2. DDP ranks as members (``MuPStrategy(independent_members=True)`` / ``EnsembleStrategy``): the logits
+   of all ranks are gathered (torchmetrics state, so every rank calls the same collective);
+3. vectorised members in one process (:class:`~lightning_mup.models.vmapped.EnsembleMLPRegressor` or any
+   module with ``forward_members(x) -> [E, P, C]``).
+
+Example::
+
+    trainer = Trainer(strategy=EnsembleStrategy(), devices=4,
+                      callbacks=[EnsembleLogits(every_n_steps=100, reference="runs/w1024/version_0")])
+
+Logs ``ensemble/{single_loss,ensemble_loss,variance,logit_variance,members,excluded}`` and, given
+``reference`` (the widest run) or ``next_width`` run folders with logits at the same step,
+``ensemble/rmse_reference`` (relative RMSE of the correct-class logit of single members to the reference's
+ensemble mean, Fig. 3d-f), ``ensemble/rmse_reference_ensemble`` (the same for this run's ensemble mean), and
+``ensemble/rmse_next_width`` (Fig. 4). Saves ``<log_dir>/ensemble_logits/step_<step>.npz`` (``logits``
+[E, P, C], ``targets``). A member whose logits are not finite is reported and left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from lightning_mup.callbacks._base import MeasurementCallback, concat_batches, load_step_arrays
+from lightning_mup.measure.ensemble import MemberLogits, correct_logits, ensemble_statistics, relative_rmse
+
+LogitsFn = Callable[[L.LightningModule, Any], torch.Tensor]
+
+
+def default_member_logits(module: L.LightningModule, x: Any) -> torch.Tensor:
+    """[E, P, C]: ``forward_members`` for vectorised ensembles, else the module's output as one member."""
+    if hasattr(module, "forward_members"):
+        out = module.forward_members(x)
+    else:
+        out = module(x)
+        out = out.logits if hasattr(out, "logits") else out
+        out = out[None]
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class EnsembleLogits(MeasurementCallback):
+    """Member logits on fixed test points, aggregated with the bias/variance split.
+
+    Args:
+        probe: fixed test points as batches ``(x, y)`` (default: the first ``num_batches`` training batches,
+            the same for every run of a sweep).
+        every_n_steps: record every n steps (and at step 0 and at the end of training).
+        logits_fn: ``logits_fn(module, x) -> [E, P, C]`` (default: :func:`default_member_logits`).
+        reference: the widest run's folder; ``next_width``: the next wider run's folder.
+    """
+
+    name = "ensemble_logits"
+
+    def __init__(
+        self,
+        probe: Sequence[Any] | None = None,
+        every_n_steps: int | None = 100,
+        num_batches: int = 1,
+        logits_fn: LogitsFn = default_member_logits,
+        reference: str | Path | None = None,
+        next_width: str | Path | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, num_batches, probe, None)
+        self.logits_fn = logits_fn
+        self.reference = Path(reference) if reference is not None else None
+        self.next_width = Path(next_width) if next_width is not None else None
+        self._members_on_ranks = False
+
+    @property
+    def gather_probe(self) -> bool:  # type: ignore[override]
+        # ranks holding one replicated model (plain DDP): rank 0 alone, on the whole probe; ranks that are
+        # independent members: every rank on the same probe, logits gathered
+        return not self._members_on_ranks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._members_on_ranks = bool(getattr(trainer.strategy, "independent_members", False))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._probe_ready and trainer.global_step not in self.steps:
+            self._safely_measure(trainer, pl_module)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        batch = concat_batches(self.probe)
+        x, y = batch[0], batch[1]
+        with torch.no_grad():
+            logits = self.logits_fn(pl_module, x).double()
+        if self._members_on_ranks:
+            gathered = MemberLogits().to(logits.device)
+            gathered.update(logits)
+            logits = gathered.compute()  # a collective: every rank is here
+            if trainer.global_rank != 0:
+                return {}
+        logits_np, targets = logits.cpu().numpy(), y.cpu().numpy()
+        step = trainer.global_step
+        scalars = {f"ensemble/{k}": v for k, v in ensemble_statistics(logits_np, targets).items()}
+        scalars.update(self._distances(logits_np, targets, step))
+        self.save_arrays(trainer, f"step_{step:08d}.npz", logits=logits_np, targets=targets)
+        return scalars
+
+    def _distances(self, logits: np.ndarray, targets: np.ndarray, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        mine = correct_logits(logits, targets)  # [E, P]
+        finite = np.isfinite(mine).all(axis=1)
+        mine = mine[finite]
+        for key, folder in (("reference", self.reference), ("next_width", self.next_width)):
+            other = load_step_arrays(folder, self.name, step) if folder is not None else None
+            if other is None or other["logits"].shape[1] != logits.shape[1] or not len(mine):
+                continue
+            theirs = correct_logits(other["logits"], other["targets"])
+            theirs = theirs[np.isfinite(theirs).all(axis=1)].mean(axis=0)
+            out[f"ensemble/rmse_{key}"] = float(np.mean([relative_rmse(m, theirs) for m in mine]))
+            out[f"ensemble/rmse_{key}_ensemble"] = relative_rmse(mine.mean(axis=0), theirs)
+        return out
+
+    def nan_keys(self) -> list[str]:
+        return ["ensemble/ensemble_loss"]
+
+
+def merge_runs(runs: Sequence[str | Path], step: int | None = None) -> dict[str, Any]:
+    """Aggregate members saved by separate runs (a seed sweep): their logits at ``step`` (default: the
+    last step every run has) are stacked and :func:`ensemble_statistics` applied."""
+    folders = [Path(r) / EnsembleLogits.name for r in runs]
+    if step is None:
+        common = set.intersection(*({f.name for f in folder.glob("step_*.npz")} for folder in folders))
+        if not common:
+            raise FileNotFoundError(f"no step with ensemble logits common to {list(runs)}")
+        name = max(common)
+    else:
+        name = f"step_{step:08d}.npz"
+    loaded = [np.load(folder / name) for folder in folders]
+    logits = np.concatenate([d["logits"] for d in loaded])
+    targets = loaded[0]["targets"]
+    return {"step": int(name[5:13]), "logits": logits, "targets": targets, **ensemble_statistics(logits, targets)}

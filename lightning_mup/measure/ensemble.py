@@ -1,0 +1,100 @@
+"""Ensembles over initialisations: the aggregate of member logits and the bias/variance split
+(Vyas et al. Section 3, App. F).
+
+Members see the same data in the same order and differ only in their initial seed. For the squared
+error the split is exact: single-model loss = ensemble loss + variance over members,
+E_e[(f_e - y)²] = (f̄ - y)² + E_e[(f_e - f̄)²]. For classification the ensemble averages logits (as the
+paper does) and the "variance" is the gap single − ensemble cross-entropy. Members with non-finite
+logits are excluded from every statistic and counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+
+def is_classification(targets: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(targets).dtype, np.integer)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def member_losses(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-member loss [E]: cross-entropy for integer targets, mean squared error otherwise."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if is_classification(targets):
+        y = np.asarray(targets).reshape(-1)
+        return -_log_softmax(logits)[:, np.arange(len(y)), y].mean(axis=1)
+    y = np.asarray(targets, dtype=np.float64).reshape(logits.shape[1:])
+    return ((logits - y) ** 2).reshape(len(logits), -1).mean(axis=1)
+
+
+def correct_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """[E, P]: the value each member puts on the correct class (regression: its single output)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if is_classification(targets):
+        y = np.asarray(targets).reshape(-1)
+        return logits[:, np.arange(len(y)), y]
+    return logits.reshape(len(logits), logits.shape[1], -1)[:, :, 0]
+
+
+def finite_members(logits: np.ndarray) -> np.ndarray:
+    """Mask of members whose logits are all finite (a diverged member is reported, then excluded)."""
+    return np.isfinite(np.asarray(logits)).reshape(len(logits), -1).all(axis=1)
+
+
+def ensemble_statistics(logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """The aggregate over members of ``logits`` [E, P, C] on fixed points with ``targets``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    keep = finite_members(logits)
+    if not keep.all():
+        warnings.warn(
+            f"{int((~keep).sum())} of {len(keep)} ensemble members have non-finite logits (diverged); "
+            "they are excluded from the ensemble statistics",
+            stacklevel=2,
+        )
+    logits = logits[keep]
+    if len(logits) == 0:
+        return {"members": 0.0, "excluded": float(len(keep))}
+    mean = logits.mean(axis=0, keepdims=True)
+    single = float(member_losses(logits, targets).mean())
+    ensemble = float(member_losses(mean, targets)[0])
+    return {
+        "members": float(len(logits)),
+        "excluded": float((~keep).sum()),
+        "single_loss": single,
+        "ensemble_loss": ensemble,  # the "bias" part: what ensembling cannot remove
+        "variance": single - ensemble,  # removed by ensembling (exact Var_e for squared error)
+        "logit_variance": float(logits.var(axis=0).mean()),
+    }
+
+
+def relative_rmse(values: np.ndarray, reference: np.ndarray) -> float:
+    """sqrt(mean (v - r)²) / sqrt(mean r²) — Vyas et al. Fig. 3d-f, 4."""
+    values, reference = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(np.sqrt(((values - reference) ** 2).mean()) / max(np.sqrt((reference**2).mean()), 1e-300))
+
+
+class MemberLogits(Metric):
+    """Member logits [E_local, P, C] from every rank, concatenated on ``compute()`` (torchmetrics does the
+    DDP gather): the state of an ensemble whose members live on different processes."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor) -> None:
+        self.logits.append(logits.detach().double())
+
+    def compute(self) -> torch.Tensor:
+        value = self.logits
+        return torch.cat(value) if isinstance(value, list) else value

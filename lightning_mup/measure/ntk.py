@@ -1,0 +1,345 @@
+"""The empirical NTK K(x, x') = ∇θ f(x) · ∇θ f(x') on probe points, its spectrum, the task's power C(k)
+and the kernel-flow prediction of the loss curve (Vyas et al. 2023, Section 4, Fig. 9).
+
+Two ways to the kernel, chosen per parameter (``method="auto"``):
+
+* ``"layerwise"`` for weights and biases of Linear / Conv / HF Conv1D layers: the per-sample gradient of
+  a weight is an outer product of the layer's output gradient and its input, so K is assembled from
+  input activations and output gradients — (G Gᵀ) ⊙ (A Aᵀ) when there is one position per sample,
+  per-sample gradient Grams in bounded chunks when there are tokens or conv positions;
+* ``"jacobian"`` (torch.func ``jacrev`` + contraction) for every other parameter (norms, embeddings,
+  positional and class tokens, attention internals), in chunks of probe points.
+
+Peak memory for the per-sample gradient blocks is bounded by ``memory_budget`` bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_mup._names import select
+from lightning_mup.parametrize.adapters import type_names
+from lightning_mup.parametrize.roles import parameter_uses
+
+OutputFn = Callable[[Any], torch.Tensor]
+MODES = ("full", "blocks", "trace")
+METHODS = ("auto", "layerwise", "jacobian")
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def default_output(out: Any) -> torch.Tensor:
+    """Model output → [P, C]: logits of HF outputs; [P] becomes [P, 1]; sequences must be reduced by the
+    caller's ``output_fn`` (e.g. the last token's logits)."""
+    if hasattr(out, "logits"):
+        out = out.logits
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.dim() == 1:
+        out = out[:, None]
+    if out.dim() != 2:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)}; pass output_fn= reducing it to [points, outputs] "
+            "(e.g. lambda out: out.logits[:, -1])"
+        )
+    return out
+
+
+def _kind(module: nn.Module) -> str | None:
+    names = type_names(module)
+    if isinstance(module, nn.Linear) or "transformers.pytorch_utils.Conv1D" in names:
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+        return "conv2d"
+    return None
+
+
+def empirical_ntk(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    output_fn: OutputFn = default_output,
+    params: Sequence[str] | None = None,
+    mode: str = "trace",
+    method: str = "auto",
+    memory_budget: int = 2**28,
+    param_weights: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """The empirical NTK of ``model`` on ``inputs`` (a batch of P points; the model is used as it is —
+    put it in eval mode first for a deterministic function).
+
+    Args:
+        output_fn: model output → [P, C].
+        params: glob patterns of parameter names (default: all trainable), e.g. the last layers only.
+        mode: ``"full"`` [P·C, P·C] (rows ordered point-major), ``"blocks"`` [C, P, P] (K_cc),
+            ``"trace"`` [P, P] (Σ_c K_cc).
+        method: ``"auto"`` (layer structure where possible), ``"layerwise"`` (the same; errors if a chosen
+            parameter is not in a supported layer), or ``"jacobian"`` (torch.func for everything).
+        memory_budget: bytes allowed for per-sample gradient blocks.
+        param_weights: per-parameter weights s_θ, giving Σ_θ s_θ ∇f ∇fᵀ — with the optimizer's per-parameter
+            learning-rate scales, the kernel that drives training (μP gives groups different rates).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {METHODS}")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    chosen = set(select(params, named) if params is not None else named)
+    if not chosen:
+        raise ValueError(f"params={list(params or [])} match no trainable parameter")
+
+    layers: dict[str, nn.Module] = {}
+    if method != "jacobian":
+        shared = {pid for pid, uses in parameter_uses(model).items() if len(uses) > 1}  # tied: every use counts
+        for name, module in model.named_modules():
+            if _kind(module) is None or any(id(p) in shared for p in module._parameters.values() if p is not None):
+                continue
+            owned = {f"{name}.{a}" if name else a for a, p in module._parameters.items() if p is not None}
+            if owned & chosen:
+                layers[name] = module
+    structured = {f"{n}.{a}" for n, m in layers.items() for a, p in m._parameters.items() if p is not None} & chosen
+    rest = sorted(chosen - structured)
+    if method == "layerwise" and rest:
+        raise ValueError(f"method='layerwise' cannot handle {rest[:5]} (not in Linear/Conv layers); use 'auto'")
+
+    with _math_attention():
+        kernel = None
+        weights = param_weights or {}
+        diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
+        if layers:
+            kernel = _layerwise(model, inputs, output_fn, layers, chosen, memory_budget, weights, diagonal)
+        if rest:
+            names = [n for n in named if n in rest]
+            part = _jacobian(model, inputs, output_fn, names, memory_budget, weights, diagonal)
+            kernel = part if kernel is None else kernel + part
+    assert kernel is not None
+    if diagonal:
+        return kernel if mode == "blocks" else kernel.sum(0)
+    return kernel
+
+
+def _reduce(full: torch.Tensor, mode: str, classes: int) -> torch.Tensor:
+    """[P·C, P·C] (point-major rows) → the requested layout."""
+    if mode == "full":
+        return full
+    points = full.shape[0] // classes
+    blocks = full.reshape(points, classes, points, classes).diagonal(dim1=1, dim2=3)  # [P, P, C]
+    blocks = blocks.permute(2, 0, 1)
+    return blocks if mode == "blocks" else blocks.sum(0)
+
+
+def _layerwise(model, inputs, output_fn, layers, chosen, budget, weights, diagonal) -> torch.Tensor:
+    """Σ over Linear/Conv weights and biases of the gradient Grams, from layer inputs and output gradients.
+    Returns [C, P, P] same-output blocks when ``diagonal``, else the full [P·C, P·C] (point-major)."""
+    acts: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in layers.items():
+        # inputs after any μP input multiplier (it scales what W multiplies); outputs before any output
+        # multiplier (prepended), so gradients are w.r.t. W·a + b itself
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: acts.__setitem__(n, a[0].detach())))
+        handles.append(module.register_forward_hook(lambda m, a, out, n=name: outs.__setitem__(n, out), prepend=True))
+    try:
+        with torch.enable_grad():
+            f = output_fn(model(inputs))
+            points, classes = f.shape
+            grads: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+            targets = [outs[n] for n in layers]
+            for c in range(classes):
+                gs = torch.autograd.grad(f[:, c].sum(), targets, retain_graph=c < classes - 1, allow_unused=True)
+                for n, g in zip(layers, gs):
+                    grads[n].append(torch.zeros_like(outs[n]) if g is None else g.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    shape = (classes, points, points) if diagonal else (points * classes, points * classes)
+    kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
+    for name, module in layers.items():
+        a, g = _positions(module, acts[name], torch.stack(grads[name], dim=1))  # a [P,T,in], g [P,C,T,out]
+        prefix = f"{name}." if name else ""
+        weight, bias = weights.get(prefix + "weight", 1.0), weights.get(prefix + "bias", 1.0)
+        has_bias = prefix + "bias" in chosen and getattr(module, "bias", None) is not None
+        for rows_g, rows_a, out in _row_sets(g, a, kernel, diagonal):
+            if prefix + "weight" in chosen:
+                out += weight * _outer_gram(rows_g, rows_a, budget).double()
+            if has_bias:
+                b = rows_g.sum(dim=1)
+                out += bias * (b @ b.T).double()
+    return kernel
+
+
+def _row_sets(g: torch.Tensor, a: torch.Tensor, kernel: torch.Tensor, diagonal: bool):
+    """(gradient rows, input rows, kernel view) triples: one per output when ``diagonal``, else one for
+    all (point, output) rows in point-major order."""
+    points, classes = g.shape[:2]
+    if diagonal:
+        for c in range(classes):
+            yield g[:, c], a, kernel[c]
+    else:
+        yield g.reshape(points * classes, *g.shape[2:]), a.repeat_interleave(classes, dim=0), kernel
+
+
+def _positions(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer input [P, T, in] and output gradient [P, C, T, out] with every position as a row T."""
+    points, classes = g.shape[:2]
+    if _kind(module) == "conv2d":
+        cols = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # [P, in·k·k, L]
+        a = cols.transpose(1, 2)
+        g = g.flatten(3).transpose(2, 3)  # [P, C, L, out]
+        return a, g
+    return a.reshape(points, -1, a.shape[-1]), g.reshape(points, classes, -1, g.shape[-1])
+
+
+def _outer_gram(g: torch.Tensor, a: torch.Tensor, budget: int) -> torch.Tensor:
+    """Σ_{t,s} (g_{r t}·g_{r' s})(a_{r t}·a_{r' s}) over rows r, r' — the Gram of per-row gradients gᵀa."""
+    rows, positions = g.shape[:2]
+    if positions == 1:
+        return (g[:, 0] @ g[:, 0].T) * (a[:, 0] @ a[:, 0].T)
+    width = g.shape[2] * a.shape[2]
+    chunk = max(1, budget // (2 * g.element_size() * width))  # two chunks of per-row gradients at a time
+
+    def jac(lo: int, hi: int) -> torch.Tensor:
+        return torch.einsum("rto,rti->roi", g[lo:hi], a[lo:hi]).reshape(hi - lo, width)
+
+    out = torch.empty(rows, rows, dtype=g.dtype, device=g.device)
+    bounds = [(lo, min(rows, lo + chunk)) for lo in range(0, rows, chunk)]
+    for i, (lo, hi) in enumerate(bounds):
+        ji = jac(lo, hi)
+        for lo2, hi2 in bounds[i:]:
+            jj = ji if lo2 == lo else jac(lo2, hi2)
+            block = ji @ jj.T
+            out[lo:hi, lo2:hi2] = block
+            out[lo2:hi2, lo:hi] = block.T
+    return out
+
+
+def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, diagonal) -> torch.Tensor:
+    """K over ``names`` by torch.func: per-chunk Jacobians [B, C, D] and their Grams (same-output
+    blocks [C, P, P] when ``diagonal``, else [P·C, P·C] point-major)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    size = sum(p.numel() for p in params.values())
+
+    def f(p, x):
+        return output_fn(torch.func.functional_call(model, p, (x,), strict=False))
+
+    def one(p, x):  # a single point: its Jacobian costs C backward passes through that point alone
+        return f(p, _unsqueeze(x))[0]
+
+    points = _length(inputs)
+    with torch.no_grad():
+        classes = f(params, _take(inputs, 0, 1)).shape[1]
+    chunk = max(1, budget // (2 * 4 * size * classes))
+    per_point = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))
+
+    def jac(lo: int, hi: int) -> torch.Tensor:
+        j = per_point(params, _take(inputs, lo, hi))  # name -> [B, C, *shape]
+        scaled = [j[n].reshape(hi - lo, classes, -1) * weights.get(n, 1.0) ** 0.5 for n in names if n in j]
+        return torch.cat(scaled, dim=2)  # [B, C, D]
+
+    if diagonal:
+        kernel = torch.empty(classes, points, points, dtype=torch.float64)
+    else:
+        kernel = torch.empty(points * classes, points * classes, dtype=torch.float64)
+    bounds = [(lo, min(points, lo + chunk)) for lo in range(0, points, chunk)]
+    cache = {b: jac(*b) for b in bounds} if len(bounds) <= 2 else None
+    for i, (lo, hi) in enumerate(bounds):
+        ji = cache[(lo, hi)] if cache else jac(lo, hi)
+        for lo2, hi2 in bounds[i:]:
+            jj = ji if lo2 == lo else (cache[(lo2, hi2)] if cache else jac(lo2, hi2))
+            if diagonal:
+                block = torch.einsum("pcd,qcd->cpq", ji, jj).double().cpu()
+                kernel[:, lo:hi, lo2:hi2] = block
+                kernel[:, lo2:hi2, lo:hi] = block.transpose(1, 2)
+            else:
+                block = (ji.reshape(-1, ji.shape[2]) @ jj.reshape(-1, jj.shape[2]).T).double().cpu()
+                kernel[lo * classes : hi * classes, lo2 * classes : hi2 * classes] = block
+                kernel[lo2 * classes : hi2 * classes, lo * classes : hi * classes] = block.T
+    return kernel.to(next(model.parameters()).device)
+
+
+def _length(inputs: Any) -> int:
+    return len(inputs) if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
+
+
+def _unsqueeze(x: Any) -> Any:
+    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else {k: v.unsqueeze(0) for k, v in x.items()}
+
+
+def _take(inputs: Any, lo: int, hi: int) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[lo:hi]
+    return {k: v[lo:hi] for k, v in inputs.items()}
+
+
+def naive_ntk(
+    model: nn.Module, inputs: torch.Tensor, output_fn: OutputFn = default_output, mode: str = "trace"
+) -> torch.Tensor:
+    """The reference: one autograd call per (point, output), per-sample gradients stacked, J Jᵀ."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    with _math_attention():
+        for i in range(len(inputs)):
+            f = output_fn(model(inputs[i : i + 1]))[0]
+            for c in range(f.shape[0]):
+                g = torch.autograd.grad(f[c], params, retain_graph=c < f.shape[0] - 1, allow_unused=True)
+                rows.append(
+                    torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
+                )
+    j = torch.stack(rows)
+    return _reduce((j @ j.T).double(), mode, f.shape[0])
+
+
+# ------------------------------------------------------------------------------------------- spectrum
+def spectrum(kernel: torch.Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors [P, k] of a symmetric kernel matrix."""
+    values, vectors = torch.linalg.eigh(kernel.double().cpu())
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order], vectors[:, order]
+    return values.numpy(), vectors[:, : k or len(values)].numpy()
+
+
+def task_power(vectors: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """C(k) = Σ_{l<k} ⟨y, ψ_l⟩² / ⟨y, y⟩, k = 1…P (outputs summed for multi-output targets)."""
+    y = np.asarray(targets, dtype=np.float64).reshape(len(vectors), -1)
+    power = ((vectors.T @ y) ** 2).sum(axis=1)
+    return np.cumsum(power) / max((y**2).sum(), 1e-300)
+
+
+def kernel_flow_loss(
+    eigenvalues: np.ndarray,
+    vectors: np.ndarray,
+    residual: np.ndarray,
+    steps: np.ndarray,
+    lr: float,
+    half_mse: bool = False,
+) -> np.ndarray:
+    """Loss of gradient flow under a fixed kernel, L(t) = Σ_k ⟨r₀, ψ_k⟩² e^{-2 a λ_k η t} on the P probe
+    points (the population measure's empirical stand-in): λ_k = eig(K)/P, ⟨r₀,ψ_k⟩² = (v_kᵀ r₀)²/P, η the
+    learning rate, t in steps; a = 2 for the mean-squared error (1 for half of it), whose flow is
+    dr/dt = -a·η·K r/P. r₀ = y − f₀, the initial residual."""
+    points = len(vectors)
+    r = np.asarray(residual, dtype=np.float64).reshape(points, -1)
+    coefficients = ((vectors.T @ r) ** 2).sum(axis=1) / points
+    rates = (1.0 if half_mse else 2.0) * 2 * np.clip(eigenvalues[: vectors.shape[1]], 0, None) / points * lr
+    loss = np.exp(-np.outer(np.asarray(steps, dtype=np.float64), rates)) @ coefficients
+    unexplained = max(0.0, (r**2).sum() / points - coefficients.sum())  # directions beyond the kept vectors
+    return loss + unexplained
+
+
+def effective_rank(eigenvalues: np.ndarray) -> float:
+    """Participation ratio (Σλ)² / Σλ² of the non-negative spectrum."""
+    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None)
+    return float(lam.sum() ** 2 / max((lam**2).sum(), 1e-300))

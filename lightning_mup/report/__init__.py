@@ -1,0 +1,1 @@
+"""Reading run folders across widths and seeds: averages, fits and figures."""

@@ -1,0 +1,92 @@
+"""Ensemble-averaged after-kernels across widths: the data behind Vyas et al. Fig. 9b-c.
+
+    from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
+    result = compare_widths({64: ["runs/w64/s0", "runs/w64/s1"], 256: [...]})
+    plot_after_kernels(result, "fig9.png")
+
+Each run folder holds ``after_ntk/step_<step>.npz`` from the :class:`~lightning_mup.callbacks.AfterNTK`
+callback; runs of one width (different seeds, same data and probe) are averaged as kernels, then the
+average's spectrum, task power C(k) and kernel-flow loss are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_mup.measure.ntk import kernel_flow_loss, spectrum, task_power
+
+
+@dataclass
+class AveragedKernel:
+    runs: int
+    kernel: np.ndarray
+    eigenvalues: np.ndarray  # of K/P, descending
+    task_power: np.ndarray  # C(k), k = 1..P
+    flow_steps: np.ndarray
+    flow_loss: np.ndarray
+
+
+def _last_arrays(run: str | Path, step: int | None) -> dict[str, np.ndarray]:
+    folder = Path(run) / "after_ntk"
+    files = sorted(folder.glob("step_*.npz"))
+    if step is not None:
+        files = [f for f in files if f.name == f"step_{step:08d}.npz"]
+    if not files:
+        raise FileNotFoundError(f"no after_ntk arrays{'' if step is None else f' at step {step}'} in {run}")
+    with np.load(files[-1]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def ensemble_after_kernel(runs: Sequence[str | Path], step: int | None = None) -> AveragedKernel:
+    """Average the runs' after-kernels (same probe points), then spectrum, C(k) and kernel flow."""
+    arrays = [_last_arrays(r, step) for r in runs]
+    shapes = {a["kernel"].shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"the runs' kernels differ in shape {shapes}: they were measured on different probes")
+    kernel = np.mean([a["kernel"] for a in arrays], axis=0)
+    square = kernel.sum(0) if kernel.ndim == 3 else kernel
+    points = square.shape[0]
+    values, vectors = spectrum(torch.as_tensor(square))
+    first = arrays[0]
+    targets = first["targets"].reshape(points, -1)
+    residual = (first["targets"] - np.mean([a["initial_outputs"] for a in arrays], axis=0)).reshape(points, -1)
+    flow = kernel_flow_loss(values, vectors, residual, first["flow_steps"], float(first["lr"]))
+    return AveragedKernel(len(runs), kernel, values / points, task_power(vectors, targets), first["flow_steps"], flow)
+
+
+def compare_widths(
+    runs_by_width: Mapping[int, Sequence[str | Path]], step: int | None = None
+) -> dict[int, AveragedKernel]:
+    return {width: ensemble_after_kernel(runs, step) for width, runs in sorted(runs_by_width.items())}
+
+
+def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, top: int = 60) -> Path:
+    """Spectra (b), task power C(k) (c) and kernel-flow loss curves, one line per width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(results)))
+    for color, (width, r) in zip(colors, results.items()):
+        k = np.arange(1, min(top, len(r.eigenvalues)) + 1)
+        axes[0].loglog(k, np.clip(r.eigenvalues[: len(k)], 1e-12, None), color=color, label=f"N={width}")
+        axes[1].semilogx(np.arange(1, len(r.task_power) + 1), r.task_power, color=color, label=f"N={width}")
+        axes[2].plot(r.flow_steps, r.flow_loss, color=color, label=f"N={width}")
+    axes[0].set(xlabel="k", ylabel="eigenvalue λ_k of ⟨K⟩/P", title="ensemble-averaged after-NTK spectrum")
+    axes[1].set(xlabel="k", ylabel="C(k)", title="cumulative task power")
+    axes[2].set(xlabel="step", ylabel="loss", title="kernel-flow loss of ⟨K⟩", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
