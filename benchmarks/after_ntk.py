@@ -2,7 +2,7 @@
 
     python benchmarks/after_ntk.py [--points 256] [--budget-mb 256]
 
-For a width-256 MLP, a small CNN and a small ViT (10 outputs, trace over outputs) prints the wall time
+For a width-512 MLP, a small CNN and a small ViT (10 outputs, trace over outputs) prints the wall time
 of ``empirical_ntk`` (layerwise Grams + torch.func for the rest, ``method="auto"``), of the all-torch.func
 Jacobian contraction, and of the naive loop (one autograd call per point and output, then J Jᵀ), the
 speed-ups, the agreement of the kernels, and each method's peak memory above its start (each runs in a
@@ -83,7 +83,7 @@ def _run(name: str, method: str, points: int, budget: int, out: str) -> None:
     kernel = run(model, x)
     seconds = time.perf_counter() - start
     peak_mb = (_rss_kb("VmHWM") - start_kb) / 1024
-    np.savez(out, seconds=seconds, peak_mb=peak_mb, kernel=kernel.numpy())
+    np.savez(out, seconds=seconds, peak_mb=peak_mb, kernel=kernel.detach().numpy())
 
 
 def measure(name: str, method: str, points: int, budget: int):

@@ -29,6 +29,7 @@ from lightning_mup.parametrize.adapters import type_names
 from lightning_mup.parametrize.roles import parameter_uses
 
 OutputFn = Callable[[Any], torch.Tensor]
+_MAX_JACOBIAN_POINTS = 32
 MODES = ("full", "blocks", "trace")
 METHODS = ("auto", "layerwise", "jacobian")
 
@@ -156,29 +157,58 @@ def _layerwise(model, inputs, output_fn, layers, chosen, budget, weights, diagon
         with torch.enable_grad():
             f = output_fn(model(inputs))
             points, classes = f.shape
-            grads: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+            shape = (classes, points, points) if diagonal else (points * classes, points * classes)
+            kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
             targets = [outs[n] for n in layers]
+            kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
             for c in range(classes):
                 gs = torch.autograd.grad(f[:, c].sum(), targets, retain_graph=c < classes - 1, allow_unused=True)
-                for n, g in zip(layers, gs):
-                    grads[n].append(torch.zeros_like(outs[n]) if g is None else g.detach())
+                gs = [torch.zeros_like(outs[n]) if g is None else g.detach() for n, g in zip(layers, gs)]
+                if diagonal:  # same-output pairs only: use this output's gradients now, keep nothing
+                    _accumulate(
+                        layers,
+                        acts,
+                        dict(zip(layers, [g.unsqueeze(1) for g in gs])),
+                        chosen,
+                        weights,
+                        budget,
+                        kernel[c : c + 1],
+                        True,
+                    )
+                else:
+                    for n, g in zip(layers, gs):
+                        kept[n].append(g)
+            if not diagonal:
+                _accumulate(
+                    layers,
+                    acts,
+                    {n: torch.stack(v, dim=1) for n, v in kept.items()},
+                    chosen,
+                    weights,
+                    budget,
+                    kernel,
+                    False,
+                )
     finally:
         for h in handles:
             h.remove()
-    shape = (classes, points, points) if diagonal else (points * classes, points * classes)
-    kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
+    return kernel
+
+
+def _accumulate(layers, acts, grads, chosen, weights, budget, kernel, diagonal) -> None:
+    """Add each layer's weight and bias Grams, from inputs and output gradients [P, C', ...], to ``kernel``."""
     for name, module in layers.items():
-        a, g = _positions(module, acts[name], torch.stack(grads[name], dim=1))  # a [P,T,in], g [P,C,T,out]
+        a, g = _positions(module, acts[name], grads[name])  # a [P,T,in], g [P,C',T,out]
         prefix = f"{name}." if name else ""
         weight, bias = weights.get(prefix + "weight", 1.0), weights.get(prefix + "bias", 1.0)
         has_bias = prefix + "bias" in chosen and getattr(module, "bias", None) is not None
         for rows_g, rows_a, out in _row_sets(g, a, kernel, diagonal):
-            if prefix + "weight" in chosen:
-                out += weight * _outer_gram(rows_g, rows_a, budget).double()
-            if has_bias:
-                b = rows_g.sum(dim=1)
-                out += bias * (b @ b.T).double()
-    return kernel
+            with torch.no_grad():
+                if prefix + "weight" in chosen:
+                    out += weight * _outer_gram(rows_g, rows_a, budget).double()
+                if has_bias:
+                    b = rows_g.sum(dim=1)
+                    out += bias * (b @ b.T).double()
 
 
 def _row_sets(g: torch.Tensor, a: torch.Tensor, kernel: torch.Tensor, diagonal: bool):
@@ -241,11 +271,15 @@ def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, 
     points = _length(inputs)
     with torch.no_grad():
         classes = f(params, _take(inputs, 0, 1)).shape[1]
-    chunk = max(1, budget // (2 * 4 * size * classes))
+    # a chunk's Jacobians and the activations vmap keeps for it both scale with its points: cap both
+    chunk = max(1, min(_MAX_JACOBIAN_POINTS, budget // (2 * 4 * size * classes)))
     per_point = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))
 
     def jac(lo: int, hi: int) -> torch.Tensor:
-        j = per_point(params, _take(inputs, lo, hi))  # name -> [B, C, *shape]
+        # torch.func differentiates w.r.t. ``params`` inside; outside, no graph may reach the model's other
+        # (trainable) parameters, or every block kept in the kernel would hold one alive
+        with torch.no_grad():
+            j = per_point(params, _take(inputs, lo, hi))  # name -> [B, C, *shape]
         scaled = [j[n].reshape(hi - lo, classes, -1) * weights.get(n, 1.0) ** 0.5 for n in names if n in j]
         return torch.cat(scaled, dim=2)  # [B, C, D]
 
@@ -254,7 +288,7 @@ def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, 
     else:
         kernel = torch.empty(points * classes, points * classes, dtype=torch.float64)
     bounds = [(lo, min(points, lo + chunk)) for lo in range(0, points, chunk)]
-    cache = {b: jac(*b) for b in bounds} if len(bounds) <= 2 else None
+    cache = {b: jac(*b) for b in bounds} if 4 * points * classes * size <= budget // 2 else None
     for i, (lo, hi) in enumerate(bounds):
         ji = cache[(lo, hi)] if cache else jac(lo, hi)
         for lo2, hi2 in bounds[i:]:
@@ -299,7 +333,7 @@ def naive_ntk(
                     torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for x, p in zip(g, params)])
                 )
     j = torch.stack(rows)
-    return _reduce((j @ j.T).double(), mode, f.shape[0])
+    return _reduce((j @ j.T).detach().double(), mode, f.shape[0])
 
 
 # ------------------------------------------------------------------------------------------- spectrum

@@ -1,0 +1,126 @@
+"""AfterNTK: the after-kernel saved by any run, averaged over seeds, compared across widths (Fig. 9)."""
+
+import functools
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_mup import MuPStrategy
+from lightning_mup.callbacks import AfterNTK, EnsembleLogits, merge_runs
+from lightning_mup.data.gegenbauer import GegenbauerDataModule
+from lightning_mup.measure.ntk import empirical_ntk
+from lightning_mup.models.regression import MLPRegressor
+from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
+
+
+def _trainer(root, max_steps, callbacks=(), **kw):
+    return L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=kw.pop("devices", 1),
+        max_steps=max_steps,
+        logger=CSVLogger(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def _arrays(root):
+    path = sorted(root.glob("**/after_ntk/step_*.npz"))[-1]
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_after_kernel_is_the_lr_weighted_ntk_of_the_trained_model(tmp_path):
+    module = MLPRegressor(width=64, optimizer=functools.partial(torch.optim.SGD, lr=0.05))
+    callback = AfterNTK(num_batches=2)
+    trainer = _trainer(tmp_path, 5, [callback], strategy=MuPStrategy(base={"width": 16}))
+    trainer.fit(module, GegenbauerDataModule(batch_size=16, batches_per_epoch=5))
+    saved = _arrays(tmp_path)
+    x = torch.cat([b[0] for b in callback.probe])
+    weights = {
+        n: g["mup"]["lr"]
+        for g in trainer.optimizers[0].param_groups
+        for n, p in module.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    module.eval()
+    expected = empirical_ntk(module, x, param_weights=weights)
+    np.testing.assert_allclose(saved["kernel"], expected.numpy(), rtol=1e-6)
+    assert weights["model.features.0.weight"] == 4.0  # μP's input lr scale enters the kernel
+    assert saved["kernel"].shape == (32, 32) and saved["eigenvectors"].shape == (32, 32)
+    assert saved["task_power"][-1] == pytest.approx(1.0)
+    assert saved["flow_loss"][0] == pytest.approx(float(((saved["targets"] - saved["initial_outputs"]) ** 2).mean()))
+    metrics = next(tmp_path.glob("**/metrics.csv")).read_text()
+    assert "after_ntk/top_eigenvalue" in metrics and "after_ntk/task_power_10" in metrics
+
+
+def test_ddp_computes_once_on_the_global_probe(tmp_path):
+    for devices in (2, 1):
+        _trainer(
+            tmp_path / str(devices),
+            3,
+            [AfterNTK()],
+            devices=devices,
+            strategy=MuPStrategy(base={"width": 16}, start_method="fork"),
+        ).fit(
+            MLPRegressor(width=32, optimizer=functools.partial(torch.optim.SGD, lr=0.05)),
+            GegenbauerDataModule(batch_size=16, batches_per_epoch=3),
+        )
+    assert len(list((tmp_path / "2").glob("**/after_ntk/*.npz"))) == 1
+    np.testing.assert_allclose(_arrays(tmp_path / "2")["kernel"], _arrays(tmp_path / "1")["kernel"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fig9_lazy_mlp_spectra_agree_task_power_does_not(tmp_path):
+    """Vyas et al. Fig. 9a-c: depth-3 MLP, lazy (γ0 = 1e-3), Q2 Gegenbauer target in D = 5, online."""
+    widths, seeds, steps, lr = [32, 128, 512], range(4), 1000, 0.3
+    probe = [GegenbauerDataModule().task.sample(256, torch.Generator().manual_seed(123))]
+    runs: dict[int, list] = {}
+    for width in widths:
+        for seed in seeds:
+            root = tmp_path / f"w{width}" / f"s{seed}"
+            strategy = MuPStrategy(
+                base={"width": 64},
+                delta={"width": 128} if width == 64 else None,
+                parametrization="mf",
+                gamma0=1e-3,
+                readout_zero_init=True,
+                independent_members=True,
+                member_seed=seed,
+            )
+            _trainer(
+                root, steps, [AfterNTK(probe=probe), EnsembleLogits(probe=probe, every_n_steps=100)], strategy=strategy
+            ).fit(
+                MLPRegressor(width=width, optimizer=functools.partial(torch.optim.SGD, lr=lr)),
+                GegenbauerDataModule(batch_size=32, batches_per_epoch=100),
+            )
+            runs.setdefault(width, []).append(next(root.glob("**/version_0")))
+    result = compare_widths(runs)
+    plot_after_kernels(result, tmp_path / "fig9.png")
+
+    # (b) the ensemble-averaged spectra are close across widths
+    top = np.stack([result[w].eigenvalues[:10] for w in widths])
+    assert top.max(axis=0).max() / top.min(axis=0).min() > 1  # non-trivial
+    assert np.all(top.max(axis=0) / top.min(axis=0) < 1.6), top
+    # (c) but the task's power sits in faster modes for wider networks
+    for k in (20, 30):
+        power = [result[w].task_power[k - 1] for w in widths]
+        assert power == sorted(power), (k, power)
+    # (a) the kernel flow of the averaged kernel tracks the ensembled networks' loss curve
+    for width in widths[1:]:
+        flow = result[width]
+        steps_logged = range(0, steps + 1, 100)
+        ensembled = [merge_runs(runs[width], step=s)["ensemble_loss"] for s in steps_logged]
+        predicted = np.interp(list(steps_logged), flow.flow_steps, flow.flow_loss)
+        assert np.max(np.abs(predicted - ensembled) / np.asarray(ensembled)) < 0.2, (width, predicted, ensembled)
+    ensembled_final = [merge_runs(runs[w], step=steps)["ensemble_loss"] for w in widths]
+    assert ensembled_final == sorted(ensembled_final, reverse=True)  # wider is better, even ensembled
