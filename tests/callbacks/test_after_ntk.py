@@ -65,6 +65,7 @@ def test_after_kernel_is_the_lr_weighted_ntk_of_the_trained_model(tmp_path):
 
 def test_ddp_computes_once_on_the_global_probe(tmp_path):
     for devices in (2, 1):
+        torch.manual_seed(0)
         _trainer(
             tmp_path / str(devices),
             3,
@@ -82,7 +83,7 @@ def test_ddp_computes_once_on_the_global_probe(tmp_path):
 @pytest.mark.slow
 def test_fig9_lazy_mlp_spectra_agree_task_power_does_not(tmp_path):
     """Vyas et al. Fig. 9a-c: depth-3 MLP, lazy (γ0 = 1e-3), Q2 Gegenbauer target in D = 5, online."""
-    widths, seeds, steps, lr = [32, 128, 512], range(4), 1000, 0.3
+    widths, seeds, steps, lr = [64, 256, 1024], range(4), 1000, 0.3
     probe = [GegenbauerDataModule().task.sample(256, torch.Generator().manual_seed(123))]
     runs: dict[int, list] = {}
     for width in widths:
@@ -101,26 +102,27 @@ def test_fig9_lazy_mlp_spectra_agree_task_power_does_not(tmp_path):
                 root, steps, [AfterNTK(probe=probe), EnsembleLogits(probe=probe, every_n_steps=100)], strategy=strategy
             ).fit(
                 MLPRegressor(width=width, optimizer=functools.partial(torch.optim.SGD, lr=lr)),
-                GegenbauerDataModule(batch_size=32, batches_per_epoch=100),
+                GegenbauerDataModule(batch_size=128, batches_per_epoch=100),
             )
             runs.setdefault(width, []).append(next(root.glob("**/version_0")))
     result = compare_widths(runs)
     plot_after_kernels(result, tmp_path / "fig9.png")
 
-    # (b) the ensemble-averaged spectra are close across widths
-    top = np.stack([result[w].eigenvalues[:10] for w in widths])
-    assert top.max(axis=0).max() / top.min(axis=0).min() > 1  # non-trivial
-    assert np.all(top.max(axis=0) / top.min(axis=0) < 1.6), top
+    # (b) the ensemble-averaged spectra are close across widths: the top 20 eigenvalues (spanning 3+
+    # decades) agree within a factor 2 everywhere and 25% on (geometric) average
+    top = np.stack([result[w].eigenvalues[:20] for w in widths])
+    assert top[:, 0].max() / top[:, -1].min() > 1e3
+    spread = np.log(top.max(axis=0) / top.min(axis=0))
+    assert spread.max() < np.log(2) and spread.mean() < np.log(1.25), np.exp(spread)
     # (c) but the task's power sits in faster modes for wider networks
-    for k in (20, 30):
+    for k in (20, 30, 50):
         power = [result[w].task_power[k - 1] for w in widths]
         assert power == sorted(power), (k, power)
     # (a) the kernel flow of the averaged kernel tracks the ensembled networks' loss curve
-    for width in widths[1:]:
-        flow = result[width]
-        steps_logged = range(0, steps + 1, 100)
-        ensembled = [merge_runs(runs[width], step=s)["ensemble_loss"] for s in steps_logged]
-        predicted = np.interp(list(steps_logged), flow.flow_steps, flow.flow_loss)
-        assert np.max(np.abs(predicted - ensembled) / np.asarray(ensembled)) < 0.2, (width, predicted, ensembled)
-    ensembled_final = [merge_runs(runs[w], step=steps)["ensemble_loss"] for w in widths]
-    assert ensembled_final == sorted(ensembled_final, reverse=True)  # wider is better, even ensembled
+    logged = list(range(0, steps + 1, 100))
+    for width in widths:
+        ensembled = np.array([merge_runs(runs[width], step=s)["ensemble_loss"] for s in logged])
+        predicted = np.interp(logged, result[width].flow_steps, result[width].flow_loss)
+        assert np.max(np.abs(predicted - ensembled) / ensembled) < 0.1, (width, predicted, ensembled)
+    final = [merge_runs(runs[w], step=steps)["ensemble_loss"] for w in widths]
+    assert final == sorted(final, reverse=True), final  # wider is better, even ensembled
