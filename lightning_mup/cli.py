@@ -87,8 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TRAINER_COMMANDS:
         lightning_cli(argv)
         return
+    if argv and argv[0] == "sweep":
+        from lightning_mup.sweep import main as sweep_main
+
+        sweep_main(argv[1:])
+        return
+    if argv and argv[0] == "report":  # needs no Lightning
+        from lightning_mup.report.page import main as report_main
+
+        report_main(argv[1:])
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ", ".join([*TRAINER_COMMANDS, *COMMANDS])
+        names = ", ".join([*TRAINER_COMMANDS, "sweep", "report", *COMMANDS])
         print(f"usage: lightning-mup {{{names}}} [options]   (lightning-mup <command> --help for options)")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     from jsonargparse import CLI

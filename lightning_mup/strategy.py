@@ -38,8 +38,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_mup._hparams import rebuild_with_overrides
+from lightning_mup._rng import private_rng
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
-from lightning_mup.parametrize.core import _private_rng
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
@@ -234,7 +234,7 @@ class MuPStrategy(_MuP, DDPStrategy):
         seed = self.member_seed + self.global_rank
         if getattr(module, "_lightning_mup_member_seed", None) == seed:
             return
-        with _private_rng():
+        with private_rng():
             torch.manual_seed(seed)
             fresh = rebuild_with_overrides(module, {})()
         module.load_state_dict(fresh.state_dict())

@@ -60,8 +60,9 @@ class AfterNTK(MeasurementCallback):
         params: parameter-name globs (e.g. the last layers only).
         weights: ``"optimizer"`` (the μP lr scale of each parameter) or ``None`` (the plain NTK).
         inputs: batch → model input (default: ``batch[0]``).
-        output_fn: model output → [P, C].
-        targets: batch → targets for C(k) and the flow (default: y of (x, y); class labels one-hot).
+        output_fn: model output → [P, C] (default: logits, [P] → [P, 1]).
+        targets: batch → targets for C(k) and the flow (default: y of (x, y); class labels one-hot;
+            return None for no targets).
         memory_budget: bytes for per-sample gradient blocks.
         max_eigenvectors: eigenvectors kept in the saved arrays.
         flow_points: time points of the kernel-flow curve, from step 0 to the measured step.
@@ -81,9 +82,9 @@ class AfterNTK(MeasurementCallback):
         method: str = "auto",
         params: Sequence[str] | None = None,
         weights: str | None = "optimizer",
-        inputs: Inputs = default_inputs,
-        output_fn: OutputFn = default_output,
-        targets: Targets | None = default_targets,
+        inputs: Inputs | None = None,
+        output_fn: OutputFn | None = None,
+        targets: Targets | None = None,
         memory_budget: int = 2**28,
         max_eigenvectors: int = 64,
         flow_points: int = 101,
@@ -96,7 +97,9 @@ class AfterNTK(MeasurementCallback):
         if weights not in ("optimizer", None):
             raise ValueError(f"weights={weights!r}; use 'optimizer' or None")
         self.at, self.mode, self.method, self.params, self.weights = at, mode, method, params, weights
-        self.inputs, self.output_fn, self.targets = inputs, output_fn, targets
+        self.inputs = inputs or default_inputs
+        self.output_fn = output_fn or default_output
+        self.targets = targets or default_targets
         self.memory_budget, self.max_eigenvectors = memory_budget, max_eigenvectors
         self.flow_points, self.task_power_at = flow_points, tuple(task_power_at)
         self.initial_outputs: torch.Tensor | None = None
@@ -161,7 +164,7 @@ class AfterNTK(MeasurementCallback):
             "eigenvectors": vectors[:, : self.max_eigenvectors],
             "outputs": outputs.numpy(),
         }
-        y = self.targets(batch) if self.targets is not None else None
+        y = self.targets(batch)
         if y is not None:
             y = y.double().cpu().reshape(len(outputs), -1)
             y_rows = y.reshape(points, -1)  # "full": one row per (point, output)

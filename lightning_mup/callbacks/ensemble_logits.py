@@ -67,12 +67,12 @@ class EnsembleLogits(MeasurementCallback):
         probe: Sequence[Any] | None = None,
         every_n_steps: int | None = 100,
         num_batches: int = 1,
-        logits_fn: LogitsFn = default_member_logits,
+        logits_fn: LogitsFn | None = None,
         reference: str | Path | None = None,
         next_width: str | Path | None = None,
     ) -> None:
         super().__init__(every_n_steps, num_batches, probe, None)
-        self.logits_fn = logits_fn
+        self.logits_fn = logits_fn or default_member_logits
         self.reference = Path(reference) if reference is not None else None
         self.next_width = Path(next_width) if next_width is not None else None
         self._members_on_ranks = False

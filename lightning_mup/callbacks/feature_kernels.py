@@ -56,7 +56,8 @@ class FeatureKernels(MeasurementCallback):
         probe: a fixed probe set instead.
         spatial: ``"flatten"`` (positions/tokens are features) or ``"mean"``; or ``{glob: mode}`` per layer.
         gradient: also compute gradient kernels (one backward pass).
-        targets: ``targets(batch) -> y`` for kernel-target alignment (default: y of (x, y) batches).
+        targets: ``targets(batch) -> y`` for kernel-target alignment (default: y of (x, y) batches, class
+            labels one-hot; return None for none).
         reference: a run folder whose ``feature_kernels/`` arrays are compared at the same steps.
         loss_fn: ``loss_fn(module, batch)`` instead of ``training_step`` (for the backward signal).
         debiased: debiased CKA (unbiased HSIC), the default.
@@ -73,13 +74,14 @@ class FeatureKernels(MeasurementCallback):
         probe: Sequence[Any] | None = None,
         spatial: str | Mapping[str, str] = "flatten",
         gradient: bool = True,
-        targets: Targets | None = default_targets,
+        targets: Targets | None = None,
         reference: str | Path | None = None,
         loss_fn: LossFn | None = None,
         debiased: bool = True,
     ) -> None:
         super().__init__(every_n_steps, num_batches, probe, loss_fn)
-        self.layers, self.spatial, self.gradient, self.targets = layers, spatial, gradient, targets
+        self.layers, self.spatial, self.gradient = layers, spatial, gradient
+        self.targets = targets or default_targets
         self.reference = Path(reference) if reference is not None else None
         self.debiased = debiased
         self.initial: dict[str, torch.Tensor] = {}
@@ -110,7 +112,7 @@ class FeatureKernels(MeasurementCallback):
         kernels = self.kernels(pl_module, batch)
         if not self.initial:
             self.initial = {k: v.clone() for k, v in kernels.items()}
-        y = self.targets(batch) if self.targets is not None else None
+        y = self.targets(batch)
         step = trainer.global_step
         reference = load_step_arrays(self.reference, self.name, step) if self.reference is not None else None
         scalars: dict[str, float] = {}

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from lightning_mup._rng import private_rng
 from lightning_mup.parametrize.adapters import attention_patch, head_dim
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
@@ -170,24 +168,12 @@ def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) 
         raise ValueError(f"gamma0 must be positive, got {gamma0}")
 
 
-@contextmanager
-def _private_rng():
-    """Build the base without consuming the caller's random numbers (runs stay reproducible)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def _build(spec: ModelSpec, device: str) -> nn.Module:
     if isinstance(spec, nn.Module):
         return spec
     if not callable(spec):
         raise TypeError(f"base/delta must be an nn.Module or a zero-argument factory, got {type(spec).__name__}")
-    with _private_rng(), torch.device(device):
+    with private_rng(), torch.device(device):
         built = spec()
     if not isinstance(built, nn.Module):
         raise TypeError(f"the base/delta factory returned {type(built).__name__}, not an nn.Module")

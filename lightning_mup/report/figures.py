@@ -1,0 +1,463 @@
+"""The paper's figures from a sweep's runs; each returns a :class:`Figure` (PNG + the numbers behind it) or
+a :class:`Figure` with ``skipped`` saying which callback would provide the data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_mup.measure.ensemble import correct_logits, ensemble_statistics, relative_rmse
+from lightning_mup.measure.kernels import cka
+from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
+from lightning_mup.report.fit import fit_power_law
+from lightning_mup.report.runs import Run, by_width, groups, label
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    path: Path | None = None
+    header: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    note: str = ""
+    skipped: str | None = None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int):
+    return _plt().get_cmap("viridis")(np.linspace(0.05, 0.9, max(n, 1)))
+
+
+def _save(fig, out: Path, key: str) -> Path:
+    path = out / f"{key}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def loss_key(runs: Sequence[Run]) -> str:
+    return "val_loss" if any(r.series("val_loss") is not None for r in runs) else "train_loss"
+
+
+def _mean_curve(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    curves = [r.series(key) for r in runs if r.series(key) is not None]
+    if not curves:
+        return None
+    length = min(len(c[0]) for c in curves)
+    return curves[0][0][:length], np.nanmean([c[1][:length] for c in curves], axis=0)
+
+
+def best_group_per_width(runs: Sequence[Run], key: str) -> dict[tuple, list[Run]]:
+    """Per parametrization, each width at its best learning rate (lowest mean final loss over seeds)."""
+    out: dict[tuple, list[Run]] = {}
+    for (parametrization, _), members in groups(runs).items():
+        for width, same_width in by_width(members).items():
+            out.setdefault((parametrization, width), []).extend(same_width)
+    chosen: dict[tuple, list[Run]] = {}
+    for (parametrization, _width), candidates in out.items():
+        by_lr: dict = {}
+        for run in candidates:
+            by_lr.setdefault(run.lr, []).append(run)
+        scores = {
+            lr: np.nanmean([r.final(key, 3) for r in rs if r.final(key, 3) is not None] or [np.inf])
+            for lr, rs in by_lr.items()
+        }
+        best = min(scores, key=scores.get)
+        chosen.setdefault((parametrization, best if len(by_lr) == 1 else "best"), []).extend(by_lr[best])
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------- Fig. 2
+def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
+    key = loss_key(runs)
+    figure = Figure(
+        "loss_curves", f"Loss curves per width ({key}; Fig. 2)", header=["group", "width", "seeds", f"final {key}"]
+    )
+    chosen = best_group_per_width(runs, key)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.6), squeeze=False)
+    for ax, (group, members) in zip(axes[0], chosen.items()):
+        widths = by_width(members)
+        for color, (width, same) in zip(_colors(len(widths)), widths.items()):
+            curve = _mean_curve(same, key)
+            if curve is None:
+                continue
+            ax.plot(*curve, color=color, label=f"N={width}")
+            figure.rows.append([_group_name(group, same), width, len(same), float(curve[1][-1])])
+        ax.set(xlabel="step", ylabel=key, yscale="log", title=_group_name(group, members))
+        ax.legend(fontsize=8, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    if any(g[1] == "best" for g in chosen):
+        figure.note = "With several learning rates, each width is shown at its best one."
+    return figure
+
+
+def _group_name(group: tuple, members: Sequence[Run]) -> str:
+    parametrization, lr = group
+    if lr == "best":
+        return f"{parametrization or 'recipe'}, best lr per width"
+    return label((parametrization, lr))
+
+
+# ----------------------------------------------------------------------------------------- Fig. 3-4, 7
+def _member_logits(runs: Sequence[Run]) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """width -> step -> (member logits [E, P, C], targets), members = every seed's saved members."""
+    out: dict[int, dict[int, tuple]] = {}
+    for width, same in by_width(runs).items():
+        steps = None
+        for run in same:
+            files = run.step_files("ensemble_logits")
+            steps = set(files) if steps is None else steps & set(files)
+        for step in sorted(steps or []):
+            loaded = [np.load(run.step_files("ensemble_logits")[step]) for run in same]
+            out.setdefault(width, {})[step] = (np.concatenate([d["logits"] for d in loaded]), loaded[0]["targets"])
+    return out
+
+
+def _ensemble_groups(runs: Sequence[Run]):
+    for group, members in groups(runs).items():
+        logits = _member_logits(members)
+        if len(logits) >= 2:
+            yield group, logits
+
+
+def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "logit_rmse",
+        "Correct-logit RMSE to the widest and to the next width (Fig. 3-4)",
+        header=["group", "width", "rel. RMSE to widest", "rel. RMSE to next width"],
+    )
+    found = list(_ensemble_groups(runs))
+    if not found:
+        figure.skipped = "no ensemble_logits arrays for ≥ 2 widths — add the EnsembleLogits callback"
+        return figure
+    group, logits = found[0]
+    widths = sorted(logits)
+    widest = widths[-1]
+    plt = _plt()
+    fig, (ax_t, ax_w) = plt.subplots(1, 2, figsize=(10, 3.8))
+    final_to_widest, final_to_next = [], []
+    for color, width in zip(_colors(len(widths) - 1), widths[:-1]):
+        steps = sorted(set(logits[width]) & set(logits[widest]))
+        next_width = widths[widths.index(width) + 1]
+        to_widest, to_next = [], []
+        for step in steps:
+            mine = correct_logits(*logits[width][step])
+            ref = correct_logits(*logits[widest][step]).mean(axis=0)
+            nxt = correct_logits(*logits[next_width][step]).mean(axis=0) if step in logits[next_width] else None
+            to_widest.append(np.mean([relative_rmse(m, ref) for m in mine]))
+            to_next.append(np.mean([relative_rmse(m, nxt) for m in mine]) if nxt is not None else np.nan)
+        ax_t.plot(steps, to_widest, color=color, label=f"N={width}")
+        final_to_widest.append(to_widest[-1])
+        final_to_next.append(to_next[-1])
+        figure.rows.append([label(group), width, to_widest[-1], to_next[-1]])
+    ax_t.set(xlabel="step", ylabel="relative RMSE to widest", yscale="log", title=f"correct logit vs N={widest}")
+    ax_t.legend(fontsize=8, frameon=False)
+    w = np.asarray(widths[:-1], dtype=float)
+    ax_w.loglog(w, final_to_widest, "o-", label="to widest")
+    ax_w.loglog(w, final_to_next, "s-", label="to next width")
+    for power, style in ((0.5, ":"), (1.0, "--")):
+        anchor = final_to_next[0] if np.isfinite(final_to_next[0]) else final_to_widest[0]
+        ax_w.loglog(w, anchor * (w / w[0]) ** -power, "k" + style, lw=0.8, label=f"∝ N^-{power:g}")
+    ax_w.set(xlabel="width N", ylabel="relative RMSE (final step)", title="convergence in width")
+    ax_w.legend(fontsize=8, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    return figure
+
+
+def ensembles(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "ensembles",
+        "Ensemble vs single-model loss over initialisations (Fig. 7, App. F)",
+        header=["group", "width", "members", "single loss", "ensemble loss", "variance"],
+    )
+    found = list(_ensemble_groups(runs))
+    if not found:
+        figure.skipped = "no ensemble_logits arrays for ≥ 2 widths — add the EnsembleLogits callback"
+        return figure
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for color, (group, logits) in zip(_colors(len(found)), found):
+        widths = sorted(logits)
+        single, ensemble = [], []
+        for width in widths:
+            step = max(logits[width])
+            stats = ensemble_statistics(*logits[width][step])
+            single.append(stats["single_loss"])
+            ensemble.append(stats["ensemble_loss"])
+            figure.rows.append(
+                [
+                    label(group),
+                    width,
+                    int(stats["members"]),
+                    stats["single_loss"],
+                    stats["ensemble_loss"],
+                    stats["variance"],
+                ]
+            )
+        ax.loglog(widths, single, "o-", color=color, label=f"single ({label(group)})")
+        ax.loglog(widths, ensemble, "s--", color=color, label=f"ensemble ({label(group)})")
+    ax.set(xlabel="width N", ylabel="test loss at the last step", title="variance is removed, bias is not")
+    ax.legend(fontsize=7, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- Fig. 5
+def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "cka_to_widest",
+        "CKA of feature kernels to the widest run, per layer (Fig. 5c)",
+        header=["group", "layer", "width", "CKA to widest"],
+    )
+    for group, members in groups(runs).items():
+        widths = by_width(members)
+        if len(widths) < 2:
+            continue
+        widest = max(widths)
+        reference_files = widths[widest][0].step_files("feature_kernels")
+        if not reference_files:
+            continue
+        step = max(reference_files)
+        with np.load(reference_files[step]) as data:
+            reference = {k: data[k] for k in data.files if k.startswith("phi/")}
+        values: dict[str, dict[int, float]] = {}
+        for width, same in widths.items():
+            for run in same:
+                files = run.step_files("feature_kernels")
+                if step not in files or (width == widest and run is widths[widest][0]):
+                    continue
+                with np.load(files[step]) as data:
+                    for key, ref in reference.items():
+                        if key in data.files and data[key].shape == ref.shape:
+                            values.setdefault(key[4:], {}).setdefault(width, []).append(
+                                cka(torch.as_tensor(data[key]), torch.as_tensor(ref))
+                            )
+        if not values:
+            continue
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for color, (layer, per_width) in zip(_colors(len(values)), values.items()):
+            ws = sorted(per_width)
+            means = [float(np.mean(per_width[w])) for w in ws]
+            ax.semilogx(ws, means, "o-", color=color, label=layer)
+            figure.rows += [[label(group), layer, w, m] for w, m in zip(ws, means)]
+        ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest} (step {step})", title=label(group))
+        ax.legend(fontsize=7, frameon=False)
+        figure.path = _save(fig, out, figure.key)
+        return figure
+    figure.skipped = "no feature_kernels arrays for ≥ 2 widths — add the FeatureKernels callback"
+    return figure
+
+
+def preactivations(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "preactivations",
+        "Preactivation distributions across widths (Fig. 5a)",
+        header=["group", "layer", "width", "step", "variance", "excess kurtosis"],
+    )
+    for group, members in groups(runs).items():
+        widths = by_width(members)
+        files = {w: same[0].step_files("preactivations") for w, same in widths.items()}
+        files = {w: f for w, f in files.items() if f}
+        if len(files) < 2:
+            continue
+        step = min(max(f) for f in files.values())
+        first = next(iter(files.values()))
+        with np.load(first[step]) as data:
+            layers = sorted(k[5:] for k in data.files if k.startswith("hist/"))
+            edges = data["edges"]
+        layer = layers[-1]
+        from scipy import stats
+
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        centers = (edges[:-1] + edges[1:]) / 2
+        for color, (width, f) in zip(_colors(len(files)), files.items()):
+            if step not in f:
+                continue
+            with np.load(f[step]) as data:
+                density = data[f"hist/{layer}"].mean(axis=0)
+                samples = data[f"samples/{layer}"].reshape(-1)
+            ax.plot(centers, density, color=color, label=f"N={width}")
+            figure.rows.append([label(group), layer, width, step, float(samples.var()), float(stats.kurtosis(samples))])
+        ax.set(xlabel="h", ylabel="density over neurons", yscale="log", title=f"{layer}, step {step}")
+        ax.legend(fontsize=8, frameon=False)
+        figure.path = _save(fig, out, figure.key)
+        return figure
+    figure.skipped = "no preactivations arrays for ≥ 2 widths — add the PreactivationHistograms callback"
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- Fig. 6
+def sharpness(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "sharpness",
+        "Sharpness vs the edge of stability 2/η (Fig. 6)",
+        header=["group", "width", "final sharpness", "threshold", "ratio"],
+    )
+    found = [(g, m) for g, m in groups(runs).items() if any(r.series("sharpness") is not None for r in m)]
+    if not found:
+        figure.skipped = "no sharpness logged — add the Sharpness callback"
+        return figure
+    group, members = found[0]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    widths = by_width(members)
+    threshold = None
+    for color, (width, same) in zip(_colors(len(widths)), widths.items()):
+        curve = _mean_curve(same, "sharpness")
+        if curve is None:
+            continue
+        key = "sharpness/effective" if any(r.series("sharpness/effective") is not None for r in same) else "sharpness"
+        curve = _mean_curve(same, key) or curve
+        ax.plot(*curve, "o-", ms=3, color=color, label=f"N={width}")
+        threshold = same[0].final("sharpness/threshold")
+        figure.rows.append(
+            [
+                label(group),
+                width,
+                float(curve[1][-1]),
+                threshold,
+                float(curve[1][-1]) / threshold if threshold else float("nan"),
+            ]
+        )
+    if threshold:
+        ax.axhline(threshold, color="k", ls="--", lw=0.8, label="stability threshold")
+    ax.set(xlabel="step", ylabel="λ_max", title=label(group))
+    ax.legend(fontsize=8, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- Fig. 9
+def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
+    figure = Figure(
+        "after_ntk",
+        "Ensemble-averaged after-NTK: spectrum, task power C(k), kernel flow (Fig. 9)",
+        header=["group", "width", "runs", "λ₁", "λ₂", "C(10)", "C(20)", "kernel-flow loss (end)"],
+    )
+    for group, members in groups(runs).items():
+        folders = {w: [r.log_dir for r in same if r.step_files("after_ntk")] for w, same in by_width(members).items()}
+        folders = {w: f for w, f in folders.items() if f}
+        if len(folders) < 2:
+            continue
+        result = compare_widths(folders)
+        figure.path = plot_after_kernels(result, out / f"{figure.key}.png")
+        for width, r in result.items():
+            power = r.task_power
+            figure.rows.append(
+                [
+                    label(group),
+                    width,
+                    r.runs,
+                    float(r.eigenvalues[0]),
+                    float(r.eigenvalues[1]),
+                    float(power[min(9, len(power) - 1)]),
+                    float(power[min(19, len(power) - 1)]),
+                    float(r.flow_loss[-1]),
+                ]
+            )
+        return figure
+    figure.skipped = "no after_ntk arrays for ≥ 2 widths — add the AfterNTK callback"
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- App. G
+def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
+    key = loss_key(runs)
+    figure = Figure(
+        "width_scaling",
+        f"Final {key} vs width with the fit C·N^-β + D (App. G)",
+        header=["group", "C", "β", "D", "R²", "widths"],
+    )
+    chosen = {g: m for g, m in best_group_per_width(runs, key).items() if len(by_width(m)) >= 3}
+    if not chosen:
+        figure.skipped = "fewer than 3 widths: the three-parameter fit needs at least three"
+        return figure
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for color, (group, members) in zip(_colors(len(chosen)), chosen.items()):
+        widths = by_width(members)
+        w = np.asarray(sorted(widths), dtype=float)
+        y = np.asarray([np.nanmean([r.final(key, 3) for r in widths[int(x)]]) for x in w])
+        ax.loglog(w, y, "o", color=color, label=_group_name(group, members))
+        try:
+            law = fit_power_law(w, y)
+        except (RuntimeError, ValueError) as error:
+            figure.note += f" {_group_name(group, members)}: no fit ({error})."
+            continue
+        dense = np.geomspace(w.min(), w.max(), 100)
+        ax.loglog(dense, law(dense), "-", color=color, lw=1)
+        figure.rows.append(
+            [_group_name(group, members), law.C, law.beta, law.D, law.r2, ", ".join(map(str, map(int, w)))]
+        )
+    ax.set(xlabel="width N", ylabel=f"final {key}")
+    ax.legend(fontsize=7, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------- transfer
+def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
+    key = loss_key(runs)
+    figure = Figure(
+        "lr_transfer",
+        f"Final {key} vs learning rate per width (hyperparameter transfer)",
+        header=["parametrization", "width", "best lr", f"{key} at best lr"],
+    )
+    lrs = sorted({r.lr for r in runs if r.lr is not None})
+    if len(lrs) < 2:
+        figure.skipped = "the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)"
+        return figure
+    forms = sorted({r.parametrization for r in runs}, key=str)
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(forms), figsize=(5 * len(forms), 3.8), squeeze=False)
+    for ax, form in zip(axes[0], forms):
+        widths = by_width([r for r in runs if r.parametrization == form])
+        for color, (width, same) in zip(_colors(len(widths)), widths.items()):
+            points = []
+            for lr in lrs:
+                finals = [r.final(key, 3) for r in same if r.lr == lr and r.final(key, 3) is not None]
+                if finals:
+                    points.append((lr, float(np.nanmean(finals))))
+            if not points:
+                continue
+            x, y = map(np.asarray, zip(*points))
+            finite = np.isfinite(y)
+            ax.semilogx(x, np.where(finite, y, np.nan), "o-", color=color, label=f"N={width}")
+            if finite.any():
+                best = int(np.nanargmin(np.where(finite, y, np.inf)))
+                ax.plot(x[best], y[best], "*", color=color, ms=14, mec="k")
+                figure.rows.append([form or "recipe", width, float(x[best]), float(y[best])])
+        ax.set(xlabel="learning rate", ylabel=f"final {key}", title=form or "recipe", yscale="log")
+        ax.legend(fontsize=8, frameon=False)
+    figure.path = _save(fig, out, figure.key)
+    return figure
+
+
+FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [
+    loss_curves,
+    logit_rmse,
+    cka_to_widest,
+    preactivations,
+    sharpness,
+    ensembles,
+    after_ntk,
+    width_scaling,
+    lr_transfer,
+]

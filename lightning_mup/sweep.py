@@ -1,0 +1,270 @@
+"""``lightning-mup sweep``: a grid of runs of one recipe (widths × seeds × learning rates × parametrizations),
+each in its own folder under one sweep folder, in parallel worker processes, resumable.
+
+    lightning-mup sweep --config recipes/gegenbauer.yaml --widths 64,128,256,512 --seeds 2 --jobs 2 --out sweeps/g
+
+* A run's folder is ``<out>/<name>/`` (``w256_s1_lr0.1_mup``); ``run.json`` there records its settings and
+  status. Finished runs are skipped when the sweep is started again; a run that raised is retried
+  (``--retries``) in a fresh folder and, if it still fails, reported in ``sweep.json`` and the exit code.
+* Seeds vary the *initialisation* only (``MuPStrategy(independent_members=True, member_seed=seed)``):
+  every run reads the same data in the same order, as the paper's ensembles do.
+* Each worker imports Lightning once and runs many cells; threads are split between workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+RUN_FILE, SWEEP_FILE = "run.json", "sweep.json"
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    width: int
+    seed: int
+    lr: float | None = None
+    parametrization: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        parts = [f"w{self.width}", f"s{self.seed}"]
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.parametrization is not None:
+            parts.append(self.parametrization)
+        return "_".join(parts)
+
+
+def _csv(value: str | None, cast) -> list:
+    if value is None or value == "":
+        return []
+    return [cast(v) for v in str(value).replace(" ", "").split(",") if v]
+
+
+def grid(widths: str, seeds: int, lrs: str | None, parametrization: str | None) -> list[Cell]:
+    w, l, p = _csv(widths, int), _csv(lrs, float) or [None], _csv(parametrization, str) or [None]
+    if not w:
+        raise ValueError("--widths is empty: give e.g. --widths 64,128,256")
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: at least one seed")
+    return [Cell(width, seed, lr, form) for form, lr, width, seed in itertools.product(p, l, w, range(seeds))]
+
+
+def cell_args(
+    cell: Cell, config: Path, out: Path, width_key: str, lr_key: str, steps: int | None, overrides: list[str]
+):
+    args = [
+        "fit",
+        f"--config={config}",
+        f"--{width_key}={cell.width}",
+        "--trainer.strategy.init_args.independent_members=true",
+        f"--trainer.strategy.init_args.member_seed={cell.seed}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        f"--trainer.logger.init_args.name={cell.name}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    if cell.lr is not None:
+        args.append(f"--{lr_key}={cell.lr}")
+    if cell.parametrization is not None:
+        args.append(f"--trainer.strategy.init_args.parametrization={cell.parametrization}")
+    if steps is not None:
+        args.append(f"--trainer.max_steps={steps}")
+    return args + [f"--{o}" if not o.startswith("--") else o for o in overrides]
+
+
+def _run_cell(args: list[str], folder: str, threads: int) -> dict[str, Any]:
+    """Worker: one LightningCLI fit in this process; never raises (the sweep records what happened)."""
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    try:
+        from lightning_mup.cli import lightning_cli
+
+        lightning_cli(args)
+        return {"status": "done", "seconds": time.perf_counter() - start}
+    except BaseException as error:
+        return {
+            "status": "failed",
+            "seconds": time.perf_counter() - start,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+
+
+def sweep_command(
+    config: Path,
+    widths: str,
+    seeds: int = 1,
+    lrs: str | None = None,
+    parametrization: str | None = None,
+    jobs: int = 1,
+    out: Path | None = None,
+    steps: int | None = None,
+    retries: int = 1,
+    width_key: str = "model.init_args.width",
+    lr_key: str = "model.init_args.optimizer.init_args.lr",
+    set: list[str] | None = None,
+) -> None:
+    """Run a grid of one recipe.
+
+    Args:
+        config: the recipe (a LightningCLI YAML whose strategy is MuPStrategy).
+        widths: comma-separated widths, e.g. 64,128,256,512.
+        seeds: initialisation seeds per cell (0 … seeds-1).
+        lrs: comma-separated learning rates (optional).
+        parametrization: comma-separated forms, e.g. mup,sp,ntk (optional).
+        jobs: runs in parallel (worker processes).
+        out: the sweep folder (default: sweeps/<recipe name>).
+        steps: override trainer.max_steps for every run.
+        retries: how many times a failed run is started again.
+        width_key, lr_key: where the width and the learning rate live in the recipe.
+        set: extra overrides KEY=VALUE for every run, e.g. model.init_args.optimizer.class_path=torch.optim.Adam.
+    """
+    config = Path(config)
+    if not config.exists():
+        raise SystemExit(f"recipe {config} does not exist")
+    out = Path(out) if out is not None else Path("sweeps") / config.stem
+    out.mkdir(parents=True, exist_ok=True)
+    cells = grid(widths, seeds, lrs, parametrization)
+    overrides = list(set or [])
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    summary = {
+        "config": str(config.resolve()),
+        "widths": _csv(widths, int),
+        "seeds": seeds,
+        "lrs": _csv(lrs, float),
+        "parametrizations": _csv(parametrization, str),
+        "overrides": overrides,
+        "runs": {},
+    }
+    pending = []
+    for cell in cells:
+        folder = out / cell.name
+        state = _read(folder / RUN_FILE)
+        if state.get("status") == "done":
+            summary["runs"][cell.name] = state
+            continue
+        pending.append(cell)
+    print(
+        f"sweep {out}: {len(cells)} runs, {len(cells) - len(pending)} already done, {len(pending)} to run "
+        f"({jobs} at a time, {threads} threads each)",
+        flush=True,
+    )
+    attempts = {cell.name: 0 for cell in pending}
+    queue = list(pending)
+    progress = _progress(len(pending))
+    while queue:
+        batch, queue = queue, []
+        try:
+            with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn")) as pool:
+                futures = {}
+                for cell in batch:
+                    folder = out / cell.name
+                    if folder.exists():
+                        shutil.rmtree(folder)  # a half-written run starts over in a fresh folder
+                    folder.mkdir(parents=True)
+                    args = cell_args(cell, config, out, width_key, lr_key, steps, overrides)
+                    _write(folder / RUN_FILE, {**asdict(cell), "name": cell.name, "status": "running", "args": args})
+                    attempts[cell.name] += 1
+                    futures[pool.submit(_run_cell, args, str(folder), threads)] = cell
+                for future in as_completed(futures):
+                    cell = futures[future]
+                    result = future.result()
+                    queue += _finish(out, cell, result, attempts, retries, summary, progress)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): its runs are retried or reported
+            for cell in batch:
+                state = _read(out / cell.name / RUN_FILE)
+                if state.get("status") == "running":
+                    queue += _finish(
+                        out,
+                        cell,
+                        {"status": "failed", "error": "worker process died"},
+                        attempts,
+                        retries,
+                        summary,
+                        progress,
+                    )
+    progress.close()
+    failed = sorted(name for name, state in summary["runs"].items() if state.get("status") != "done")
+    summary["failed"] = failed
+    _write(out / SWEEP_FILE, summary)
+    if failed:
+        print(f"{len(failed)} runs failed (see their run.json): {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"all {len(cells)} runs done; next: lightning-mup report {out}")
+
+
+def main(argv: list[str]) -> None:
+    """``lightning-mup sweep`` (argparse: ``--config`` is this command's own flag, not a config file of it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lightning-mup sweep", description=sweep_command.__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="the recipe (LightningCLI YAML using MuPStrategy)")
+    parser.add_argument("--widths", required=True, help="comma-separated widths, e.g. 64,128,256,512")
+    parser.add_argument("--seeds", type=int, default=1, help="initialisation seeds per cell")
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates")
+    parser.add_argument("--parametrization", default=None, help="comma-separated forms, e.g. mup,sp,ntk")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--out", type=Path, default=None, help="the sweep folder (default sweeps/<recipe>)")
+    parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    parser.add_argument("--retries", type=int, default=1, help="restarts of a failed run")
+    parser.add_argument("--width-key", default="model.init_args.width")
+    parser.add_argument("--lr-key", default="model.init_args.optimizer.init_args.lr")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
+    args = parser.parse_args(argv)
+    sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+
+
+def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, summary: dict, progress) -> list[Cell]:
+    state = {**_read(out / cell.name / RUN_FILE), **result, "attempts": attempts[cell.name]}
+    _write(out / cell.name / RUN_FILE, state)
+    summary["runs"][cell.name] = state
+    if result["status"] != "done" and attempts[cell.name] <= retries:
+        print(f"\n{cell.name} failed ({result.get('error')}); retrying", file=sys.stderr, flush=True)
+        return [cell]
+    progress.update(1)
+    progress.set_postfix_str(f"{cell.name}: {result['status']}")
+    if result["status"] != "done":
+        print(f"\n{cell.name} failed: {result.get('error')}", file=sys.stderr, flush=True)
+    return []
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="runs", unit="run")
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
