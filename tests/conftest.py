@@ -13,3 +13,9 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _dataset_cache(tmp_path_factory):
+    """Generated datasets go to a per-session folder, not the user's ~/.cache (spawned runs inherit it)."""
+    os.environ["LIGHTNING_MUP_CACHE"] = str(tmp_path_factory.mktemp("dataset_cache"))

@@ -61,6 +61,12 @@ def _mean_curve(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray] 
     return curves[0][0][:length], np.nanmean([c[1][:length] for c in curves], axis=0)
 
 
+def mean_final(runs: Sequence[Run], key: str) -> float:
+    """Final ``key`` averaged over seeds; NaN if any seed diverged or none logged it."""
+    finals = [r.final(key) for r in runs]
+    return float(np.mean(finals)) if finals and None not in finals else float("nan")
+
+
 def best_group_per_width(runs: Sequence[Run], key: str) -> dict[tuple, list[Run]]:
     """Per parametrization, each width at its best learning rate (lowest mean final loss over seeds)."""
     out: dict[tuple, list[Run]] = {}
@@ -72,10 +78,8 @@ def best_group_per_width(runs: Sequence[Run], key: str) -> dict[tuple, list[Run]
         by_lr: dict = {}
         for run in candidates:
             by_lr.setdefault(run.lr, []).append(run)
-        scores = {
-            lr: np.nanmean([r.final(key, 3) for r in rs if r.final(key, 3) is not None] or [np.inf])
-            for lr, rs in by_lr.items()
-        }
+        scores = {lr: mean_final(rs, key) for lr, rs in by_lr.items()}
+        scores = {lr: score if np.isfinite(score) else np.inf for lr, score in scores.items()}  # diverged: worst
         best = min(scores, key=scores.get)
         chosen.setdefault((parametrization, best if len(by_lr) == 1 else "best"), []).extend(by_lr[best])
     return chosen
@@ -97,7 +101,7 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
             if curve is None:
                 continue
             ax.plot(*curve, color=color, label=f"N={width}")
-            figure.rows.append([_group_name(group, same), width, len(same), float(curve[1][-1])])
+            figure.rows.append([_group_name(group, same), width, len(same), mean_final(same, key)])
         ax.set(xlabel="step", ylabel=key, yscale="log", title=_group_name(group, members))
         ax.legend(fontsize=8, frameon=False)
     figure.path = _save(fig, out, figure.key)
@@ -394,7 +398,8 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
     for color, (group, members) in zip(_colors(len(chosen)), chosen.items()):
         widths = by_width(members)
         w = np.asarray(sorted(widths), dtype=float)
-        y = np.asarray([np.nanmean([r.final(key, 3) for r in widths[int(x)]]) for x in w])
+        y = np.asarray([mean_final(widths[int(x)], key) for x in w])
+        w, y = w[np.isfinite(y)], y[np.isfinite(y)]
         ax.loglog(w, y, "o", color=color, label=_group_name(group, members))
         try:
             law = fit_power_law(w, y)
@@ -425,29 +430,63 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
         figure.skipped = "the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)"
         return figure
     forms = sorted({r.parametrization for r in runs}, key=str)
+    curves: dict[str, dict[int, np.ndarray]] = {}
+    for form in forms:
+        for width, same in by_width([r for r in runs if r.parametrization == form]).items():
+            curves.setdefault(form, {})[width] = np.asarray(
+                [
+                    mean_final([r for r in same if r.lr == lr], key) if any(r.lr == lr for r in same) else np.nan
+                    for lr in lrs
+                ]
+            )
+    x = np.asarray(lrs)
+    finite = np.concatenate([c[np.isfinite(c)] for per_width in curves.values() for c in per_width.values()])
+    if not len(finite):
+        figure.skipped = f"every run's final {key} is NaN"
+        return figure
+    # Diverging runs would set the scale: the axis ends a little above the small-lr plateau, and what lies
+    # beyond is drawn on its edge (▲ too high, × diverged).
+    top = 1.15 * max(float(np.nanmax(c[:2])) for per_width in curves.values() for c in per_width.values())
+    bottom = 0.9 * float(finite.min())
     plt = _plt()
-    fig, axes = plt.subplots(1, len(forms), figsize=(5 * len(forms), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(forms), figsize=(5 * len(forms), 3.8), squeeze=False, sharey=True)
     for ax, form in zip(axes[0], forms):
-        widths = by_width([r for r in runs if r.parametrization == form])
-        for color, (width, same) in zip(_colors(len(widths)), widths.items()):
-            points = []
-            for lr in lrs:
-                finals = [r.final(key, 3) for r in same if r.lr == lr and r.final(key, 3) is not None]
-                if finals:
-                    points.append((lr, float(np.nanmean(finals))))
-            if not points:
-                continue
-            x, y = map(np.asarray, zip(*points))
-            finite = np.isfinite(y)
-            ax.semilogx(x, np.where(finite, y, np.nan), "o-", color=color, label=f"N={width}")
-            if finite.any():
-                best = int(np.nanargmin(np.where(finite, y, np.inf)))
+        widths = curves[form]
+        for color, (width, y) in zip(_colors(len(widths)), widths.items()):
+            ax.semilogx(x, np.minimum(y, top), "o-", color=color, label=f"N={width}")
+            ax.plot(x[y > top], np.full((y > top).sum(), top), "^", color=color, ms=9)
+            run_exists = [
+                any(r.lr == lr and r.width == width and r.parametrization == form for r in runs) for lr in lrs
+            ]
+            diverged = ~np.isfinite(y) & np.asarray(run_exists)
+            ax.plot(x[diverged], np.full(diverged.sum(), top), "x", color=color, ms=9, mew=2)
+            if np.isfinite(y).any():
+                best = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
                 ax.plot(x[best], y[best], "*", color=color, ms=14, mec="k")
                 figure.rows.append([form or "recipe", width, float(x[best]), float(y[best])])
-        ax.set(xlabel="learning rate", ylabel=f"final {key}", title=form or "recipe", yscale="log")
+        ax.set(xlabel="learning rate", title=form or "recipe", yscale="log", ylim=(bottom, top * 1.03))
         ax.legend(fontsize=8, frameon=False)
+    axes[0][0].set_ylabel(f"final {key}")
     figure.path = _save(fig, out, figure.key)
+    figure.note = " ".join(transfer_verdict(figure.rows, lrs)) + " (▲: above the axis, ×: diverged.)"
     return figure
+
+
+def transfer_verdict(rows: Sequence[list], lrs: Sequence[float]) -> list[str]:
+    """One sentence per parametrization: how far the optimum moves across widths, in steps of the LR
+    grid, and whether the loss at the optimum improves with width (what μP promises)."""
+    sentences = []
+    for form in dict.fromkeys(row[0] for row in rows):
+        mine = sorted((row for row in rows if row[0] == form), key=lambda row: row[1])
+        steps = [lrs.index(row[2]) for row in mine]
+        losses = [row[3] for row in mine]
+        monotone = all(b <= a for a, b in zip(losses, losses[1:]))
+        sentences.append(
+            f"{form}: best lr {mine[0][2]:g} at N={mine[0][1]} → {mine[-1][2]:g} at N={mine[-1][1]}, "
+            f"spread {max(steps) - min(steps)} grid step(s); loss at the best lr "
+            f"{'non-increasing' if monotone else 'not monotone'} in width."
+        )
+    return sentences
 
 
 FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [

@@ -30,12 +30,15 @@ class Run:
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         return self.metrics.get(key)
 
-    def final(self, key: str, last: int = 1) -> float | None:
-        """Mean of the last ``last`` logged values of ``key`` (NaN-aware; None if never logged)."""
+    def final(self, key: str, tail: float = 0.1) -> float | None:
+        """Mean of ``key`` over the last ``tail`` of training (at least its last logged value): smooths the
+        noise of per-batch losses without mixing in earlier evaluations. NaN if the run diverged there,
+        None if ``key`` was never logged."""
         found = self.metrics.get(key)
         if found is None or not len(found[1]):
             return None
-        return float(np.nanmean(found[1][-last:]))
+        steps, values = found
+        return float(np.mean(values[(steps > (1 - tail) * steps[-1]) | (steps == steps[-1])]))
 
     def step_files(self, callback: str) -> dict[int, Path]:
         return {int(p.stem[5:]): p for p in sorted((self.log_dir / callback).glob("step_*.npz"))}

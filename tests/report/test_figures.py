@@ -1,0 +1,72 @@
+"""Report figures from hand-made runs: the learning-rate optimum, diverged runs and the final-loss window."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_mup.report.figures import best_group_per_width, lr_transfer, width_scaling
+from lightning_mup.report.runs import Run
+
+
+def _run(width, lr, values, form="mup", seed=0):
+    steps = np.arange(1, len(values) + 1) * 100
+    return Run(
+        f"w{width}_s{seed}_lr{lr}_{form}",
+        Path("."),
+        Path("."),
+        width,
+        seed,
+        lr,
+        form,
+        {"val_loss": (steps, np.asarray(values, dtype=float))},
+    )
+
+
+def _curve(final):
+    return [5.0] * 9 + [final]  # only the last value lies in the final 10% of training
+
+
+def _grid(optimum_of_width, form):
+    lrs = [0.1, 0.2, 0.4, 0.8]
+    return [
+        _run(w, lr, _curve(1.0 / w + abs(np.log2(lr / optimum_of_width(w))) if lr != 0.8 or w < 256 else np.nan), form)
+        for w in (64, 128, 256, 512)
+        for lr in lrs
+    ]
+
+
+def test_lr_transfer_finds_each_optimum_and_never_picks_a_diverged_run(tmp_path):
+    runs = _grid(lambda w: 0.8 if w < 256 else 0.4, "mup") + _grid(lambda w: 0.4 * 64 / w * 2, "sp")
+    figure = lr_transfer(runs, tmp_path)
+    best = {(form, width): lr for form, width, lr, _ in figure.rows}
+    # at 256 and 512 the lr 0.8 diverged (NaN): the optimum falls back to the best finite one
+    assert [best["mup", w] for w in (64, 128, 256, 512)] == [0.8, 0.8, 0.4, 0.4]
+    assert [best["sp", w] for w in (64, 128, 256, 512)] == [0.8, 0.4, 0.2, 0.1]
+    assert (
+        "mup: best lr 0.8 at N=64 → 0.4 at N=512, spread 1 grid step(s); loss at the best lr non-increasing"
+        in figure.note
+    )
+    assert "sp: best lr 0.8 at N=64 → 0.1 at N=512, spread 3 grid step(s)" in figure.note
+    assert figure.path.stat().st_size > 10_000
+
+
+def test_final_loss_is_the_last_tenth_of_training_and_nan_if_diverged():
+    run = _run(64, 0.1, [9.0] * 18 + [2.0, 4.0])
+    assert run.final("val_loss") == pytest.approx(3.0)  # steps 1900 and 2000
+    assert np.isnan(_run(64, 0.1, [1.0] * 19 + [np.nan]).final("val_loss"))
+    assert run.final("train_loss") is None
+
+
+def test_best_lr_per_width_averages_seeds_and_feeds_the_width_fit(tmp_path):
+    runs = [
+        _run(w, lr, _curve(2.0 * w**-0.5 + 0.1 + (lr - 0.2) ** 2 + 0.01 * seed), seed=seed)
+        for w in (64, 128, 256, 512)
+        for lr in (0.1, 0.2, 0.4)
+        for seed in (0, 1)
+    ]
+    chosen = best_group_per_width(runs, "val_loss")
+    assert {g: {r.lr for r in m} for g, m in chosen.items()} == {("mup", "best"): {0.2}}
+    assert len(chosen["mup", "best"]) == 8  # 4 widths × 2 seeds
+    (row,) = width_scaling(runs, tmp_path).rows
+    assert row[1:4] == pytest.approx([2.0, 0.5, 0.105], rel=1e-3)  # C, β, D (D = 0.1 + mean seed offset)

@@ -1,0 +1,100 @@
+"""A miniature sweep end to end: runs, resume, failures, and every figure and number of the report."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_mup.report.page import build_report
+from lightning_mup.sweep import main as sweep
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "gegenbauer.yaml"
+
+
+def _fast_recipe(tmp_path: Path) -> Path:
+    """The quick-start recipe with cadences that fit into a few dozen steps."""
+    config = yaml.safe_load(RECIPE.read_text())
+    config["trainer"]["val_check_interval"] = 10
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning_mup.callbacks.EnsembleLogits", "init_args": {"every_n_steps": 10}},
+        {"class_path": "lightning_mup.callbacks.FeatureKernels", "init_args": {"every_n_steps": 20}},
+        {"class_path": "lightning_mup.callbacks.PreactivationHistograms", "init_args": {"every_n_steps": 20}},
+        {"class_path": "lightning_mup.callbacks.Sharpness", "init_args": {"every_n_steps": 20}},
+        {"class_path": "lightning_mup.callbacks.AfterNTK", "init_args": {"num_batches": 2}},
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_miniature_sweep_and_report(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = [
+        "--config",
+        str(_fast_recipe(tmp_path)),
+        "--widths",
+        "64,128",
+        "--seeds",
+        "2",
+        "--steps",
+        "40",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+    ]
+    sweep(args)
+    runs = sorted(p.parent.name for p in out.glob("*/run.json"))
+    assert runs == ["w128_s0", "w128_s1", "w64_s0", "w64_s1"]
+    assert all(json.loads((out / r / "run.json").read_text())["status"] == "done" for r in runs)
+    assert json.loads((out / "sweep.json").read_text())["failed"] == []
+
+    sweep(args)  # resumable: finished runs are skipped
+    assert "4 already done, 0 to run" in capsys.readouterr().out
+
+    figures = {f.key: f for f in build_report(out)}
+    report = out / "report"
+    assert {"report.html", "report.md", "figures.json"} <= {p.name for p in report.iterdir()}
+    expected = ["loss_curves", "logit_rmse", "cka_to_widest", "preactivations", "sharpness", "ensembles", "after_ntk"]
+    for key in expected:
+        figure = figures[key]
+        assert figure.skipped is None, (key, figure.skipped)
+        assert figure.path.exists() and figure.path.stat().st_size > 10_000, key
+        assert figure.rows, key
+        numbers = [v for row in figure.rows for v in row if isinstance(v, float)]
+        assert numbers and all(math.isfinite(v) for v in numbers), (key, figure.rows)
+        assert f"![{figure.title}]({figure.path.name})" in (report / "report.md").read_text()
+    assert {row[1] for row in figures["loss_curves"].rows} == {64, 128}
+    assert all(row[2] == 2 for row in figures["ensembles"].rows)  # the two seeds are the ensemble
+    assert "three widths" in figures["width_scaling"].skipped
+    assert "--lrs" in figures["lr_transfer"].skipped
+    html = (report / "report.html").read_text()
+    assert "skipped: the sweep has no learning-rate axis" in html
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_retried_then_reported(tmp_path):
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exit_info:
+        sweep(
+            [
+                "--config",
+                str(_fast_recipe(tmp_path)),
+                "--widths",
+                "32,-1",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--set",
+                "trainer.callbacks=[]",
+            ]
+        )
+    assert exit_info.value.code == 1
+    failed = json.loads((out / "w-1_s0" / "run.json").read_text())
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and "negative dimension" in failed["error"]
+    assert json.loads((out / "w32_s0" / "run.json").read_text())["status"] == "done"
+    assert json.loads((out / "sweep.json").read_text())["failed"] == ["w-1_s0"]
