@@ -391,7 +391,7 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
     )
     chosen = {g: m for g, m in best_group_per_width(runs, key).items() if len(by_width(m)) >= 3}
     if not chosen:
-        figure.skipped = "fewer than 3 widths: the three-parameter fit needs at least three"
+        figure.skipped = "the three-parameter fit needs at least three widths (sweep --widths with three or more)"
         return figure
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
