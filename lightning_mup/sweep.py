@@ -27,7 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-RUN_FILE, SWEEP_FILE = "run.json", "sweep.json"
+RUN_FILE, SWEEP_FILE, LOG_FILE = "run.json", "sweep.json", "log.txt"
 
 
 @dataclass
@@ -89,28 +89,35 @@ def cell_args(
 
 
 def _run_cell(args: list[str], folder: str, threads: int) -> dict[str, Any]:
-    """Worker: one LightningCLI fit in this process; never raises (the sweep records what happened)."""
-    import logging
-    import warnings
+    """Worker: one LightningCLI fit in this process; never raises (the sweep records what happened).
 
+    The run's stdout and stderr (Lightning's messages, the μP summary, warnings, a traceback) go to
+    ``<run>/log.txt`` at the file-descriptor level, so the sweep's progress display stays readable."""
     import torch
 
     torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()
-    try:
-        from lightning_mup.cli import lightning_cli
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(Path(folder) / LOG_FILE, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            from lightning_mup.cli import lightning_cli
 
-        lightning_cli(args)
-        return {"status": "done", "seconds": time.perf_counter() - start}
-    except BaseException as error:
-        return {
-            "status": "failed",
-            "seconds": time.perf_counter() - start,
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc()[-4000:],
-        }
+            lightning_cli(args)
+            return {"status": "done", "seconds": time.perf_counter() - start}
+        except BaseException as error:
+            traceback.print_exc()
+            return {
+                "status": "failed",
+                "seconds": time.perf_counter() - start,
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc()[-4000:],
+            }
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
 
 
 def sweep_command(

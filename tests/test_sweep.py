@@ -98,3 +98,6 @@ def test_a_failing_run_is_retried_then_reported(tmp_path):
     assert failed["status"] == "failed" and failed["attempts"] == 2 and "negative dimension" in failed["error"]
     assert json.loads((out / "w32_s0" / "run.json").read_text())["status"] == "done"
     assert json.loads((out / "sweep.json").read_text())["failed"] == ["w-1_s0"]
+    # Each run's own output is kept beside it: the traceback of the failure, the μP summary of the success.
+    assert "negative dimension" in (out / "w-1_s0" / "log.txt").read_text()
+    assert "optimizer groups" in (out / "w32_s0" / "log.txt").read_text()
