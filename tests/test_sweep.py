@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -69,6 +70,16 @@ def test_miniature_sweep_and_report(tmp_path, capsys):
         assert f"![{figure.title}]({figure.path.name})" in (report / "report.md").read_text()
     assert {row[1] for row in figures["loss_curves"].rows} == {64, 128}
     assert all(row[2] == 2 for row in figures["ensembles"].rows)  # the two seeds are the ensemble
+    assert all(row[0].startswith("mup") for row in figures["loss_curves"].rows)  # read from each run's mup.json
+    # Preactivation statistics pool both seeds' saved samples at the last step.
+    layer, width, step, variance = next(r[1:5] for r in figures["preactivations"].rows if r[2] == 64 and r[3] > 0)
+    pooled = np.concatenate(
+        [
+            np.load(next((out / f"w64_s{s}").glob(f"*/preactivations/step_{step:08d}.npz")))[f"samples/{layer}"].ravel()
+            for s in (0, 1)
+        ]
+    )
+    assert variance == pytest.approx(pooled.var(), rel=1e-12)
     assert "three widths" in figures["width_scaling"].skipped
     assert "--lrs" in figures["lr_transfer"].skipped
     html = (report / "report.html").read_text()

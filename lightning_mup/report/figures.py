@@ -28,6 +28,16 @@ class Figure:
     skipped: str | None = None
 
 
+def _width_axis(ax, widths) -> None:
+    """A log-scaled width axis labelled with the widths themselves (64, 128, …), not powers of ten."""
+    from matplotlib.ticker import NullLocator
+
+    widths = sorted({int(w) for w in widths})
+    ax.set_xscale("log")
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def _plt():
     import matplotlib
 
@@ -178,6 +188,7 @@ def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
         anchor = final_to_next[0] if np.isfinite(final_to_next[0]) else final_to_widest[0]
         ax_w.loglog(w, anchor * (w / w[0]) ** -power, "k" + style, lw=0.8, label=f"∝ N^-{power:g}")
     ax_w.set(xlabel="width N", ylabel="relative RMSE (final step)", title="convergence in width")
+    _width_axis(ax_w, w)
     ax_w.legend(fontsize=8, frameon=False)
     figure.path = _save(fig, out, figure.key)
     return figure
@@ -215,6 +226,7 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
             )
         ax.loglog(widths, single, "o-", color=color, label=f"single ({label(group)})")
         ax.loglog(widths, ensemble, "s--", color=color, label=f"ensemble ({label(group)})")
+        _width_axis(ax, widths)
     ax.set(xlabel="width N", ylabel="test loss at the last step", title="variance is removed, bias is not")
     ax.legend(fontsize=7, frameon=False)
     figure.path = _save(fig, out, figure.key)
@@ -261,6 +273,7 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
             ax.semilogx(ws, means, "o-", color=color, label=layer)
             figure.rows += [[label(group), layer, w, m] for w, m in zip(ws, means)]
         ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest} (step {step})", title=label(group))
+        _width_axis(ax, widths)
         ax.legend(fontsize=7, frameon=False)
         figure.path = _save(fig, out, figure.key)
         return figure
@@ -268,39 +281,65 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
     return figure
 
 
+def _coarsen(edges: np.ndarray, density: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``factor`` adjacent bins of a density histogram (mass-preserving)."""
+    starts = np.arange(0, len(density), factor)
+    mass = np.add.reduceat(density * np.diff(edges), starts)
+    new_edges = np.append(edges[starts], edges[-1])
+    return new_edges, mass / np.diff(new_edges)
+
+
 def preactivations(runs: Sequence[Run], out: Path) -> Figure:
+    """At init and at the last common step: the distribution over neurons of the last recorded layer, pooled
+    over probe points and seeds, overlaid across widths, with the Gaussian of the widest's variance."""
     figure = Figure(
         "preactivations",
         "Preactivation distributions across widths (Fig. 5a)",
         header=["group", "layer", "width", "step", "variance", "excess kurtosis"],
     )
+    from scipy import stats
+
     for group, members in groups(runs).items():
-        widths = by_width(members)
-        files = {w: same[0].step_files("preactivations") for w, same in widths.items()}
+        files = {
+            w: [f for f in (r.step_files("preactivations") for r in same) if f] for w, same in by_width(members).items()
+        }
         files = {w: f for w, f in files.items() if f}
         if len(files) < 2:
             continue
-        step = min(max(f) for f in files.values())
-        first = next(iter(files.values()))
-        with np.load(first[step]) as data:
-            layers = sorted(k[5:] for k in data.files if k.startswith("hist/"))
-            edges = data["edges"]
-        layer = layers[-1]
-        from scipy import stats
-
+        common = set.intersection(*(set(f) for per_run in files.values() for f in per_run))
+        if not common:
+            continue
+        steps = sorted({min(common), max(common)})
+        with np.load(next(iter(files.values()))[0][steps[-1]]) as data:
+            layer = sorted(k[5:] for k in data.files if k.startswith("hist/"))[-1]
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        centers = (edges[:-1] + edges[1:]) / 2
-        for color, (width, f) in zip(_colors(len(files)), files.items()):
-            if step not in f:
-                continue
-            with np.load(f[step]) as data:
-                density = data[f"hist/{layer}"].mean(axis=0)
-                samples = data[f"samples/{layer}"].reshape(-1)
-            ax.plot(centers, density, color=color, label=f"N={width}")
-            figure.rows.append([label(group), layer, width, step, float(samples.var()), float(stats.kurtosis(samples))])
-        ax.set(xlabel="h", ylabel="density over neurons", yscale="log", title=f"{layer}, step {step}")
-        ax.legend(fontsize=8, frameon=False)
+        fig, axes = plt.subplots(1, len(steps), figsize=(5.0 * len(steps), 3.6), squeeze=False)
+        for ax, step in zip(axes[0], steps):
+            curves = {}
+            for width, per_run in files.items():
+                densities, samples = [], []
+                for f in per_run:
+                    with np.load(f[step]) as data:
+                        edges = data["edges"]
+                        densities.append(data[f"hist/{layer}"].mean(axis=0))
+                        samples.append(data[f"samples/{layer}"].reshape(-1))
+                curves[width] = (edges, np.mean(densities, axis=0), np.concatenate(samples))
+            spread = max(float(np.quantile(np.abs(c[2]), 0.995)) for c in curves.values())
+            # About 30 bins across the visible range, whatever the callback's fixed bins were.
+            factor = max(1, int(2.6 * spread / float(np.diff(edges).mean()) / 30))
+            for color, (width, (edges, density, pooled)) in zip(_colors(len(curves)), curves.items()):
+                ax.stairs(*_coarsen(edges, density, factor)[::-1], color=color, label=f"N={width}", lw=1.3)
+                figure.rows.append(
+                    [label(group), layer, width, step, float(pooled.var()), float(stats.kurtosis(pooled))]
+                )
+            grid = np.linspace(-1.3 * spread, 1.3 * spread, 200)
+            ax.plot(grid, stats.norm.pdf(grid, scale=np.sqrt(pooled.var())), "k--", lw=0.8, label="Gaussian")
+            ax.set(xlabel="h", ylabel="density over neurons", xlim=(grid[0], grid[-1]), title=f"{layer}, step {step}")
+            ax.legend(fontsize=7, frameon=False)
+        figure.note = (
+            "Pooled over probe points and seeds; dashed: the Gaussian with the widest run's variance. "
+            "Feature learning shows as a departure from it that is the same at every width."
+        )
         figure.path = _save(fig, out, figure.key)
         return figure
     figure.skipped = "no preactivations arrays for ≥ 2 widths — add the PreactivationHistograms callback"
@@ -412,6 +451,7 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
             [_group_name(group, members), law.C, law.beta, law.D, law.r2, ", ".join(map(str, map(int, w)))]
         )
     ax.set(xlabel="width N", ylabel=f"final {key}")
+    _width_axis(ax, {w for members in chosen.values() for w in by_width(members)})
     ax.legend(fontsize=7, frameon=False)
     figure.path = _save(fig, out, figure.key)
     return figure
@@ -463,8 +503,8 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
             if np.isfinite(y).any():
                 best = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
                 ax.plot(x[best], y[best], "*", color=color, ms=14, mec="k")
-                figure.rows.append([form or "recipe", width, float(x[best]), float(y[best])])
-        ax.set(xlabel="learning rate", title=form or "recipe", yscale="log", ylim=(bottom, top * 1.03))
+                figure.rows.append([form or "runs", width, float(x[best]), float(y[best])])
+        ax.set(xlabel="learning rate", title=form or "runs", yscale="log", ylim=(bottom, top * 1.03))
         ax.legend(fontsize=8, frameon=False)
     axes[0][0].set_ylabel(f"final {key}")
     figure.path = _save(fig, out, figure.key)

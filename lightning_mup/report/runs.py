@@ -71,6 +71,7 @@ def discover(sweep: str | Path) -> list[Run]:
         if not metrics:
             continue
         log_dir = metrics[-1].parent
+        parametrization = state.get("parametrization") or _recorded_parametrization(log_dir)
         runs.append(
             Run(
                 name=state["name"],
@@ -79,13 +80,21 @@ def discover(sweep: str | Path) -> list[Run]:
                 width=int(state["width"]),
                 seed=int(state["seed"]),
                 lr=state.get("lr"),
-                parametrization=state.get("parametrization"),
+                parametrization=parametrization,
                 metrics=read_metrics(metrics[-1]),
             )
         )
     if not runs:
         raise FileNotFoundError(f"{sweep} holds no finished runs (run.json with status 'done'); run a sweep first")
     return runs
+
+
+def _recorded_parametrization(log_dir: Path) -> str | None:
+    """The form MuPStrategy wrote to mup.json, for sweeps without a --parametrization axis."""
+    try:
+        return json.loads((log_dir / "mup.json").read_text()).get("parametrization")
+    except (OSError, ValueError):
+        return None
 
 
 def by_width(runs: Iterable[Run]) -> dict[int, list[Run]]:
@@ -104,7 +113,7 @@ def groups(runs: Iterable[Run]) -> dict[tuple, list[Run]]:
 
 def label(group: tuple) -> str:
     parametrization, lr = group
-    parts = [parametrization or "recipe"]
+    parts = [parametrization or "runs"]
     if lr is not None:
         parts.append(f"lr={lr:g}")
     return ", ".join(parts)
