@@ -275,6 +275,10 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
         ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest} (step {step})", title=label(group))
         _width_axis(ax, widths)
         ax.legend(fontsize=7, frameon=False)
+        figure.note = (
+            f"Each run against the first seed at N={widest}, averaged over seeds; at N={widest} itself the "
+            "value is the agreement between seeds."
+        )
         figure.path = _save(fig, out, figure.key)
         return figure
     figure.skipped = "no feature_kernels arrays for ≥ 2 widths — add the FeatureKernels callback"
