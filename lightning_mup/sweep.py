@@ -50,16 +50,30 @@ class Cell:
         return "_".join(parts)
 
 
-def _csv(value: str | None, cast) -> list:
+def _csv(value: str | None, cast, flag: str = "", example: str = "") -> list:
     if value is None or value == "":
         return []
-    return [cast(v) for v in str(value).replace(" ", "").split(",") if v]
+    try:
+        return [cast(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"--{flag} {value!r}: expected a comma-separated list, e.g. --{flag} {example}") from None
 
 
 def grid(widths: str, seeds: int, lrs: str | None, parametrization: str | None) -> list[Cell]:
-    w, l, p = _csv(widths, int), _csv(lrs, float) or [None], _csv(parametrization, str) or [None]
+    from lightning_mup.parametrize.table import FORMS
+
+    w = _csv(widths, int, "widths", "64,128,256")
+    l = _csv(lrs, float, "lrs", "0.05,0.1,0.2") or [None]
+    p = _csv(parametrization, str) or [None]
     if not w:
         raise ValueError("--widths is empty: give e.g. --widths 64,128,256")
+    if any(width < 1 for width in w):
+        raise ValueError(f"--widths {widths}: widths must be positive")
+    if any(lr is not None and not lr > 0 for lr in l):
+        raise ValueError(f"--lrs {lrs}: learning rates must be positive")
+    unknown = [form for form in p if form is not None and form not in FORMS]
+    if unknown:
+        raise ValueError(f"--parametrization {parametrization}: unknown {unknown}; choose from {sorted(FORMS)}")
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: at least one seed")
     return [Cell(width, seed, lr, form) for form, lr, width, seed in itertools.product(p, l, w, range(seeds))]
@@ -152,6 +166,9 @@ def sweep_command(
     config = Path(config)
     if not config.exists():
         raise SystemExit(f"recipe {config} does not exist")
+    _check_recipe(config)
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: at least one")
     out = Path(out) if out is not None else Path("sweeps") / config.stem
     out.mkdir(parents=True, exist_ok=True)
     cells = grid(widths, seeds, lrs, parametrization)
@@ -223,6 +240,34 @@ def sweep_command(
     print(f"all {len(cells)} runs done; next: lightning-mup report {out}")
 
 
+def _check_recipe(config: Path) -> None:
+    """Seeds and parameterizations are set through MuPStrategy's arguments: refuse other recipes before any run."""
+    import importlib
+
+    import yaml
+
+    strategy = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("strategy")
+    class_path = strategy.get("class_path", "") if isinstance(strategy, dict) else ""
+    fix = (
+        f"{config}: the sweep sets seeds and parameterizations through MuPStrategy, so the recipe needs "
+        "trainer.strategy: {class_path: lightning_mup.MuPStrategy, init_args: {base: {width: 64}}} "
+        "(or EnsembleStrategy for plain training)"
+    )
+    if class_path.rpartition(".")[2] in ("MuPStrategy", "MuPFSDPStrategy", "EnsembleStrategy"):
+        return
+    if "." not in class_path:
+        raise SystemExit(fix + f"; found strategy {strategy!r}")
+    from lightning_mup.strategy import MuPStrategy
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise SystemExit(f"{config}: trainer.strategy.class_path {class_path!r} cannot be imported ({error})") from None
+    if not (isinstance(found, type) and issubclass(found, MuPStrategy)):
+        raise SystemExit(fix + f"; found {class_path}")
+
+
 def main(argv: list[str]) -> None:
     """``lightning-mup sweep`` (argparse: ``--config`` is this command's own flag, not a config file of it)."""
     import argparse
@@ -241,7 +286,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lr-key", default="model.init_args.optimizer.init_args.lr")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
     args = parser.parse_args(argv)
-    sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    try:
+        sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+    except ValueError as error:  # bad flags: say which and how, before any run starts
+        parser.error(str(error))
 
 
 def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, summary: dict, progress) -> list[Cell]:

@@ -88,6 +88,7 @@ def test_miniature_sweep_and_report(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_failing_run_is_retried_then_reported(tmp_path):
+    """The "width" here is the data's input dimension: 5 matches the model, 7 fails inside the run."""
     out = tmp_path / "sweep"
     with pytest.raises(SystemExit) as exit_info:
         sweep(
@@ -95,7 +96,9 @@ def test_a_failing_run_is_retried_then_reported(tmp_path):
                 "--config",
                 str(_fast_recipe(tmp_path)),
                 "--widths",
-                "32,-1",
+                "5,7",
+                "--width-key",
+                "data.init_args.dim",
                 "--steps",
                 "3",
                 "--out",
@@ -105,10 +108,36 @@ def test_a_failing_run_is_retried_then_reported(tmp_path):
             ]
         )
     assert exit_info.value.code == 1
-    failed = json.loads((out / "w-1_s0" / "run.json").read_text())
-    assert failed["status"] == "failed" and failed["attempts"] == 2 and "negative dimension" in failed["error"]
-    assert json.loads((out / "w32_s0" / "run.json").read_text())["status"] == "done"
-    assert json.loads((out / "sweep.json").read_text())["failed"] == ["w-1_s0"]
+    failed = json.loads((out / "w7_s0" / "run.json").read_text())
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and "cannot be multiplied" in failed["error"]
+    assert json.loads((out / "w5_s0" / "run.json").read_text())["status"] == "done"
+    assert json.loads((out / "sweep.json").read_text())["failed"] == ["w7_s0"]
     # Each run's own output is kept beside it: the traceback of the failure, the μP summary of the success.
-    assert "negative dimension" in (out / "w-1_s0" / "log.txt").read_text()
-    assert "optimizer groups" in (out / "w32_s0" / "log.txt").read_text()
+    assert "cannot be multiplied" in (out / "w7_s0" / "log.txt").read_text()
+    assert "optimizer groups" in (out / "w5_s0" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--widths", "64,abc"], "--widths '64,abc': expected a comma-separated list"),
+        (["--widths", "64", "--parametrization", "mup,mu"], "unknown ['mu']"),
+        (["--widths", "64", "--lrs", "0.1,-1"], "learning rates must be positive"),
+        (["--widths", "64", "--jobs", "0"], "--jobs 0: at least one"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_run(tmp_path, capsys, flags, message):
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit):
+        sweep(["--config", str(RECIPE), "--out", str(out), *flags])
+    assert message in capsys.readouterr().err
+    assert not list(out.glob("*/run.json"))
+
+
+def test_a_recipe_without_mup_strategy_is_refused(tmp_path):
+    config = yaml.safe_load(RECIPE.read_text())
+    config["trainer"]["strategy"] = "auto"
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="needs trainer.strategy: {class_path: lightning_mup.MuPStrategy"):
+        sweep(["--config", str(path), "--widths", "64", "--out", str(tmp_path / "sweep")])

@@ -115,7 +115,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("sweep", type=Path, help="the sweep folder (lightning-mup sweep --out ...)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <sweep>/report)")
     args = parser.parse_args(argv)
-    report_command(args.sweep, args.out)
+    try:
+        report_command(args.sweep, args.out)
+    except FileNotFoundError as error:
+        parser.error(str(error))
 
 
 def report_command(sweep: Path, out: Path | None = None) -> None:

@@ -70,3 +70,11 @@ def test_best_lr_per_width_averages_seeds_and_feeds_the_width_fit(tmp_path):
     assert len(chosen["mup", "best"]) == 8  # 4 widths × 2 seeds
     (row,) = width_scaling(runs, tmp_path).rows
     assert row[1:4] == pytest.approx([2.0, 0.5, 0.105], rel=1e-3)  # C, β, D (D = 0.1 + mean seed offset)
+
+
+def test_report_of_a_folder_without_runs_says_so(tmp_path, capsys):
+    from lightning_mup.report.page import main as report
+
+    with pytest.raises(SystemExit):
+        report([str(tmp_path)])
+    assert "holds no finished runs" in capsys.readouterr().err
