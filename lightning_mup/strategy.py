@@ -39,11 +39,12 @@ from torch import nn
 
 from lightning_mup._hparams import rebuild_with_overrides
 from lightning_mup._rng import private_rng
+from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+from lightning_mup.parametrize.optim import group_scales
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
-ROLE_MAP_FILE = "mup.json"
 
 
 class _MuP:
@@ -337,11 +338,11 @@ def _group_table(optimizers: Sequence[torch.optim.Optimizer]) -> str:
     lines.append(f"  {'opt':>3} {'group':>5}  {'roles':24} {'params':>7} {'lr×':>9} {'wd×':>9} {'eps×':>9}")
     for i, optimizer in enumerate(optimizers):
         for j, group in enumerate(optimizer.param_groups):
-            scales = group.get("mup", {})
+            scales = group_scales(group)
             numel = sum(p.numel() for p in group["params"])
             lines.append(
                 f"  {i:>3} {j:>5}  {','.join(group.get('mup_roles', [])):24} {numel:>7} "
-                f"{scales.get('lr', 1):>9.4g} {scales.get('weight_decay', 1):>9.4g} {scales.get('eps', 1):>9.4g}"
+                f"{scales['lr']:>9.4g} {scales['weight_decay']:>9.4g} {scales['eps']:>9.4g}"
             )
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-RUN_FILE, SWEEP_FILE, LOG_FILE = "run.json", "sweep.json", "log.txt"
+from lightning_mup._run_folder import LOG_FILE, RUN_FILE, SWEEP_FILE
 
 
 @dataclass

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from lightning_mup._run_folder import step_file
 from lightning_mup.measure.observe import observing
 
 LossFn = Callable[[L.LightningModule, Any], torch.Tensor]
@@ -139,6 +140,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.run_dir / filename, **{k: np.asarray(v) for k, v in arrays.items()})
 
+    def save_step(self, trainer: L.Trainer, **arrays: Any) -> None:
+        """This measurement's arrays at the current global step, where the report and reference runs look."""
+        self.save_arrays(trainer, step_file(trainer.global_step), **arrays)
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "probe": self.probe if not self._given_probe else []}
 
@@ -180,7 +185,7 @@ def concat_batches(batches: Sequence[Any]) -> Any:
 
 def load_step_arrays(run_dir: str | Path, name: str, step: int) -> dict[str, np.ndarray] | None:
     """A callback's arrays at ``step`` in another run folder (a reference run), or None."""
-    path = Path(run_dir) / name / f"step_{step:08d}.npz"
+    path = Path(run_dir) / name / step_file(step)
     if not path.exists():
         return None
     with np.load(path) as data:

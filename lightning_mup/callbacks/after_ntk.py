@@ -30,15 +30,8 @@ import torch
 from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
 from lightning_mup.callbacks.feature_kernels import Targets, default_targets
 from lightning_mup.measure.kernels import kernel_target_alignment
-from lightning_mup.measure.ntk import (
-    OutputFn,
-    default_output,
-    effective_rank,
-    empirical_ntk,
-    kernel_flow_loss,
-    spectrum,
-    task_power,
-)
+from lightning_mup.measure.ntk import OutputFn, analyse_kernel, default_output, effective_rank, empirical_ntk
+from lightning_mup.parametrize.optim import lr_scales
 
 Inputs = Callable[[Any], Any]
 
@@ -127,14 +120,8 @@ class AfterNTK(MeasurementCallback):
     def _param_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
         if self.weights is None or not trainer.optimizers:
             return None
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        return {
-            names[id(p)]: float(g.get("mup", {}).get("lr", 1.0))
-            for opt in trainer.optimizers
-            for g in opt.param_groups
-            for p in g["params"]
-            if id(p) in names
-        }
+        scales = lr_scales(trainer.optimizers)
+        return {n: scales[id(p)] for n, p in pl_module.named_parameters() if id(p) in scales}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         batch = concat_batches(self.probe)
@@ -149,43 +136,41 @@ class AfterNTK(MeasurementCallback):
             memory_budget=self.memory_budget,
             param_weights=self._param_weights(trainer, pl_module),
         ).cpu()
-        square = kernel.sum(0) if self.mode == "blocks" else kernel
-        points = square.shape[0]
-        values, vectors = spectrum(square)
         outputs = self._outputs(pl_module)
         step = trainer.global_step
-        scalars = {
-            f"{self.name}/top_eigenvalue": float(values[0] / points),
-            f"{self.name}/effective_rank": effective_rank(values),
-        }
-        arrays: dict[str, Any] = {
-            "kernel": kernel.numpy(),
-            "eigenvalues": values,
-            "eigenvectors": vectors[:, : self.max_eigenvectors],
-            "outputs": outputs.numpy(),
-        }
         y = self.targets(batch)
         if y is not None:
             y = y.double().cpu().reshape(len(outputs), -1)
-            y_rows = y.reshape(points, -1)  # "full": one row per (point, output)
-            power = task_power(vectors, y_rows.numpy())
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
+        flow_steps = np.linspace(0, max(step, 1), self.flow_points)
+        result = analyse_kernel(kernel, y, self.initial_outputs, flow_steps, lr)  # r₀ = y - f₀
+        points = len(result.kernel)
+        scalars = {
+            f"{self.name}/top_eigenvalue": float(result.eigenvalues[0] / points),
+            f"{self.name}/effective_rank": effective_rank(result.eigenvalues),
+        }
+        arrays: dict[str, Any] = {
+            "kernel": kernel.numpy(),
+            "eigenvalues": result.eigenvalues,
+            "eigenvectors": result.eigenvectors[:, : self.max_eigenvectors],
+            "outputs": outputs.numpy(),
+        }
+        if y is not None:
+            power = result.task_power
             scalars.update(
                 {f"{self.name}/task_power_{k}": float(power[k - 1]) for k in self.task_power_at if k <= points}
             )
-            scalars[f"{self.name}/kta"] = kernel_target_alignment(square, y_rows)
-            f0 = self.initial_outputs if self.initial_outputs is not None else torch.zeros_like(y)
-            residual = (y - f0).reshape(points, -1).numpy()
-            lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
-            flow_steps = np.linspace(0, max(step, 1), self.flow_points)
+            # "full": one row per (point, output)
+            scalars[f"{self.name}/kta"] = kernel_target_alignment(torch.as_tensor(result.kernel), y.reshape(points, -1))
             arrays.update(
                 task_power=power,
                 targets=y.numpy(),
-                initial_outputs=f0.numpy(),
+                initial_outputs=(torch.zeros_like(y) if self.initial_outputs is None else self.initial_outputs).numpy(),
                 flow_steps=flow_steps,
-                flow_loss=kernel_flow_loss(values, vectors, residual, flow_steps, lr),
+                flow_loss=result.flow_loss,
                 lr=lr,
             )
-        self.save_arrays(trainer, f"step_{step:08d}.npz", **arrays)
+        self.save_step(trainer, **arrays)
         return scalars
 
     def nan_keys(self) -> list[str]:

@@ -74,7 +74,7 @@ class AttentionMaps(MeasurementCallback):
                 scalars[f"{self.name}/{layer}/distance_reference"] = attention_distance(
                     m, torch.as_tensor(reference[layer])
                 )
-        self.save_arrays(trainer, f"step_{step:08d}.npz", **{k: v.cpu().numpy() for k, v in maps.items()})
+        self.save_step(trainer, **{k: v.cpu().numpy() for k, v in maps.items()})
         return scalars
 
     def nan_keys(self) -> list[str]:

@@ -32,8 +32,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_mup._run_folder import step_file, step_files
 from lightning_mup.callbacks._base import MeasurementCallback, concat_batches, load_step_arrays
-from lightning_mup.measure.ensemble import MemberLogits, correct_logits, ensemble_statistics, relative_rmse
+from lightning_mup.measure.ensemble import MemberLogits, ensemble_statistics, finite_members, logit_distance
 
 LogitsFn = Callable[[L.LightningModule, Any], torch.Tensor]
 
@@ -106,22 +107,19 @@ class EnsembleLogits(MeasurementCallback):
         step = trainer.global_step
         scalars = {f"ensemble/{k}": v for k, v in ensemble_statistics(logits_np, targets).items()}
         scalars.update(self._distances(logits_np, targets, step))
-        self.save_arrays(trainer, f"step_{step:08d}.npz", logits=logits_np, targets=targets)
+        self.save_step(trainer, logits=logits_np, targets=targets)
         return scalars
 
     def _distances(self, logits: np.ndarray, targets: np.ndarray, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        mine = correct_logits(logits, targets)  # [E, P]
-        finite = np.isfinite(mine).all(axis=1)
-        mine = mine[finite]
+        if not finite_members(logits).any():
+            return out
         for key, folder in (("reference", self.reference), ("next_width", self.next_width)):
             other = load_step_arrays(folder, self.name, step) if folder is not None else None
-            if other is None or other["logits"].shape[1] != logits.shape[1] or not len(mine):
+            if other is None or other["logits"].shape[1] != logits.shape[1]:
                 continue
-            theirs = correct_logits(other["logits"], other["targets"])
-            theirs = theirs[np.isfinite(theirs).all(axis=1)].mean(axis=0)
-            out[f"ensemble/rmse_{key}"] = float(np.mean([relative_rmse(m, theirs) for m in mine]))
-            out[f"ensemble/rmse_{key}_ensemble"] = relative_rmse(mine.mean(axis=0), theirs)
+            members, ensemble = logit_distance(logits, targets, other["logits"], other["targets"])
+            out[f"ensemble/rmse_{key}"], out[f"ensemble/rmse_{key}_ensemble"] = members, ensemble
         return out
 
     def nan_keys(self) -> list[str]:
@@ -133,13 +131,11 @@ def merge_runs(runs: Sequence[str | Path], step: int | None = None) -> dict[str,
     last step every run has) are stacked and :func:`ensemble_statistics` applied."""
     folders = [Path(r) / EnsembleLogits.name for r in runs]
     if step is None:
-        common = set.intersection(*({f.name for f in folder.glob("step_*.npz")} for folder in folders))
+        common = set.intersection(*(set(step_files(folder)) for folder in folders))
         if not common:
             raise FileNotFoundError(f"no step with ensemble logits common to {list(runs)}")
-        name = max(common)
-    else:
-        name = f"step_{step:08d}.npz"
-    loaded = [np.load(folder / name) for folder in folders]
+        step = max(common)
+    loaded = [np.load(folder / step_file(step)) for folder in folders]
     logits = np.concatenate([d["logits"] for d in loaded])
     targets = loaded[0]["targets"]
-    return {"step": int(name[5:13]), "logits": logits, "targets": targets, **ensemble_statistics(logits, targets)}
+    return {"step": step, "logits": logits, "targets": targets, **ensemble_statistics(logits, targets)}

@@ -128,7 +128,7 @@ class FeatureKernels(MeasurementCallback):
         arrays = {k: v.cpu().numpy() for k, v in kernels.items()}
         if y is not None:
             arrays["targets"] = y.cpu().numpy()
-        self.save_arrays(trainer, f"step_{step:08d}.npz", **arrays)
+        self.save_step(trainer, **arrays)
         return scalars
 
     def nan_keys(self) -> list[str]:

@@ -80,7 +80,7 @@ class PreactivationHistograms(MeasurementCallback):
             arrays[f"hist/{layer}"] = np.stack([histogram(row, self.edges) for row in v])
             arrays[f"samples/{layer}"] = np.stack([subsample(row, self.max_samples) for row in v])
             self._tensorboard(trainer, layer, v, step)
-        self.save_arrays(trainer, f"step_{step:08d}.npz", **arrays)
+        self.save_step(trainer, **arrays)
         return scalars
 
     def _tensorboard(self, trainer: L.Trainer, layer: str, values: np.ndarray, step: int) -> None:

@@ -136,9 +136,7 @@ class Sharpness(MeasurementCallback):
         for key, value in scalars.items():
             self.series.setdefault(key, []).append(value)
         self.series.setdefault("step", []).append(step)
-        self.save_arrays(
-            trainer, f"step_{step:08d}.npz", **{**{k.split("/")[-1]: v for k, v in scalars.items()}, **arrays}
-        )
+        self.save_step(trainer, **{**{k.split("/")[-1]: v for k, v in scalars.items()}, **arrays})
         self.save_arrays(trainer, "series.npz", **{k.replace("/", "."): v for k, v in self.series.items()})
         return scalars
 

@@ -82,6 +82,20 @@ def relative_rmse(values: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(((values - reference) ** 2).mean()) / max(np.sqrt((reference**2).mean()), 1e-300))
 
 
+def logit_distance(
+    logits: np.ndarray, targets: np.ndarray, reference_logits: np.ndarray, reference_targets: np.ndarray
+) -> tuple[float, float]:
+    """How far an ensemble's correct-class logits are from a reference ensemble's mean (the widest run, or
+    the next width; Fig. 3d-f, 4): the relative RMSE of each member averaged over members, and that of the
+    ensemble mean. Non-finite members are left out on both sides (NaN when none is left)."""
+    mine, theirs = correct_logits(logits, targets), correct_logits(reference_logits, reference_targets)
+    mine, theirs = mine[np.isfinite(mine).all(axis=1)], theirs[np.isfinite(theirs).all(axis=1)]
+    if not len(mine) or not len(theirs):
+        return float("nan"), float("nan")
+    reference = theirs.mean(axis=0)
+    return float(np.mean([relative_rmse(m, reference) for m in mine])), relative_rmse(mine.mean(axis=0), reference)
+
+
 class MemberLogits(Metric):
     """Member logits [E_local, P, C] from every rank, concatenated on ``compute()`` (torchmetrics does the
     DDP gather): the state of an ensemble whose members live on different processes."""

@@ -23,7 +23,6 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +31,11 @@ import torch
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, lobpcg
 from torch import nn
 
+from lightning_mup.measure.observe import math_attention
+from lightning_mup.parametrize.optim import group_scales, lr_scales
+
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("double_backward", "forward_over_reverse")
-
-
-def _math_attention():
-    """Fused scaled-dot-product attention has no double backward on CPU: use the math kernel."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class HessianOperator:
@@ -90,7 +83,7 @@ class HessianOperator:
         """H v for a flat float32 vector (the same on every rank)."""
         self.n_hvp += 1
         vs = self._split(v)
-        with _math_attention():
+        with math_attention():
             hv = self._double_backward(vs) if self.method == "double_backward" else self._forward_over_reverse(vs)
         return self.all_reduce(torch.cat([h.reshape(-1) for h in hv]).float())
 
@@ -110,12 +103,16 @@ class HessianOperator:
             raise FloatingPointError(f"the probe-set loss is {self.loss_value}")
         return total
 
-    def _double_backward(self, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _gradient_graph(self) -> tuple[torch.Tensor, ...]:
+        """∇L with its graph, built once: every double-backward HVP is one backward pass through it."""
         if self._graph is None:
-            with torch.enable_grad():
+            with torch.enable_grad(), math_attention():
                 self._graph = torch.autograd.grad(self._total_loss(), list(self.params.values()), create_graph=True)
+        return self._graph
+
+    def _double_backward(self, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hv = torch.autograd.grad(
-            self._graph, list(self.params.values()), grad_outputs=vs, retain_graph=True, allow_unused=True
+            self._gradient_graph(), list(self.params.values()), grad_outputs=vs, retain_graph=True, allow_unused=True
         )
         return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params.values()))
 
@@ -141,10 +138,7 @@ class HessianOperator:
 
     def gradient(self) -> torch.Tensor:
         """∇L as a flat vector (for the double-backward method, from the cached graph)."""
-        if self._graph is None:
-            with torch.enable_grad(), _math_attention():
-                self._graph = torch.autograd.grad(self._total_loss(), list(self.params.values()), create_graph=True)
-        return self.all_reduce(torch.cat([g.detach().reshape(-1) for g in self._graph]).float())
+        return self.all_reduce(torch.cat([g.detach().reshape(-1) for g in self._gradient_graph()]).float())
 
     def release(self) -> None:
         """Drop the cached graph (it holds the probe set's activations) and the functional copy."""
@@ -255,8 +249,13 @@ def lobpcg_top(
         values, vectors, residuals = lobpcg(
             linear, x, largest=True, maxiter=iterations, tol=tol, retResidualNormsHistory=True
         )
-    order = np.argsort(values)[::-1]
     converged = bool(np.all(np.asarray(residuals[-1]) <= tol)) if residuals else False
+    return _descending(values, vectors, op, start, converged)
+
+
+def _descending(values: np.ndarray, vectors: np.ndarray, op: HessianOperator, start: int, converged: bool) -> Eigen:
+    """scipy's eigenpairs (vectors as columns) in descending order, as an :class:`Eigen`."""
+    order = np.argsort(values)[::-1]
     vecs = torch.as_tensor(vectors[:, order].T.copy(), dtype=torch.float32, device=op.device)
     return Eigen([float(values[i]) for i in order], vecs, op.n_hvp - start, converged)
 
@@ -301,9 +300,7 @@ def lanczos(
         values, vectors, converged = e.eigenvalues, e.eigenvectors, False
         if len(values) == 0:
             return Eigen([float("nan")] * k, torch.zeros(k, op.dim), op.n_hvp - start, False)
-    order = np.argsort(values)[::-1]
-    vecs = torch.as_tensor(vectors[:, order].T.copy(), dtype=torch.float32, device=op.device)
-    return Eigen([float(values[i]) for i in order], vecs, op.n_hvp - start, converged)
+    return _descending(values, vectors, op, start, converged)
 
 
 def power_iteration(
@@ -370,9 +367,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: dict[str, torc
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         v_hat = state["exp_avg_sq"] / (1 - beta2**step)
-        lr_scale = group.get("mup", {}).get("lr", 1.0)
-        eps = group["eps"] * group.get("mup", {}).get("eps", 1.0)
-        parts.append((lr_scale / ((v_hat.sqrt() + eps) * (1 - beta1**step))).reshape(-1).float())
+        scales = group_scales(group)
+        eps = group["eps"] * scales["eps"]
+        parts.append((scales["lr"] / ((v_hat.sqrt() + eps) * (1 - beta1**step))).reshape(-1).float())
     return torch.cat(parts)
 
 
@@ -382,7 +379,7 @@ def step_preconditioner(optimizer: torch.optim.Optimizer, params: dict[str, torc
     every scale is 1, so λ_max(H) itself is the one that meets (2 + 2β)/η)."""
     if any("betas" in g for g in optimizer.param_groups):
         return adam_preconditioner(optimizer, params)
-    scale_of = {id(p): g.get("mup", {}).get("lr", 1.0) for g in optimizer.param_groups for p in g["params"]}
+    scale_of = lr_scales([optimizer])
     scales = [scale_of.get(id(p), 1.0) for p in params.values()]
     if all(s == 1.0 for s in scales):
         return None

@@ -16,7 +16,7 @@ Peak memory for the per-sample gradient blocks is bounded by ``memory_budget`` b
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mup._names import select
+from lightning_mup.measure.observe import math_attention
 from lightning_mup.parametrize.adapters import type_names
 from lightning_mup.parametrize.roles import parameter_uses
 
@@ -32,14 +33,6 @@ OutputFn = Callable[[Any], torch.Tensor]
 _MAX_JACOBIAN_POINTS = 32
 MODES = ("full", "blocks", "trace")
 METHODS = ("auto", "layerwise", "jacobian")
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def default_output(out: Any) -> torch.Tensor:
@@ -116,7 +109,7 @@ def empirical_ntk(
     if method == "layerwise" and rest:
         raise ValueError(f"method='layerwise' cannot handle {rest[:5]} (not in Linear/Conv layers); use 'auto'")
 
-    with _math_attention():
+    with math_attention():
         kernel = None
         weights = param_weights or {}
         diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
@@ -324,7 +317,7 @@ def naive_ntk(
     """The reference: one autograd call per (point, output), per-sample gradients stacked, J Jᵀ."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
-    with _math_attention():
+    with math_attention():
         for i in range(len(inputs)):
             f = output_fn(model(inputs[i : i + 1]))[0]
             for c in range(f.shape[0]):
@@ -371,6 +364,40 @@ def kernel_flow_loss(
     loss = np.exp(-np.outer(np.asarray(steps, dtype=np.float64), rates)) @ coefficients
     unexplained = max(0.0, (r**2).sum() / points - coefficients.sum())  # directions beyond the kept vectors
     return loss + unexplained
+
+
+@dataclass
+class AfterKernel:
+    """A kernel's spectrum and, given targets, the task's place in it (Vyas et al. Fig. 9b-c)."""
+
+    kernel: np.ndarray  # [P, P]: per-output blocks summed
+    eigenvalues: np.ndarray  # of ``kernel``, descending
+    eigenvectors: np.ndarray  # [P, P], columns
+    task_power: np.ndarray | None  # C(k), k = 1…P
+    flow_loss: np.ndarray | None  # kernel-flow loss at ``flow_steps``
+
+
+def analyse_kernel(
+    kernel: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor | None = None,
+    initial_outputs: np.ndarray | torch.Tensor | None = None,
+    flow_steps: np.ndarray | Sequence[float] = (),
+    lr: float = 1.0,
+) -> AfterKernel:
+    """Spectrum of ``kernel`` ([P, P], [P·C, P·C], or blocks [C, P, P] summed over outputs); with ``targets``
+    (one row per kernel row) also C(k) and the kernel-flow loss from the residual y − f₀ (f₀ = 0 if not given)."""
+    kernel = torch.as_tensor(kernel, dtype=torch.float64).cpu()
+    square = kernel.sum(0) if kernel.dim() == 3 else kernel
+    points = square.shape[0]
+    values, vectors = spectrum(square)
+    if targets is None:
+        return AfterKernel(square.numpy(), values, vectors, None, None)
+    y = torch.as_tensor(targets, dtype=torch.float64).cpu().reshape(points, -1).numpy()
+    residual = y
+    if initial_outputs is not None:
+        residual = y - torch.as_tensor(initial_outputs, dtype=torch.float64).cpu().reshape(points, -1).numpy()
+    flow = kernel_flow_loss(values, vectors, residual, np.asarray(flow_steps, dtype=np.float64), lr)
+    return AfterKernel(square.numpy(), values, vectors, task_power(vectors, y), flow)
 
 
 def effective_rank(eigenvalues: np.ndarray) -> float:

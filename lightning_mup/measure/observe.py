@@ -13,7 +13,14 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def math_attention():
+    """Scaled-dot-product attention on its math kernel: the fused kernels have no double backward (HVPs)
+    on CPU and no batching rule inside torch.func transforms (per-sample Jacobians)."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextmanager

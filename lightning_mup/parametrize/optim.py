@@ -13,7 +13,7 @@ scheduler inside :func:`scaling_param_groups`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -200,6 +200,20 @@ def scaling_param_groups(record: Parametrization, model: nn.Module, family: str 
         Optimizer.add_param_group = _ORIGINAL_ADD_PARAM_GROUP
 
 
+_UNSCALED = {"lr": 1.0, "weight_decay": 1.0, "eps": 1.0}
+
+
+def group_scales(group: dict[str, Any]) -> dict[str, float]:
+    """The μP scales a group steps with: ``lr``, ``weight_decay``, ``eps`` (all 1 for a group that
+    lightning_mup did not split, e.g. without MuPStrategy)."""
+    return group.get("mup", _UNSCALED)
+
+
+def lr_scales(optimizers: Iterable[Optimizer]) -> dict[int, float]:
+    """{id(parameter): its μP learning-rate scale} over the optimizers' groups."""
+    return {id(p): float(group_scales(g)["lr"]) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+
+
 def effective_lrs(optimizer: Optimizer) -> list[float]:
     """The lr each group steps with right now: scheduled lr × μP scale."""
-    return [float(g["lr"]) * (g["mup"]["lr"] if "mup" in g else 1.0) for g in optimizer.param_groups]
+    return [float(g["lr"]) * group_scales(g)["lr"] for g in optimizer.param_groups]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lightning_mup.measure.ntk import kernel_flow_loss, spectrum, task_power
+from lightning_mup._run_folder import step_files
+from lightning_mup.measure.ntk import analyse_kernel
+from lightning_mup.report.plotting import colors, pyplot, save
 
 
 @dataclass
@@ -32,13 +33,12 @@ class AveragedKernel:
 
 
 def _last_arrays(run: str | Path, step: int | None) -> dict[str, np.ndarray]:
-    folder = Path(run) / "after_ntk"
-    files = sorted(folder.glob("step_*.npz"))
+    files = step_files(Path(run) / "after_ntk")
     if step is not None:
-        files = [f for f in files if f.name == f"step_{step:08d}.npz"]
+        files = {s: f for s, f in files.items() if s == step}
     if not files:
         raise FileNotFoundError(f"no after_ntk arrays{'' if step is None else f' at step {step}'} in {run}")
-    with np.load(files[-1]) as data:
+    with np.load(files[max(files)]) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -49,14 +49,13 @@ def ensemble_after_kernel(runs: Sequence[str | Path], step: int | None = None) -
     if len(shapes) != 1:
         raise ValueError(f"the runs' kernels differ in shape {shapes}: they were measured on different probes")
     kernel = np.mean([a["kernel"] for a in arrays], axis=0)
-    square = kernel.sum(0) if kernel.ndim == 3 else kernel
-    points = square.shape[0]
-    values, vectors = spectrum(torch.as_tensor(square))
     first = arrays[0]
-    targets = first["targets"].reshape(points, -1)
-    residual = (first["targets"] - np.mean([a["initial_outputs"] for a in arrays], axis=0)).reshape(points, -1)
-    flow = kernel_flow_loss(values, vectors, residual, first["flow_steps"], float(first["lr"]))
-    return AveragedKernel(len(runs), kernel, values / points, task_power(vectors, targets), first["flow_steps"], flow)
+    initial_outputs = np.mean([a["initial_outputs"] for a in arrays], axis=0)
+    result = analyse_kernel(kernel, first["targets"], initial_outputs, first["flow_steps"], float(first["lr"]))
+    points = len(result.kernel)
+    return AveragedKernel(
+        len(runs), kernel, result.eigenvalues / points, result.task_power, first["flow_steps"], result.flow_loss
+    )
 
 
 def compare_widths(
@@ -67,14 +66,8 @@ def compare_widths(
 
 def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, top: int = 60) -> Path:
     """Spectra (b), task power C(k) (c) and kernel-flow loss curves, one line per width."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(results)))
-    for color, (width, r) in zip(colors, results.items()):
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
+    for color, (width, r) in zip(colors(len(results)), results.items()):
         k = np.arange(1, min(top, len(r.eigenvalues)) + 1)
         axes[0].loglog(k, np.clip(r.eigenvalues[: len(k)], 1e-12, None), color=color, label=f"N={width}")
         axes[1].semilogx(np.arange(1, len(r.task_power) + 1), r.task_power, color=color, label=f"N={width}")
@@ -84,9 +77,4 @@ def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, 
     axes[2].set(xlabel="step", ylabel="loss", title="kernel-flow loss of ⟨K⟩", yscale="log")
     for ax in axes:
         ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_mup.measure.ensemble import correct_logits, ensemble_statistics, relative_rmse
+from lightning_mup.measure.distribution import moments
+from lightning_mup.measure.ensemble import ensemble_statistics, logit_distance
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
 from lightning_mup.report.fit import fit_power_law
+from lightning_mup.report.plotting import colors, pyplot, save, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 
@@ -26,37 +28,6 @@ class Figure:
     rows: list[list] = field(default_factory=list)
     note: str = ""
     skipped: str | None = None
-
-
-def _width_axis(ax, widths) -> None:
-    """A log-scaled width axis labelled with the widths themselves (64, 128, …), not powers of ten."""
-    from matplotlib.ticker import NullLocator
-
-    widths = sorted({int(w) for w in widths})
-    ax.set_xscale("log")
-    ax.set_xticks(widths, [str(w) for w in widths])
-    ax.xaxis.set_minor_locator(NullLocator())
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colors(n: int):
-    return _plt().get_cmap("viridis")(np.linspace(0.05, 0.9, max(n, 1)))
-
-
-def _save(fig, out: Path, key: str) -> Path:
-    path = out / f"{key}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
 
 
 def loss_key(runs: Sequence[Run]) -> str:
@@ -102,11 +73,11 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
         "loss_curves", f"Loss curves per width ({key}; Fig. 2)", header=["group", "width", "seeds", f"final {key}"]
     )
     chosen = best_group_per_width(runs, key)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.6), squeeze=False)
     for ax, (group, members) in zip(axes[0], chosen.items()):
         widths = by_width(members)
-        for color, (width, same) in zip(_colors(len(widths)), widths.items()):
+        for color, (width, same) in zip(colors(len(widths)), widths.items()):
             curve = _mean_curve(same, key)
             if curve is None:
                 continue
@@ -114,7 +85,7 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
             figure.rows.append([_group_name(group, same), width, len(same), mean_final(same, key)])
         ax.set(xlabel="step", ylabel=key, yscale="log", title=_group_name(group, members))
         ax.legend(fontsize=8, frameon=False)
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     if any(g[1] == "best" for g in chosen):
         figure.note = "With several learning rates, each width is shown at its best one."
     return figure
@@ -123,7 +94,7 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
 def _group_name(group: tuple, members: Sequence[Run]) -> str:
     parametrization, lr = group
     if lr == "best":
-        return f"{parametrization or 'recipe'}, best lr per width"
+        return f"{label((parametrization, None))}, best lr per width"
     return label((parametrization, lr))
 
 
@@ -162,19 +133,17 @@ def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
     group, logits = found[0]
     widths = sorted(logits)
     widest = widths[-1]
-    plt = _plt()
+    plt = pyplot()
     fig, (ax_t, ax_w) = plt.subplots(1, 2, figsize=(10, 3.8))
     final_to_widest, final_to_next = [], []
-    for color, width in zip(_colors(len(widths) - 1), widths[:-1]):
+    for color, width in zip(colors(len(widths) - 1), widths[:-1]):
         steps = sorted(set(logits[width]) & set(logits[widest]))
         next_width = widths[widths.index(width) + 1]
         to_widest, to_next = [], []
         for step in steps:
-            mine = correct_logits(*logits[width][step])
-            ref = correct_logits(*logits[widest][step]).mean(axis=0)
-            nxt = correct_logits(*logits[next_width][step]).mean(axis=0) if step in logits[next_width] else None
-            to_widest.append(np.mean([relative_rmse(m, ref) for m in mine]))
-            to_next.append(np.mean([relative_rmse(m, nxt) for m in mine]) if nxt is not None else np.nan)
+            to_widest.append(logit_distance(*logits[width][step], *logits[widest][step])[0])
+            nxt = logits[next_width].get(step)
+            to_next.append(logit_distance(*logits[width][step], *nxt)[0] if nxt is not None else np.nan)
         ax_t.plot(steps, to_widest, color=color, label=f"N={width}")
         final_to_widest.append(to_widest[-1])
         final_to_next.append(to_next[-1])
@@ -188,9 +157,9 @@ def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
         anchor = final_to_next[0] if np.isfinite(final_to_next[0]) else final_to_widest[0]
         ax_w.loglog(w, anchor * (w / w[0]) ** -power, "k" + style, lw=0.8, label=f"∝ N^-{power:g}")
     ax_w.set(xlabel="width N", ylabel="relative RMSE (final step)", title="convergence in width")
-    _width_axis(ax_w, w)
+    width_axis(ax_w, w)
     ax_w.legend(fontsize=8, frameon=False)
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     return figure
 
 
@@ -204,9 +173,9 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
     if not found:
         figure.skipped = "no ensemble_logits arrays for ≥ 2 widths — add the EnsembleLogits callback"
         return figure
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for color, (group, logits) in zip(_colors(len(found)), found):
+    for color, (group, logits) in zip(colors(len(found)), found):
         widths = sorted(logits)
         single, ensemble = [], []
         for width in widths:
@@ -226,10 +195,10 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
             )
         ax.loglog(widths, single, "o-", color=color, label=f"single ({label(group)})")
         ax.loglog(widths, ensemble, "s--", color=color, label=f"ensemble ({label(group)})")
-        _width_axis(ax, widths)
+        width_axis(ax, widths)
     ax.set(xlabel="width N", ylabel="test loss at the last step", title="variance is removed, bias is not")
     ax.legend(fontsize=7, frameon=False)
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     return figure
 
 
@@ -265,21 +234,21 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
                             )
         if not values:
             continue
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for color, (layer, per_width) in zip(_colors(len(values)), values.items()):
+        for color, (layer, per_width) in zip(colors(len(values)), values.items()):
             ws = sorted(per_width)
             means = [float(np.mean(per_width[w])) for w in ws]
             ax.semilogx(ws, means, "o-", color=color, label=layer)
             figure.rows += [[label(group), layer, w, m] for w, m in zip(ws, means)]
         ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest} (step {step})", title=label(group))
-        _width_axis(ax, widths)
+        width_axis(ax, widths)
         ax.legend(fontsize=7, frameon=False)
         figure.note = (
             f"Each run against the first seed at N={widest}, averaged over seeds; at N={widest} itself the "
             "value is the agreement between seeds."
         )
-        figure.path = _save(fig, out, figure.key)
+        figure.path = save(fig, out / f"{figure.key}.png")
         return figure
     figure.skipped = "no feature_kernels arrays for ≥ 2 widths — add the FeatureKernels callback"
     return figure
@@ -316,7 +285,7 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
         steps = sorted({min(common), max(common)})
         with np.load(next(iter(files.values()))[0][steps[-1]]) as data:
             layer = sorted(k[5:] for k in data.files if k.startswith("hist/"))[-1]
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, len(steps), figsize=(5.0 * len(steps), 3.6), squeeze=False)
         for ax, step in zip(axes[0], steps):
             curves = {}
@@ -331,11 +300,10 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
             spread = max(float(np.quantile(np.abs(c[2]), 0.995)) for c in curves.values())
             # About 30 bins across the visible range, whatever the callback's fixed bins were.
             factor = max(1, int(2.6 * spread / float(np.diff(edges).mean()) / 30))
-            for color, (width, (edges, density, pooled)) in zip(_colors(len(curves)), curves.items()):
+            for color, (width, (edges, density, pooled)) in zip(colors(len(curves)), curves.items()):
                 ax.stairs(*_coarsen(edges, density, factor)[::-1], color=color, label=f"N={width}", lw=1.3)
-                figure.rows.append(
-                    [label(group), layer, width, step, float(pooled.var()), float(stats.kurtosis(pooled))]
-                )
+                shape = moments(pooled)
+                figure.rows.append([label(group), layer, width, step, shape["variance"], shape["excess_kurtosis"]])
             grid = np.linspace(-1.3 * spread, 1.3 * spread, 200)
             ax.plot(grid, stats.norm.pdf(grid, scale=np.sqrt(pooled.var())), "k--", lw=0.8, label="Gaussian")
             ax.set(xlabel="h", ylabel="density over neurons", xlim=(grid[0], grid[-1]), title=f"{layer}, step {step}")
@@ -344,7 +312,7 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
             "Pooled over probe points and seeds; dashed: the Gaussian with the widest run's variance. "
             "Feature learning shows as a departure from it that is the same at every width."
         )
-        figure.path = _save(fig, out, figure.key)
+        figure.path = save(fig, out / f"{figure.key}.png")
         return figure
     figure.skipped = "no preactivations arrays for ≥ 2 widths — add the PreactivationHistograms callback"
     return figure
@@ -362,11 +330,11 @@ def sharpness(runs: Sequence[Run], out: Path) -> Figure:
         figure.skipped = "no sharpness logged — add the Sharpness callback"
         return figure
     group, members = found[0]
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     widths = by_width(members)
     threshold = None
-    for color, (width, same) in zip(_colors(len(widths)), widths.items()):
+    for color, (width, same) in zip(colors(len(widths)), widths.items()):
         curve = _mean_curve(same, "sharpness")
         if curve is None:
             continue
@@ -387,7 +355,7 @@ def sharpness(runs: Sequence[Run], out: Path) -> Figure:
         ax.axhline(threshold, color="k", ls="--", lw=0.8, label="stability threshold")
     ax.set(xlabel="step", ylabel="λ_max", title=label(group))
     ax.legend(fontsize=8, frameon=False)
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     return figure
 
 
@@ -436,9 +404,9 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
     if not chosen:
         figure.skipped = "the three-parameter fit needs at least three widths (sweep --widths with three or more)"
         return figure
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for color, (group, members) in zip(_colors(len(chosen)), chosen.items()):
+    for color, (group, members) in zip(colors(len(chosen)), chosen.items()):
         widths = by_width(members)
         w = np.asarray(sorted(widths), dtype=float)
         y = np.asarray([mean_final(widths[int(x)], key) for x in w])
@@ -455,9 +423,9 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
             [_group_name(group, members), law.C, law.beta, law.D, law.r2, ", ".join(map(str, map(int, w)))]
         )
     ax.set(xlabel="width N", ylabel=f"final {key}")
-    _width_axis(ax, {w for members in chosen.values() for w in by_width(members)})
+    width_axis(ax, {w for members in chosen.values() for w in by_width(members)})
     ax.legend(fontsize=7, frameon=False)
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     return figure
 
 
@@ -492,11 +460,11 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
     # beyond is drawn on its edge (▲ too high, × diverged).
     top = 1.15 * max(float(np.nanmax(c[:2])) for per_width in curves.values() for c in per_width.values())
     bottom = 0.9 * float(finite.min())
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(forms), figsize=(5 * len(forms), 3.8), squeeze=False, sharey=True)
     for ax, form in zip(axes[0], forms):
         widths = curves[form]
-        for color, (width, y) in zip(_colors(len(widths)), widths.items()):
+        for color, (width, y) in zip(colors(len(widths)), widths.items()):
             ax.semilogx(x, np.minimum(y, top), "o-", color=color, label=f"N={width}")
             ax.plot(x[y > top], np.full((y > top).sum(), top), "^", color=color, ms=9)
             run_exists = [
@@ -511,7 +479,7 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
         ax.set(xlabel="learning rate", title=form or "runs", yscale="log", ylim=(bottom, top * 1.03))
         ax.legend(fontsize=8, frameon=False)
     axes[0][0].set_ylabel(f"final {key}")
-    figure.path = _save(fig, out, figure.key)
+    figure.path = save(fig, out / f"{figure.key}.png")
     figure.note = " ".join(transfer_verdict(figure.rows, lrs)) + " (▲: above the axis, ×: diverged.)"
     return figure
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_mup._run_folder import ROLE_MAP_FILE, RUN_FILE, step_files
+
 
 @dataclass
 class Run:
@@ -41,7 +43,7 @@ class Run:
         return float(np.mean(values[(steps > (1 - tail) * steps[-1]) | (steps == steps[-1])]))
 
     def step_files(self, callback: str) -> dict[int, Path]:
-        return {int(p.stem[5:]): p for p in sorted((self.log_dir / callback).glob("step_*.npz"))}
+        return step_files(self.log_dir / callback)
 
 
 def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -63,7 +65,7 @@ def discover(sweep: str | Path) -> list[Run]:
     """Every finished run of a sweep folder (``run.json`` with status "done" and a metrics.csv)."""
     sweep = Path(sweep)
     runs = []
-    for run_file in sorted(sweep.glob("*/run.json")):
+    for run_file in sorted(sweep.glob(f"*/{RUN_FILE}")):
         state = json.loads(run_file.read_text())
         if state.get("status") != "done":
             continue
@@ -92,7 +94,7 @@ def discover(sweep: str | Path) -> list[Run]:
 def _recorded_parametrization(log_dir: Path) -> str | None:
     """The form MuPStrategy wrote to mup.json, for sweeps without a --parametrization axis."""
     try:
-        return json.loads((log_dir / "mup.json").read_text()).get("parametrization")
+        return json.loads((log_dir / ROLE_MAP_FILE).read_text()).get("parametrization")
     except (OSError, ValueError):
         return None
 

@@ -1,0 +1,25 @@
+"""The layout of run and sweep folders, written by the strategy, the callbacks and the sweep and read by the
+report — one place, so the writers and the reader cannot drift apart (no Lightning import).
+
+    <sweep>/sweep.json                      the grid and every run's state
+    <sweep>/<run>/run.json, log.txt         one run's settings and status, its output
+    <log_dir>/mup.json                      the role map MuPStrategy applied
+    <log_dir>/<callback>/step_<step>.npz    a measurement callback's arrays at a global step
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SWEEP_FILE, RUN_FILE, LOG_FILE = "sweep.json", "run.json", "log.txt"
+ROLE_MAP_FILE = "mup.json"
+
+
+def step_file(step: int) -> str:
+    """The file name of a callback's arrays at ``step`` (zero-padded: names sort by step)."""
+    return f"step_{step:08d}.npz"
+
+
+def step_files(folder: str | Path) -> dict[int, Path]:
+    """{step: path} of the step arrays in a callback's folder, in step order."""
+    return {int(p.stem[5:]): p for p in sorted(Path(folder).glob("step_*.npz"))}
