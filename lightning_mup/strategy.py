@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from lightning_mup._hparams import rebuild_with_overrides
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
-from lightning_mup.parametrize.optim import group_scales
+from lightning_mup.parametrize.optim import describe_groups
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
@@ -156,7 +156,7 @@ class _MuP:
                     "`optimizer: OptimizerCallable` argument on your LightningModule and set it in the config "
                     "under model.optimizer (class_path/init_args) rather than the top-level `optimizer:`."
                 )
-        rank_zero_info(_group_table(self.optimizers))
+        rank_zero_info(describe_groups(self.optimizers))
 
     # ------------------------------------------------------------------------------- files, checkpoints
     def _write_role_map(self, trainer: L.Trainer) -> None:
@@ -182,7 +182,7 @@ class _MuP:
             )
             return checkpoint
         restored = Parametrization.from_dict(saved)
-        if self.record is not None and not _same_scaling(self.record, restored):
+        if self.record is not None and not self.record.same_scaling(restored):
             raise ValueError(
                 f"{checkpoint_path} was trained with a different μP configuration than this MuPStrategy "
                 f"({restored.parametrization} {restored.settings} vs {self.record.parametrization} "
@@ -319,32 +319,6 @@ class MuPFSDPStrategy(_MuP, FSDPStrategy):
                 "On CPU use MuPStrategy (DDP), which gives every rank the whole model."
             )
         super().setup_environment()
-
-
-def _same_scaling(a: Parametrization, b: Parametrization) -> bool:
-    """Same roles, multipliers and optimizer scales (init scales may differ: weights come from the file)."""
-    if a.parametrization != b.parametrization or {h.module: h.value for h in a.hooks} != {
-        h.module: h.value for h in b.hooks
-    }:
-        return False
-    keys = ("role", "forward_mult", "lr_scale", "weight_decay_scale", "eps_scale")
-    return a.params.keys() == b.params.keys() and all(
-        getattr(a.params[n], k) == getattr(b.params[n], k) for n in a.params for k in keys
-    )
-
-
-def _group_table(optimizers: Sequence[torch.optim.Optimizer]) -> str:
-    lines = ["lightning_mup optimizer groups (effective lr = scheduled lr × lr×):"]
-    lines.append(f"  {'opt':>3} {'group':>5}  {'roles':24} {'params':>7} {'lr×':>9} {'wd×':>9} {'eps×':>9}")
-    for i, optimizer in enumerate(optimizers):
-        for j, group in enumerate(optimizer.param_groups):
-            scales = group_scales(group)
-            numel = sum(p.numel() for p in group["params"])
-            lines.append(
-                f"  {i:>3} {j:>5}  {','.join(group.get('mup_roles', [])):24} {numel:>7} "
-                f"{scales['lr']:>9.4g} {scales['weight_decay']:>9.4g} {scales['eps']:>9.4g}"
-            )
-    return "\n".join(lines)
 
 
 StrategyRegistry.register(

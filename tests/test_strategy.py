@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy, parametrize
 from lightning_mup.data.gegenbauer import GegenbauerDataModule
@@ -20,20 +20,7 @@ SGD = functools.partial(torch.optim.SGD, lr=0.05)
 
 def _trainer(tmp_path, max_steps=10, callbacks=(), **kw):
     kw.setdefault("strategy", MuPStrategy(base={"width": 32}))
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        max_steps=max_steps,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
+    return quiet_trainer(tmp_path, max_steps, callbacks, **kw)
 
 
 def _module(width=128, seed=0, **kw):

@@ -30,6 +30,17 @@ from lightning_mup._run_folder import step_file
 from lightning_mup.measure.observe import observing
 
 LossFn = Callable[[L.LightningModule, Any], torch.Tensor]
+Targets = Callable[[Any], torch.Tensor | None]
+
+
+def default_targets(batch: Any) -> torch.Tensor | None:
+    """y of an (x, y) batch; class labels become one-hot vectors."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        y = batch[1]
+        if not y.is_floating_point():
+            return torch.nn.functional.one_hot(y.long().reshape(-1)).double() if y.dim() <= 1 else None
+        return y
+    return None
 
 
 class MeasurementCallback(Callback, metaclass=ABCMeta):

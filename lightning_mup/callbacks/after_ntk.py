@@ -27,8 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
-from lightning_mup.callbacks.feature_kernels import Targets, default_targets
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, Targets, concat_batches, default_targets
 from lightning_mup.measure.kernels import kernel_target_alignment
 from lightning_mup.measure.ntk import OutputFn, analyse_kernel, default_output, effective_rank, empirical_ntk
 from lightning_mup.parametrize.optim import lr_scales

@@ -14,7 +14,7 @@ Logs per layer ``<layer>`` at each measured step: ``feature_kernels/<layer>/move
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,14 @@ import lightning as L
 import torch
 
 from lightning_mup._names import glob_match
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches, load_step_arrays
+from lightning_mup.callbacks._base import (
+    LossFn,
+    MeasurementCallback,
+    Targets,
+    concat_batches,
+    default_targets,
+    load_step_arrays,
+)
 from lightning_mup.measure.kernels import (
     cka,
     feature_kernel,
@@ -32,18 +39,6 @@ from lightning_mup.measure.kernels import (
     kernel_target_alignment,
 )
 from lightning_mup.measure.layers import capturing, resolve_layers
-
-Targets = Callable[[Any], torch.Tensor | None]
-
-
-def default_targets(batch: Any) -> torch.Tensor | None:
-    """y of an (x, y) batch; class labels become one-hot vectors."""
-    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
-        y = batch[1]
-        if not y.is_floating_point():
-            return torch.nn.functional.one_hot(y.long().reshape(-1)).double() if y.dim() <= 1 else None
-        return y
-    return None
 
 
 class FeatureKernels(MeasurementCallback):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_mup.models._base import RecipeModule
 from lightning_mup.models.networks import build_network
 
 
-class Classifier(L.LightningModule):
+class Classifier(RecipeModule):
     """Cross-entropy training of ``build_network(network, width, ...)``; logs loss and accuracy.
 
     Args:
@@ -49,9 +49,3 @@ class Classifier(L.LightningModule):
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val_acc", (logits.argmax(-1) == y).float().mean(), sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_mup.data.text import VOCAB_SIZE
+from lightning_mup.models._base import RecipeModule
 
 
-class LanguageModel(L.LightningModule):
+class LanguageModel(RecipeModule):
     """A GPT-2-style causal LM (``architecture="gpt2"``) or a BERT-style masked LM (``"bert"``).
 
     Vyas et al. App. A.3: depth 4, d_model = N, d_ffn = 4N, a fixed number of heads (head dim grows with
@@ -84,9 +84,3 @@ class LanguageModel(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}

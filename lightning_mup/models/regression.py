@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_mup.models._base import RecipeModule
 from lightning_mup.models.mlp import MLP
 
 
-class MLPRegressor(L.LightningModule):
+class MLPRegressor(RecipeModule):
     """An :class:`~lightning_mup.models.mlp.MLP` trained on squared error.
 
     A plain LightningModule: nothing about μP here. ``Trainer(strategy=MuPStrategy(base={"width": 64}))``
@@ -51,9 +51,3 @@ class MLPRegressor(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_loss", F.mse_loss(self(x), y), sync_dist=True)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}

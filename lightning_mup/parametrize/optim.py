@@ -217,3 +217,18 @@ def lr_scales(optimizers: Iterable[Optimizer]) -> dict[int, float]:
 def effective_lrs(optimizer: Optimizer) -> list[float]:
     """The lr each group steps with right now: scheduled lr × μP scale."""
     return [float(g["lr"]) * group_scales(g)["lr"] for g in optimizer.param_groups]
+
+
+def describe_groups(optimizers: Iterable[Optimizer]) -> str:
+    """A table of the optimizers' groups: roles, parameter count and the μP scales each steps with."""
+    lines = ["lightning_mup optimizer groups (effective lr = scheduled lr × lr×):"]
+    lines.append(f"  {'opt':>3} {'group':>5}  {'roles':24} {'params':>7} {'lr×':>9} {'wd×':>9} {'eps×':>9}")
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            scales = group_scales(group)
+            numel = sum(p.numel() for p in group["params"])
+            lines.append(
+                f"  {i:>3} {j:>5}  {','.join(group.get('mup_roles', [])):24} {numel:>7} "
+                f"{scales['lr']:>9.4g} {scales['weight_decay']:>9.4g} {scales['eps']:>9.4g}"
+            )
+    return "\n".join(lines)

@@ -135,6 +135,18 @@ class Parametrization:
                     f"{self.params[name].shape}: the model was built at a different width"
                 )
 
+    def same_scaling(self, other: Parametrization) -> bool:
+        """The same roles, multipliers and optimizer scales (init scales may differ: they only shaped the
+        initial weights, which a checkpoint replaces)."""
+        if self.parametrization != other.parametrization:
+            return False
+        if {h.module: h.value for h in self.hooks} != {h.module: h.value for h in other.hooks}:
+            return False
+        keys = ("role", "forward_mult", "lr_scale", "weight_decay_scale", "eps_scale")
+        return self.params.keys() == other.params.keys() and all(
+            getattr(self.params[n], k) == getattr(other.params[n], k) for n in self.params for k in keys
+        )
+
     # ---------------------------------------------------------------------------- reading it
     def roles(self) -> dict[str, str]:
         return {name: p.role for name, p in self.params.items()}

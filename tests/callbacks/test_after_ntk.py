@@ -2,11 +2,10 @@
 
 import functools
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
 from lightning_mup.callbacks import AfterNTK, EnsembleLogits, merge_runs
@@ -14,23 +13,6 @@ from lightning_mup.data.gegenbauer import GegenbauerDataModule
 from lightning_mup.measure.ntk import empirical_ntk
 from lightning_mup.models.regression import MLPRegressor
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
-
-
-def _trainer(root, max_steps, callbacks=(), **kw):
-    return L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        max_steps=max_steps,
-        logger=CSVLogger(root),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
 
 
 def _arrays(root):
@@ -42,7 +24,7 @@ def _arrays(root):
 def test_after_kernel_is_the_lr_weighted_ntk_of_the_trained_model(tmp_path):
     module = MLPRegressor(width=64, optimizer=functools.partial(torch.optim.SGD, lr=0.05))
     callback = AfterNTK(num_batches=2)
-    trainer = _trainer(tmp_path, 5, [callback], strategy=MuPStrategy(base={"width": 16}))
+    trainer = quiet_trainer(tmp_path, 5, [callback], strategy=MuPStrategy(base={"width": 16}))
     trainer.fit(module, GegenbauerDataModule(batch_size=16, batches_per_epoch=5))
     saved = _arrays(tmp_path)
     x = torch.cat([b[0] for b in callback.probe])
@@ -66,7 +48,7 @@ def test_after_kernel_is_the_lr_weighted_ntk_of_the_trained_model(tmp_path):
 def test_ddp_computes_once_on_the_global_probe(tmp_path):
     for devices in (2, 1):
         torch.manual_seed(0)
-        _trainer(
+        quiet_trainer(
             tmp_path / str(devices),
             3,
             [AfterNTK()],
@@ -98,7 +80,7 @@ def test_fig9_lazy_mlp_spectra_agree_task_power_does_not(tmp_path):
                 independent_members=True,
                 member_seed=seed,
             )
-            _trainer(
+            quiet_trainer(
                 root, steps, [AfterNTK(probe=probe), EnsembleLogits(probe=probe, every_n_steps=100)], strategy=strategy
             ).fit(
                 MLPRegressor(width=width, optimizer=functools.partial(torch.optim.SGD, lr=lr)),

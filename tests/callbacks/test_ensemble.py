@@ -2,12 +2,11 @@
 
 import functools
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
+from trainers import quiet_trainer
 
 from lightning_mup import EnsembleStrategy
 from lightning_mup.callbacks import EnsembleLogits, merge_runs
@@ -17,23 +16,6 @@ from lightning_mup.models.regression import MLPRegressor
 from lightning_mup.models.vmapped import EnsembleMLPRegressor
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
-
-
-def _trainer(root, max_steps, callbacks=(), **kw):
-    return L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        max_steps=max_steps,
-        logger=CSVLogger(root),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
 
 
 def _saved(root, step):
@@ -61,9 +43,9 @@ def _check_aggregate(logits, targets):
 
 def _separate_runs(root, seeds, steps=6):
     for seed in seeds:
-        _trainer(root / f"s{seed}", steps, [EnsembleLogits(every_n_steps=3)], strategy=EnsembleStrategy(seed=seed)).fit(
-            MLPRegressor(width=32, optimizer=SGD), GegenbauerDataModule(batch_size=16, batches_per_epoch=6)
-        )
+        quiet_trainer(
+            root / f"s{seed}", steps, [EnsembleLogits(every_n_steps=3)], strategy=EnsembleStrategy(seed=seed)
+        ).fit(MLPRegressor(width=32, optimizer=SGD), GegenbauerDataModule(batch_size=16, batches_per_epoch=6))
     return [next((root / f"s{s}").glob("**/version_0")) for s in seeds]
 
 
@@ -88,7 +70,7 @@ class _Batches(Callback):
 
 def test_ddp_rank_members_equal_the_same_seeds_run_separately(tmp_path):
     (tmp_path / "ddp").mkdir()
-    _trainer(
+    quiet_trainer(
         tmp_path / "ddp",
         6,
         [EnsembleLogits(every_n_steps=3), _Batches(tmp_path / "ddp")],
@@ -109,7 +91,7 @@ def test_ddp_rank_members_equal_the_same_seeds_run_separately(tmp_path):
 
 def test_vmapped_members_equal_sequential_runs(tmp_path):
     members = 4
-    _trainer(tmp_path / "vmap", 6, [EnsembleLogits(every_n_steps=3)]).fit(
+    quiet_trainer(tmp_path / "vmap", 6, [EnsembleLogits(every_n_steps=3)]).fit(
         EnsembleMLPRegressor(members=members, width=32, optimizer=SGD),
         GegenbauerDataModule(batch_size=16, batches_per_epoch=6),
     )
@@ -120,7 +102,7 @@ def test_vmapped_members_equal_sequential_runs(tmp_path):
     for seed in range(members):
         torch.manual_seed(seed)
         module = MLPRegressor(width=32, optimizer=SGD)
-        _trainer(tmp_path / f"seq{seed}", 6, [EnsembleLogits(every_n_steps=3)]).fit(
+        quiet_trainer(tmp_path / f"seq{seed}", 6, [EnsembleLogits(every_n_steps=3)]).fit(
             module, GegenbauerDataModule(batch_size=16, batches_per_epoch=6)
         )
         sequential.append(_saved(tmp_path / f"seq{seed}", 6)[0][0])
@@ -165,7 +147,7 @@ def test_logit_variance_falls_as_1_over_n_and_narrow_ensembles_keep_their_bias(t
             base_width=64,
             optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         )
-        _trainer(tmp_path / f"w{width}", steps, [callback]).fit(
+        quiet_trainer(tmp_path / f"w{width}", steps, [callback]).fit(
             module, GegenbauerDataModule(batch_size=32, batches_per_epoch=100)
         )
         logits, targets = _saved(tmp_path / f"w{width}", steps)

@@ -2,7 +2,6 @@
 DDP-safe, and invisible to training."""
 
 import functools
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from models import gpt2, vit
+from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
 from lightning_mup.callbacks import AttentionMaps, FeatureKernels, PreactivationHistograms
@@ -19,26 +20,6 @@ from lightning_mup.data.online import FullBatch
 from lightning_mup.measure.distribution import kurtosis_standard_error
 from lightning_mup.measure.kernels import feature_kernel, kernel_movement
 from lightning_mup.models.regression import MLPRegressor
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from models import gpt2, vit
-
-
-def _trainer(root, max_steps, callbacks=(), logger=None, **kw):
-    return L.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        max_steps=max_steps,
-        logger=logger or CSVLogger(root),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
 
 
 def _regressor(width, lr=0.05, seed=0, **kw):
@@ -55,12 +36,8 @@ def _arrays(root, name, step):
 def test_feature_kernels_equal_direct_computation_on_the_model(tmp_path):
     dm = GegenbauerDataModule(batch_size=48, batches_per_epoch=4)
     module = _regressor(64)
-    first_batch = next(iter(dm.task.sample(48, torch.Generator().manual_seed(0)) for _ in [0]))
     callback = FeatureKernels(every_n_steps=2)
-    expected = {}
-    with torch.no_grad():
-        x = dm.train_dataloader.__self__ if False else None
-    _trainer(tmp_path, 2, [callback]).fit(module, dm)
+    quiet_trainer(tmp_path, 2, [callback]).fit(module, dm)
     saved = _arrays(tmp_path, "feature_kernels", 0)
     assert set(saved) >= {"phi/model.features.1", "phi/model.features.3", "grad/model.features.3", "targets"}
     # recompute Φ at step 0 from a fresh copy of the same initial model and the same first batch
@@ -71,14 +48,13 @@ def test_feature_kernels_equal_direct_computation_on_the_model(tmp_path):
         h3 = reference.model.features(probe[0])
     np.testing.assert_allclose(saved["phi/model.features.1"], feature_kernel(h1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(saved["phi/model.features.3"], feature_kernel(h3).numpy(), rtol=1e-6)
-    del expected, first_batch, x
 
 
 def test_representation_callbacks_leave_training_bit_identical(tmp_path):
     states = []
     for callbacks in ([], [FeatureKernels(every_n_steps=3), PreactivationHistograms(every_n_steps=3)]):
         module = _regressor(32)
-        _trainer(tmp_path, 9, callbacks).fit(module, GegenbauerDataModule(batches_per_epoch=5))
+        quiet_trainer(tmp_path, 9, callbacks).fit(module, GegenbauerDataModule(batches_per_epoch=5))
         states.append(module.state_dict())
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0)
@@ -87,12 +63,12 @@ def test_representation_callbacks_leave_training_bit_identical(tmp_path):
 def test_ddp_measures_once_on_the_global_probe(tmp_path):
     callbacks = [FeatureKernels(every_n_steps=4), PreactivationHistograms(every_n_steps=4)]
     strategy = MuPStrategy(base={"width": 32}, start_method="fork")
-    _trainer(tmp_path / "ddp", 4, callbacks, devices=2, strategy=strategy).fit(
+    quiet_trainer(tmp_path / "ddp", 4, callbacks, devices=2, strategy=strategy).fit(
         _regressor(64), GegenbauerDataModule(batch_size=32, batches_per_epoch=4)
     )
-    _trainer(tmp_path / "single", 4, [FeatureKernels(every_n_steps=4)], strategy=MuPStrategy(base={"width": 32})).fit(
-        _regressor(64), GegenbauerDataModule(batch_size=32, batches_per_epoch=4)
-    )
+    quiet_trainer(
+        tmp_path / "single", 4, [FeatureKernels(every_n_steps=4)], strategy=MuPStrategy(base={"width": 32})
+    ).fit(_regressor(64), GegenbauerDataModule(batch_size=32, batches_per_epoch=4))
     files = sorted(p.name for p in (tmp_path / "ddp").glob("**/feature_kernels/*.npz"))
     assert files == ["step_00000000.npz", "step_00000004.npz"]  # written once, by rank 0
     ddp, single = _arrays(tmp_path / "ddp", "feature_kernels", 0), _arrays(tmp_path / "single", "feature_kernels", 0)
@@ -105,7 +81,7 @@ def _sweep(root, parametrization, widths, base, steps, lr, callbacks):
         strategy = MuPStrategy(
             base={"width": base}, parametrization=parametrization, delta={"width": 2 * base} if width == base else None
         )
-        _trainer(root / f"w{width}", steps, callbacks(width), strategy=strategy).fit(
+        quiet_trainer(root / f"w{width}", steps, callbacks(width), strategy=strategy).fit(
             _regressor(width, lr=lr), GegenbauerDataModule(batch_size=32, batches_per_epoch=50)
         )
 
@@ -155,7 +131,7 @@ def test_kernel_movement_shrinks_as_1_over_n_under_ntk_and_stays_under_mup(tmp_p
 def test_preactivations_are_gaussian_at_init_with_the_predicted_variance(tmp_path):
     module = _regressor(512)
     callback = PreactivationHistograms(every_n_steps=10, points=4)
-    _trainer(tmp_path, 1, [callback], strategy=MuPStrategy(base={"width": 64})).fit(
+    quiet_trainer(tmp_path, 1, [callback], strategy=MuPStrategy(base={"width": 64})).fit(
         module, GegenbauerDataModule(batches_per_epoch=2)
     )
     saved = _arrays(tmp_path, "preactivations", 0)
@@ -181,7 +157,7 @@ def test_rich_training_makes_preactivations_non_gaussian_alike_across_widths(tmp
     for width in (128, 256, 512, 1024):
         callback = PreactivationHistograms(every_n_steps=400, points=8)
         strategy = MuPStrategy(base={"width": 64}, parametrization="mf", gamma0=3.0)
-        _trainer(tmp_path / f"w{width}", 400, [callback], strategy=strategy).fit(
+        quiet_trainer(tmp_path / f"w{width}", 400, [callback], strategy=strategy).fit(
             _regressor(width, lr=0.02), GegenbauerDataModule(batch_size=32, batches_per_epoch=100)
         )
         before = _arrays(tmp_path / f"w{width}", "preactivations", 0)["samples/model.features.3"]
@@ -205,11 +181,11 @@ def test_tensorboard_gets_histograms_and_csv_degrades(tmp_path):
             writer.add_histogram = lambda tag, values, step: (seen.append((tag, step)), original(tag, values, step))
             return writer
 
-    _trainer(tmp_path / "tb", 2, [PreactivationHistograms(every_n_steps=2)], logger=_Spy(tmp_path / "tb")).fit(
+    quiet_trainer(tmp_path / "tb", 2, [PreactivationHistograms(every_n_steps=2)], logger=_Spy(tmp_path / "tb")).fit(
         _regressor(16), GegenbauerDataModule(batches_per_epoch=2)
     )
     assert ("preactivations/model.features.1", 0) in seen
-    _trainer(tmp_path / "csv", 2, [PreactivationHistograms(every_n_steps=2)]).fit(
+    quiet_trainer(tmp_path / "csv", 2, [PreactivationHistograms(every_n_steps=2)]).fit(
         _regressor(16), GegenbauerDataModule(batches_per_epoch=2)
     )
     assert _arrays(tmp_path / "csv", "preactivations", 2)["hist/model.features.1"].shape[0] == 4
@@ -238,7 +214,7 @@ def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family
     )
     module = _LM(family)
     callback = AttentionMaps(every_n_steps=2, points=3)
-    _trainer(tmp_path / "a", 2, [callback]).fit(module, train_dataloaders=FullBatch(batch, 2))
+    quiet_trainer(tmp_path / "a", 2, [callback]).fit(module, train_dataloaders=FullBatch(batch, 2))
     saved = _arrays(tmp_path / "a", "attention_maps", 2)
     layer = "model.blocks.0.attn" if family == "vit" else "model.transformer.h.0.attn"
     maps = torch.as_tensor(saved[layer])
@@ -266,7 +242,7 @@ def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family
     reference = next((tmp_path / "a").glob("**/version_0"))
     torch.manual_seed(0)
     _ = (torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))) if family == "vit" else torch.randint(0, 64, (3, 10))
-    _trainer(tmp_path / "b", 2, [AttentionMaps(every_n_steps=2, points=3, reference=reference)]).fit(
+    quiet_trainer(tmp_path / "b", 2, [AttentionMaps(every_n_steps=2, points=3, reference=reference)]).fit(
         _LM(family), train_dataloaders=FullBatch(batch, 2)
     )
     assert _last_metric(tmp_path / "b", f"attention_maps/{layer}/distance_reference") < 1e-6
@@ -274,6 +250,6 @@ def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family
 
 def test_layer_patterns_that_match_nothing_list_candidates(tmp_path):
     with pytest.warns(UserWarning, match="match no module.*model.features"):
-        _trainer(tmp_path, 1, [FeatureKernels(layers=["model.feature.*"], every_n_steps=1)]).fit(
+        quiet_trainer(tmp_path, 1, [FeatureKernels(layers=["model.feature.*"], every_n_steps=1)]).fit(
             _regressor(16), GegenbauerDataModule(batches_per_epoch=1)
         )

@@ -8,31 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
 from lightning_mup.callbacks import Sharpness
 from lightning_mup.data.gegenbauer import GegenbauerDataModule, GegenbauerTask
 from lightning_mup.data.online import FullBatch
 from lightning_mup.models.regression import MLPRegressor
-
-
-def _trainer(tmp_path, max_steps, callbacks=(), **kw):
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        max_steps=max_steps,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        **kw,
-    )
 
 
 def _series(tmp_path):
@@ -46,7 +29,7 @@ def test_edge_of_stability_full_batch_gd(tmp_path):
     batch = GegenbauerTask().sample(256, torch.Generator().manual_seed(0))
     module = MLPRegressor(width=128, activation="tanh", optimizer=functools.partial(torch.optim.SGD, lr=lr))
     sharpness = Sharpness(every_n_steps=25)
-    _trainer(tmp_path, 600, [sharpness]).fit(module, train_dataloaders=FullBatch(batch, 100))
+    quiet_trainer(tmp_path, 600, [sharpness]).fit(module, train_dataloaders=FullBatch(batch, 100))
     series = _series(tmp_path)
     ratio = series["sharpness"] / (2 / lr)
     np.testing.assert_allclose(series["sharpness.threshold"], 2 / lr)
@@ -77,7 +60,7 @@ def test_observation_leaves_training_bit_identical(tmp_path):
     for callbacks in ([], [Sharpness(every_n_steps=5, num_batches=2, k=2, trace_samples=3)]):
         torch.manual_seed(0)
         module = _Noisy()
-        _trainer(tmp_path, 30, callbacks).fit(module, GegenbauerDataModule(batch_size=16, batches_per_epoch=10))
+        quiet_trainer(tmp_path, 30, callbacks).fit(module, GegenbauerDataModule(batch_size=16, batches_per_epoch=10))
         states.append({k: v.clone() for k, v in module.state_dict().items()})
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
@@ -98,7 +81,7 @@ def test_ddp_value_equals_single_process_value(tmp_path):
         callback = _SeriesPerRank(every_n_steps=4)
         callback.out = out
         strategy = MuPStrategy(base={"width": 32}, start_method="fork")
-        _trainer(out, 8, [callback], devices=devices, strategy=strategy).fit(
+        quiet_trainer(out, 8, [callback], devices=devices, strategy=strategy).fit(
             MLPRegressor(width=64, optimizer=functools.partial(torch.optim.SGD, lr=0.05)),
             GegenbauerDataModule(batch_size=32, batches_per_epoch=8),
         )
@@ -114,10 +97,6 @@ def test_ddp_value_equals_single_process_value(tmp_path):
 class _Transformer(L.LightningModule):
     def __init__(self, family):
         super().__init__()
-        import sys
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).parents[1]))
         from models import gpt2, vit
 
         self.family = family
@@ -142,7 +121,7 @@ def test_default_attention_models_and_adam_preconditioning(tmp_path, family):
     with warnings.catch_warnings():
         warnings.simplefilter("error", category=UserWarning)  # a failed measurement warns: fail the test
         warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|log_every_n_steps).*")
-        _trainer(tmp_path, 4, [sharpness]).fit(_Transformer(family), train_dataloaders=FullBatch(batch, 4))
+        quiet_trainer(tmp_path, 4, [sharpness]).fit(_Transformer(family), train_dataloaders=FullBatch(batch, 4))
     series = _series(tmp_path)
     assert np.all(np.isfinite(series["sharpness"]))
     assert np.all(series["sharpness.threshold"] == pytest.approx(38 / 1e-3))
@@ -152,7 +131,7 @@ def test_default_attention_models_and_adam_preconditioning(tmp_path, family):
 def test_nan_loss_gives_nan_and_a_warning_not_a_crash(tmp_path):
     batch = (torch.randn(8, 5), torch.full((8, 1), float("nan")))
     with pytest.warns(UserWarning, match="Sharpness at step 0 failed and logs NaN"):
-        _trainer(tmp_path, 3, [Sharpness(every_n_steps=1)]).fit(
+        quiet_trainer(tmp_path, 3, [Sharpness(every_n_steps=1)]).fit(
             MLPRegressor(width=16, optimizer=functools.partial(torch.optim.SGD, lr=0.01)),
             train_dataloaders=FullBatch(batch, 3),
         )
@@ -165,7 +144,7 @@ def test_mixed_precision_measures_in_float32(tmp_path):
     for precision in ("32-true", "bf16-mixed"):
         torch.manual_seed(0)
         callback = Sharpness(every_n_steps=100)
-        _trainer(tmp_path / precision, 1, [callback], precision=precision).fit(
+        quiet_trainer(tmp_path / precision, 1, [callback], precision=precision).fit(
             MLPRegressor(width=64, optimizer=functools.partial(torch.optim.SGD, lr=0.05)),
             GegenbauerDataModule(batches_per_epoch=2),
         )

@@ -70,10 +70,6 @@ def test_debiased_cka_of_independent_features_is_near_zero():
 
 
 def test_cka_invariances_and_real_activations():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
     from models import mlp
 
     torch.manual_seed(0)

@@ -1,12 +1,11 @@
 """Empirical NTK against the naive per-sample autograd Jacobian, and its spectral tools."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import gpt2, vit
 from torch import nn
 
 from lightning_mup import parametrize
@@ -18,9 +17,6 @@ from lightning_mup.measure.ntk import (
     spectrum,
     task_power,
 )
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from models import gpt2, vit
 
 
 def _mlp():
