@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_mup.models.mlp import MLP, ResidualMLP
@@ -134,3 +136,21 @@ def residual_mlp(width: int, depth: int = 4) -> nn.Module:
 
 
 RESIDUAL_MLP_BLOCKS = {"blocks.*": ["out"]}
+
+
+class TransformerModule(L.LightningModule):
+    """A tiny timm ViT (``"vit"``: batches (images, labels)) or HF GPT-2 (``"gpt2"``: batches (token ids,))
+    trained with Adam — attention models for the callbacks' tests."""
+
+    def __init__(self, family: str, width: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.family = family
+        self.model = vit(width, heads=2, depth=depth) if family == "vit" else gpt2(width, depth=depth)
+
+    def training_step(self, batch, batch_idx):
+        if self.family == "vit":
+            return F.cross_entropy(self.model(batch[0]), batch[1])
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)

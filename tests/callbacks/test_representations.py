@@ -4,13 +4,11 @@ DDP-safe, and invisible to training."""
 import functools
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from models import gpt2, vit
+from models import TransformerModule
 from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
@@ -191,28 +189,13 @@ def test_tensorboard_gets_histograms_and_csv_degrades(tmp_path):
     assert _arrays(tmp_path / "csv", "preactivations", 2)["hist/model.features.1"].shape[0] == 4
 
 
-class _LM(L.LightningModule):
-    def __init__(self, family, width=32):
-        super().__init__()
-        self.family = family
-        self.model = vit(width, heads=2, depth=2) if family == "vit" else gpt2(width, depth=2)
-
-    def training_step(self, batch, batch_idx):
-        if self.family == "vit":
-            return F.cross_entropy(self.model(batch[0]), batch[1])
-        return self.model(input_ids=batch[0], labels=batch[0]).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
 @pytest.mark.parametrize("family", ["vit", "gpt2"])
 def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family):
     torch.manual_seed(0)
     batch = (
         (torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))) if family == "vit" else (torch.randint(0, 64, (3, 10)),)
     )
-    module = _LM(family)
+    module = TransformerModule(family)
     callback = AttentionMaps(every_n_steps=2, points=3)
     quiet_trainer(tmp_path / "a", 2, [callback]).fit(module, train_dataloaders=FullBatch(batch, 2))
     saved = _arrays(tmp_path / "a", "attention_maps", 2)
@@ -243,7 +226,7 @@ def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family
     torch.manual_seed(0)
     _ = (torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))) if family == "vit" else torch.randint(0, 64, (3, 10))
     quiet_trainer(tmp_path / "b", 2, [AttentionMaps(every_n_steps=2, points=3, reference=reference)]).fit(
-        _LM(family), train_dataloaders=FullBatch(batch, 2)
+        TransformerModule(family), train_dataloaders=FullBatch(batch, 2)
     )
     assert _last_metric(tmp_path / "b", f"attention_maps/{layer}/distance_reference") < 1e-6
 

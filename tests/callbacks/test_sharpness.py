@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TransformerModule
 from torch import nn
 from trainers import quiet_trainer
 
@@ -94,23 +95,6 @@ def test_ddp_value_equals_single_process_value(tmp_path):
     np.testing.assert_allclose(ranks[0], single, rtol=1e-4)  # the full-probe-set value
 
 
-class _Transformer(L.LightningModule):
-    def __init__(self, family):
-        super().__init__()
-        from models import gpt2, vit
-
-        self.family = family
-        self.model = vit(16, heads=2, depth=1) if family == "vit" else gpt2(16, depth=1)
-
-    def training_step(self, batch, batch_idx):
-        if self.family == "vit":
-            return F.cross_entropy(self.model(batch[0]), batch[1])
-        return self.model(input_ids=batch[0], labels=batch[0]).loss
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
 @pytest.mark.parametrize("family", ["vit", "gpt2"])
 def test_default_attention_models_and_adam_preconditioning(tmp_path, family):
     torch.manual_seed(0)
@@ -121,7 +105,9 @@ def test_default_attention_models_and_adam_preconditioning(tmp_path, family):
     with warnings.catch_warnings():
         warnings.simplefilter("error", category=UserWarning)  # a failed measurement warns: fail the test
         warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|log_every_n_steps).*")
-        quiet_trainer(tmp_path, 4, [sharpness]).fit(_Transformer(family), train_dataloaders=FullBatch(batch, 4))
+        quiet_trainer(tmp_path, 4, [sharpness]).fit(
+            TransformerModule(family, width=16, depth=1), train_dataloaders=FullBatch(batch, 4)
+        )
     series = _series(tmp_path)
     assert np.all(np.isfinite(series["sharpness"]))
     assert np.all(series["sharpness.threshold"] == pytest.approx(38 / 1e-3))

@@ -1,6 +1,5 @@
 """Empirical NTK against the naive per-sample autograd Jacobian, and its spectral tools."""
 
-
 import numpy as np
 import pytest
 import torch
