@@ -8,6 +8,7 @@ from a LightningCLI ``class_path`` config.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,14 +31,14 @@ def rebuild_with_overrides(module: nn.Module, overrides: Mapping[str, Any]) -> C
             "module or a zero-argument factory building the base model."
         )
     instantiator = hparams.pop("_instantiator", None)
-    kwargs = copy.deepcopy({k: v for k, v in hparams.items() if k != "_instantiator"})
+    kwargs = copy.deepcopy(hparams)
     for dotted, value in overrides.items():
         _set(kwargs, dotted, value)
 
     def build() -> nn.Module:
         if instantiator is not None:
             module_path, _, name = instantiator.rpartition(".")
-            return getattr(__import__(module_path, fromlist=[name]), name)(type(module), copy.deepcopy(kwargs))
+            return getattr(importlib.import_module(module_path), name)(type(module), copy.deepcopy(kwargs))
         return type(module)(**copy.deepcopy(kwargs))
 
     return build

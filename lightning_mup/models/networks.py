@@ -8,7 +8,8 @@ from lightning_mup.models.mlp import MLP
 
 
 class Conv1dNet(nn.Module):
-    """A small 1-D CNN for MNIST-1D: three 3-tap convolutions of ``width`` channels, global average pool."""
+    """A small 1-D CNN for MNIST-1D: a 5-tap and two strided 3-tap convolutions of ``width`` channels, global
+    average pool."""
 
     def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
