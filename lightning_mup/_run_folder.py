@@ -23,3 +23,23 @@ def step_file(step: int) -> str:
 def step_files(folder: str | Path) -> dict[int, Path]:
     """{step: path} of the step arrays in a callback's folder, in step order."""
     return {int(p.stem[5:]): p for p in sorted(Path(folder).glob("step_*.npz"))}
+
+
+PROBE_KEY = "probe_fingerprint"
+
+
+def fingerprint(batch: object) -> str:
+    """A short hash of a probe batch's tensors (their values, shapes and dtypes, in order): saved beside a
+    measurement's arrays, so arrays of two runs are compared only when they were measured on the same points."""
+    import hashlib
+
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    digest = hashlib.sha1()
+    for leaf in tree_flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,5 +1,6 @@
 """Callbacks that measure what the theory says stays consistent across widths (Lightning glue only)."""
 
+from lightning_mup.callbacks._base import MeasurementError
 from lightning_mup.callbacks.after_ntk import AfterNTK
 from lightning_mup.callbacks.attention_maps import AttentionMaps
 from lightning_mup.callbacks.ensemble_logits import EnsembleLogits, merge_runs
@@ -12,6 +13,7 @@ __all__ = [
     "AttentionMaps",
     "EnsembleLogits",
     "FeatureKernels",
+    "MeasurementError",
     "PreactivationHistograms",
     "Sharpness",
     "merge_runs",

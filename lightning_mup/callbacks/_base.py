@@ -2,22 +2,29 @@
 
 * a fixed probe set: given, or the first ``num_batches`` training batches as they arrive (never an
   extra pass over the loader, which would move its sampler or state); under DDP each rank keeps its
-  own shard, and reductions sum over ranks;
-* a cadence (``every_n_steps``; step 0 included) and ``on="fit_end"`` where it makes sense;
+  own shard (reductions sum over ranks), or the shards are gathered in the order one process would
+  have read them (rank-interleaved, as a ``DistributedSampler`` deals indices);
+* a cadence (``every_n_steps``) and a measurement of the initial model at step 0 — also when the probe
+  needs several batches: the initial weights are kept until the probe is complete, then measured;
 * observation that does not perturb training (:func:`lightning_mup.measure.observe.observing`);
-* the training loss on a batch: the module's own ``training_step`` with logging muted, or ``loss_fn``;
-* results to every logger at the measurement's step and as arrays in ``<log_dir>/<name>/``;
-* a failure (NaN, an op without double backward, ...) is a warning and a NaN, never a crashed run.
+* the training loss on a batch: the module's own ``training_step`` (logging muted; under manual
+  optimization its optimizers and ``manual_backward`` stubbed, so the loss it backpropagates is
+  caught and nothing steps), or ``loss_fn``;
+* results to every logger at the measurement's step and as arrays in ``<log_dir>/<name>/``, with the
+  probe's fingerprint, so arrays of two runs are compared only on the same points;
+* mistakes are refused before training (at the first batch, with what is wrong and the fix); a failure
+  later (NaN, an op without double backward, ...) is a warning and a NaN, never a crashed run.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -25,22 +32,29 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
+from torchmetrics import Metric
 
-from lightning_mup._run_folder import step_file
+from lightning_mup._run_folder import PROBE_KEY, fingerprint, step_file
+from lightning_mup.measure.calls import ModelCall, network_call
 from lightning_mup.measure.observe import observing
+from lightning_mup.measure.outputs import batch_labels, regression_targets
 
 LossFn = Callable[[L.LightningModule, Any], torch.Tensor]
 Targets = Callable[[Any], torch.Tensor | None]
 
 
+class MeasurementError(RuntimeError):
+    """A callback cannot measure this module as configured (raised before training, with the fix)."""
+
+
 def default_targets(batch: Any) -> torch.Tensor | None:
-    """y of an (x, y) batch; class labels become one-hot vectors."""
-    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
-        y = batch[1]
-        if not y.is_floating_point():
-            return torch.nn.functional.one_hot(y.long().reshape(-1)).double() if y.dim() <= 1 else None
-        return y
-    return None
+    """Targets as real-valued rows: y of an (x, y) batch or ``batch["labels"]``; class labels one-hot."""
+    return regression_targets(batch_labels(batch))
+
+
+def has_own_forward(module: torch.nn.Module) -> bool:
+    """Whether a LightningModule defines the network function itself (many only run ``self.model``)."""
+    return type(module).forward not in (L.LightningModule.forward, torch.nn.Module.forward)
 
 
 class MeasurementCallback(Callback, metaclass=ABCMeta):
@@ -57,60 +71,204 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         probe: Sequence[Any] | None = None,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps}: measure every n ≥ 1 steps, or pass None")
-        if num_batches < 1:
-            raise ValueError(f"num_batches={num_batches} must be ≥ 1")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r}: measure every n ≥ 1 steps, or pass None")
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches={num_batches!r} must be an integer ≥ 1")
+        if probe is not None and not len(probe):
+            raise ValueError("probe=[] is empty: give a list of batches, or None to take the first training batches")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn={loss_fn!r} is not callable: give loss_fn(module, batch) -> scalar loss")
         self.every_n_steps, self.num_batches, self.loss_fn = every_n_steps, num_batches, loss_fn
         self.probe: list[Any] = [] if probe is None else list(probe)
         self._given_probe = probe is not None
         self.run_dir: Path | None = None
         self.steps: list[int] = []
+        self.step = 0  # the global step being measured
+        self.initial_done = False
+        self._initial_state: _Snapshot | None = None
+        self._probe_epoch: int | None = None
+        self._fingerprint: str | None = None
+        self._warned: set[str] = set()
 
     # --------------------------------------------------------------------------------- lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             log_dir = trainer.log_dir  # a collective under DDP: every rank asks
             self.run_dir = Path(log_dir) / self.name if log_dir else None
+            try:
+                self.check_module(pl_module)
+            except (ValueError, TypeError) as error:
+                raise MeasurementError(f"{type(self).__name__}: {error}") from error
+            for folder in self.reference_folders():
+                if not Path(folder).is_dir():
+                    raise FileNotFoundError(
+                        f"{type(self).__name__}: the reference run folder {folder} does not exist; give the "
+                        "folder of a finished run (the one holding metrics.csv and a "
+                        f"'{self.name}/' folder of arrays)"
+                    )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._given_probe or self.initial_done:
+            return
+        batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
+        if math.isfinite(batches) and batches < self.num_batches:
+            raise MeasurementError(
+                f"{type(self).__name__}(num_batches={self.num_batches}) needs {self.num_batches} training batches "
+                f"for its probe, but this run trains on {int(batches)}: nothing would be measured. Lower "
+                "num_batches or give probe= batches"
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if len(self.probe) < self.num_batches and not self._given_probe:
-            if self.gather_probe and trainer.world_size > 1:  # [world, B, ...] -> [world·B, ...]
-                batch = apply_to_collection(batch, torch.Tensor, lambda t: trainer.strategy.all_gather(t).flatten(0, 1))
-            self.probe.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone()))
-        if trainer.global_step == 0 and self._probe_ready and self.every_n_steps and 0 not in self.steps:
-            self._safely_measure(trainer, pl_module)
+        self._collect(trainer, batch)
+        if self.initial_done or not self.needs_initial:
+            return
+        if self._probe_ready:
+            snapshot, self._initial_state = self._initial_state, None
+            if trainer.global_step == 0 or snapshot is not None:
+                with snapshot.restored(pl_module) if snapshot is not None else nullcontext():
+                    self._safely_measure(trainer, pl_module, 0, initial=True)
+            self.initial_done = True
+        elif trainer.global_step == 0 and self._initial_state is None:
+            # the probe needs more batches: check it can be measured now, keep the initial model until then
+            self._refusing(trainer, lambda: self._checked(trainer, pl_module, [self.probe[-1]]))
+            self._initial_state = _Snapshot.of(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and self._probe_ready and step not in self.steps:
-            self._safely_measure(trainer, pl_module)
+            self._safely_measure(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._initial_state = None
+        if not self._probe_ready:
+            self.warn_once(
+                "probe",
+                f"training ended after {len(self.probe)} of the {self.num_batches} probe batches it waited for; "
+                "nothing was measured. Lower num_batches or give probe= batches",
+            )
+
+    @property
+    def needs_initial(self) -> bool:
+        """Whether the initial model is measured (the cadence includes step 0)."""
+        return bool(self.every_n_steps)
 
     @property
     def _probe_ready(self) -> bool:
         return bool(self.probe) if self._given_probe else len(self.probe) >= self.num_batches
 
+    def _collect(self, trainer: L.Trainer, batch: Any) -> None:
+        if self._given_probe or self._probe_ready:
+            return
+        if self._probe_epoch is None:
+            self._probe_epoch = trainer.current_epoch
+        elif trainer.current_epoch != self._probe_epoch:  # an epoch is shorter than the probe: no duplicates
+            self.num_batches = len(self.probe)
+            rank_zero_warn(
+                f"{type(self).__name__}: an epoch has only {len(self.probe)} batches, fewer than num_batches; the "
+                f"probe is those {len(self.probe)} batches (a longer one would repeat points)"
+            )
+            return
+        if self.gather_probe and trainer.world_size > 1:
+            # [world, B, ...] -> [B·world, ...] interleaved: a DistributedSampler deals index i to rank i % world
+            batch = apply_to_collection(
+                batch, torch.Tensor, lambda t: trainer.strategy.all_gather(t).transpose(0, 1).flatten(0, 1)
+            )
+        self.probe.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone()))
+
     # --------------------------------------------------------------------------------- measuring
     @abstractmethod
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Compute, save, and return the scalars to log. Runs inside :func:`observing`."""
+        """Compute, save, and return the scalars to log at ``self.step``. Runs inside :func:`observing`."""
 
-    def _safely_measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if self.gather_probe and trainer.global_rank != 0:
+    def measure_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The measurement of the initial model (step 0)."""
+        return self.measure(trainer, pl_module)
+
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        """Raise if this callback's settings do not fit the module (at setup, before any batch): e.g. layer
+        names that match nothing."""
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list[Any]) -> None:
+        """Raise if this callback cannot measure on ``batches`` (runs inside :func:`observing`, before
+        training): by default, the training loss must be a finite scalar."""
+        with torch.no_grad():
+            self.training_loss(pl_module, batches[0])
+
+    def _checked(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list[Any]) -> None:
+        with self.observation(pl_module):
+            self.check(trainer, pl_module, batches)
+
+    @contextmanager
+    def observation(self, pl_module: L.LightningModule) -> Iterator[None]:
+        """:func:`observing`, with a module compiled by ``torch.compile(module)`` run eagerly inside."""
+        with observing(pl_module), _uncompiled(pl_module):
+            yield
+
+    def _safely_measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, initial=False) -> None:
+        self.step = step
+        if self.gather_probe and trainer.global_rank != 0:  # rank 0 measures alone on the gathered probe
+            if initial:
+                self._refusing(trainer, lambda: None)  # ... and tells the others whether it could
             self.steps.append(step)
             return
-        try:
-            with observing(pl_module):
-                scalars = self.measure(trainer, pl_module)
-        except Exception as error:
-            rank_zero_warn(f"{type(self).__name__} at step {step} failed and logs NaN: {type(error).__name__}: {error}")
-            scalars = {key: math.nan for key in self.nan_keys()}
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(concat_batches(self.probe))
+
+        def run() -> dict[str, float]:
+            with self.observation(pl_module):
+                return (self.measure_initial if initial else self.measure)(trainer, pl_module)
+
+        if initial:  # at the start, a failure is a mistake to fix: refuse, naming it
+            scalars = self._refusing(trainer, run)
+        else:
+            try:
+                scalars = run()
+            except Exception as error:
+                rank_zero_warn(
+                    f"{type(self).__name__} at step {step} failed and logs NaN: {type(error).__name__}: {error}"
+                )
+                scalars = {key: math.nan for key in self.nan_keys()}
+                self.on_measurement_failed(trainer, scalars)
         self.steps.append(step)
-        self._log(trainer, scalars, step)
+        self._log(trainer, scalars or {}, step)
+
+    def _refusing(self, trainer: L.Trainer, run: Callable[[], Any]) -> Any:
+        """``run()``; an error becomes a :class:`MeasurementError` naming this callback, raised on every rank
+        together under DDP (one rank stopping alone would leave the others waiting in a collective)."""
+        error: BaseException | None = None
+        result = None
+        try:
+            result = run()
+        except Exception as caught:
+            error = caught
+        if trainer.world_size > 1:
+            message = f"{type(error).__name__}: {error}" if error is not None else ""
+            if self.gather_probe:  # only rank 0 measured
+                message = trainer.strategy.broadcast(message, src=0)
+            elif float(trainer.strategy.reduce(torch.tensor(float(bool(message))), reduce_op="sum")) and not message:
+                message = "another rank could not measure (see its error)"
+            if message and error is None:
+                error = MeasurementError(message)
+        if error is None:
+            return result
+        if isinstance(error, MeasurementError):
+            raise error
+        raise MeasurementError(
+            f"{type(self).__name__} cannot measure {type(trainer.lightning_module).__name__}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
     def nan_keys(self) -> list[str]:
         return [self.name]
+
+    def on_measurement_failed(self, trainer: L.Trainer, scalars: dict[str, float]) -> None:
+        """A measurement failed and ``scalars`` (NaN) are logged for it: keep any series in step."""
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(f"{type(self).__name__}: {message}")
 
     def _log(self, trainer: L.Trainer, scalars: dict[str, float], step: int) -> None:
         # straight to the loggers: Lightning's own logging flushes only every log_every_n_steps
@@ -121,20 +279,47 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     # --------------------------------------------------------------------------------- helpers
     def training_loss(self, pl_module: L.LightningModule, batch: Any) -> torch.Tensor:
-        """The loss the model trains on, for one probe batch."""
+        """The loss the model trains on, for one probe batch, without side effects on the module."""
         if self.loss_fn is not None:
-            return self.loss_fn(pl_module, batch)
-        if not pl_module.automatic_optimization:
-            raise RuntimeError(
-                f"{type(pl_module).__name__} uses manual optimization, so its training_step steps optimizers; "
-                f"give {type(self).__name__}(loss_fn=lambda module, batch: <the loss>) instead"
-            )
-        with _muted_logging(pl_module):
-            out = pl_module.training_step(batch, 0)
-        loss = out["loss"] if isinstance(out, dict) else out
+            loss, source = self.loss_fn(pl_module, batch), "loss_fn"
+        elif pl_module.automatic_optimization:
+            with _muted_logging(pl_module):
+                out = pl_module.training_step(batch, 0)
+            loss, source = (out.get("loss") if isinstance(out, dict) else out), "training_step"
+        else:
+            with _muted_logging(pl_module), _manual_optimization_stubs(pl_module) as backpropagated:
+                pl_module.training_step(batch, 0)
+            if len(backpropagated) != 1:
+                raise MeasurementError(
+                    f"{type(pl_module).__name__} uses manual optimization and its training_step called "
+                    f"manual_backward {len(backpropagated)} times on a probe batch, so which loss to measure is "
+                    f"ambiguous; give {type(self).__name__}(loss_fn=lambda module, batch: <the loss>)"
+                )
+            loss, source = backpropagated[0], "manual_backward"
         if not isinstance(loss, torch.Tensor):
-            raise RuntimeError("training_step did not return a loss tensor; pass loss_fn=")
-        return loss
+            raise MeasurementError(
+                f"{source} gave {type(loss).__name__}, not a loss tensor; give "
+                f"{type(self).__name__}(loss_fn=lambda module, batch: <the scalar loss>)"
+            )
+        if loss.numel() != 1:
+            raise MeasurementError(
+                f"{source} gave a loss of shape {tuple(loss.shape)}; it must be the scalar training loss "
+                "(reduce it, e.g. .mean())"
+            )
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"the probe loss from {source} is {float(loss)}")
+        return loss.reshape(())
+
+    def network_call(self, pl_module: L.LightningModule, batch: Any) -> ModelCall:
+        """The network the training step runs on ``batch``, with the arguments the step gives it (recorded by
+        running the step once): ``self(x)`` when the module has its own forward, else e.g. ``self.model(**batch)``."""
+        with torch.no_grad():
+            return network_call(
+                pl_module,
+                lambda: self.training_loss(pl_module, batch),
+                own_forward=has_own_forward(pl_module),
+                exclude=(Metric,),
+            )
 
     def probe_weights(self, trainer: L.Trainer) -> list[float]:
         """Each local probe batch's share of the global probe set (sums to 1 over all ranks)."""
@@ -149,35 +334,176 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         if self.run_dir is None or trainer.global_rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(self.run_dir / filename, **{k: np.asarray(v) for k, v in arrays.items()})
+        path = self.run_dir / filename
+        with open(path.with_name(path.name + ".tmp"), "wb") as f:  # never a half-written file under the name
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        path.with_name(path.name + ".tmp").replace(path)
 
     def save_step(self, trainer: L.Trainer, **arrays: Any) -> None:
-        """This measurement's arrays at the current global step, where the report and reference runs look."""
-        self.save_arrays(trainer, step_file(trainer.global_step), **arrays)
+        """This measurement's arrays at the measured step, where the report and reference runs look."""
+        self.save_arrays(trainer, step_file(self.step), **arrays, **{PROBE_KEY: self._fingerprint or ""})
+
+    def reference_folders(self) -> list[Path]:
+        """Run folders this callback compares with (checked to exist before training)."""
+        return [p for p in (getattr(self, "reference", None), getattr(self, "next_width", None)) if p is not None]
+
+    def reference_arrays(self, folder: Path | None) -> dict[str, np.ndarray] | None:
+        """Another run's arrays at the measured step, if it measured the same probe points; else None, with
+        a warning once (a kernel against other points is no comparison)."""
+        if folder is None:
+            return None
+        arrays = load_step_arrays(folder, self.name, self.step)
+        if arrays is None:
+            return None
+        theirs = str(arrays.get(PROBE_KEY, ""))
+        if theirs != self._fingerprint:
+            self.warn_once(
+                f"probe:{folder}",
+                f"{folder} measured {'other probe points' if theirs else 'a probe it did not record'} than this run "
+                "(probe fingerprints differ), so nothing is compared with it. Give both runs the same probe: the "
+                "same data order and num_batches, or the same probe= batches",
+            )
+            return None
+        return arrays
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": list(self.steps), "probe": self.probe if not self._given_probe else []}
+        return {
+            "steps": list(self.steps),
+            "probe": self.probe if not self._given_probe else [],
+            "initial_done": self.initial_done,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = list(state_dict.get("steps", []))
+        self.initial_done = bool(state_dict.get("initial_done", 0 in self.steps))
         if not self._given_probe and state_dict.get("probe"):
             self.probe = list(state_dict["probe"])  # the same probe after resume
+
+
+class _Snapshot:
+    """The model's parameters and buffers at one moment (on the CPU), shared by every callback that waits
+    for its probe: one copy however many callbacks hold it."""
+
+    _live: ClassVar[weakref.WeakValueDictionary[int, _Snapshot]] = weakref.WeakValueDictionary()
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module_id = id(module)
+        self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _state_tensors(module)}
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> _Snapshot:
+        found = cls._live.get(id(module))
+        if found is None:
+            found = cls._live[id(module)] = cls(module)
+        return found
+
+    @contextmanager
+    def restored(self, module: torch.nn.Module) -> Iterator[None]:
+        """The module holds the snapshot's values inside, its own after (bit for bit)."""
+        live = dict(_state_tensors(module))
+        now = {name: t.detach().clone() for name, t in live.items()}
+        try:
+            with torch.no_grad():
+                for name, t in live.items():
+                    t.copy_(self.tensors[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, t in live.items():
+                    t.copy_(now[name])
+
+
+def _state_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=True)
+    yield from ((n, b) for n, b in module.named_buffers(remove_duplicate=True) if b is not None)
 
 
 @contextmanager
 def _muted_logging(module: L.LightningModule) -> Iterator[None]:
     """training_step's self.log calls would record the probe loss as if it were training's."""
-    muted = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
-    saved = {name: module.__dict__.get(name) for name in muted}
-    module.__dict__.update(muted)
+    with _patched(module, log=lambda *a, **k: None, log_dict=lambda *a, **k: None):
+        yield
+
+
+@contextmanager
+def _patched(module: torch.nn.Module, **attributes: Any) -> Iterator[None]:
+    """Instance attributes set inside, the previous ones (or none) after."""
+    missing = object()
+    saved = {name: module.__dict__.get(name, missing) for name in attributes}
+    module.__dict__.update(attributes)
     try:
         yield
     finally:
         for name, value in saved.items():
-            if value is None:
+            if value is missing:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = value
+
+
+class _InertOptimizer:
+    """What ``self.optimizers()`` returns while a probe loss is taken: stepping and zeroing do nothing; a
+    closure passed to ``step`` runs (it computes the loss and calls ``manual_backward``)."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+class _InertScheduler(_InertOptimizer):
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+@contextmanager
+def _manual_optimization_stubs(module: L.LightningModule) -> Iterator[list[torch.Tensor]]:
+    """Under manual optimization the training step steps optimizers itself: inside, they are inert and
+    ``manual_backward`` only records the losses it is given (yielded)."""
+    losses: list[torch.Tensor] = []
+    cls = type(module)
+
+    def optimizers(use_pl_optimizer: bool = True):
+        found = cls.optimizers(module, use_pl_optimizer)
+        return [_InertOptimizer(o) for o in found] if isinstance(found, list) else _InertOptimizer(found)
+
+    def lr_schedulers():
+        found = cls.lr_schedulers(module)
+        if found is None:
+            return None
+        return [_InertScheduler(s) for s in found] if isinstance(found, list) else _InertScheduler(found)
+
+    with _patched(
+        module,
+        optimizers=optimizers,
+        lr_schedulers=lr_schedulers,
+        manual_backward=lambda loss, *a, **k: losses.append(loss),
+        toggle_optimizer=lambda *a, **k: None,
+        untoggle_optimizer=lambda *a, **k: None,
+        toggled_optimizer=lambda *a, **k: nullcontext(),
+        clip_gradients=lambda *a, **k: None,
+    ):
+        yield losses
+
+
+@contextmanager
+def _uncompiled(module: L.LightningModule) -> Iterator[None]:
+    """``trainer.fit(torch.compile(module))`` replaces the module's forward and training_step by compiled
+    ones; measurements (double backward, torch.func) need the eager functions."""
+    context = getattr(module, "_compiler_ctx", None)
+    with ExitStack() as stack:
+        if context:
+            stack.enter_context(
+                _patched(module, forward=context["original_forward"], training_step=context["original_training_step"])
+            )
+        yield
 
 
 def concat_batches(batches: Sequence[Any]) -> Any:

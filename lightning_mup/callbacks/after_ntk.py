@@ -27,16 +27,16 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, Targets, concat_batches, default_targets
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, MeasurementError, Targets, concat_batches
+from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.kernels import kernel_target_alignment
-from lightning_mup.measure.ntk import OutputFn, analyse_kernel, default_output, effective_rank, empirical_ntk
+from lightning_mup.measure.ntk import METHODS as NTK_METHODS
+from lightning_mup.measure.ntk import MODES, OutputFn, analyse_kernel, effective_rank, empirical_ntk, ntk_cost
+from lightning_mup.measure.observe import eval_mode
+from lightning_mup.measure.outputs import batch_labels, default_output, regression_targets
 from lightning_mup.parametrize.optim import lr_scales
 
 Inputs = Callable[[Any], Any]
-
-
-def default_inputs(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 class AfterNTK(MeasurementCallback):
@@ -51,11 +51,15 @@ class AfterNTK(MeasurementCallback):
         method: ``"auto"``, ``"layerwise"`` or ``"jacobian"`` (see :func:`~lightning_mup.measure.ntk.empirical_ntk`).
         params: parameter-name globs (e.g. the last layers only).
         weights: ``"optimizer"`` (the μP lr scale of each parameter) or ``None`` (the plain NTK).
-        inputs: batch → model input (default: ``batch[0]``).
-        output_fn: model output → [P, C] (default: logits, [P] → [P, 1]).
-        targets: batch → targets for C(k) and the flow (default: y of (x, y); class labels one-hot;
-            return None for no targets).
+        inputs: batch → input of the LightningModule's forward. Default: the network the training step
+            runs, called with the arguments the step gives it (``self.model(**batch)``, ``self(x)``, ...).
+        output_fn: network output → [P, C] (default: logits, [P] → [P, 1]; reduce sequences yourself, e.g.
+            ``lambda out: out.logits[:, -1]``).
+        targets: batch → targets for C(k) and the flow (default: y of (x, y) or ``batch["labels"]``; class
+            labels one-hot over the C outputs; return None for no targets).
         memory_budget: bytes for per-sample gradient blocks.
+        max_outputs: the most P·C network outputs to differentiate (one backward pass each): a larger
+            kernel is refused before training, with what to reduce.
         max_eigenvectors: eigenvectors kept in the saved arrays.
         flow_points: time points of the kernel-flow curve, from step 0 to the measured step.
         task_power_at: the k at which C(k) is logged.
@@ -78,6 +82,7 @@ class AfterNTK(MeasurementCallback):
         output_fn: OutputFn | None = None,
         targets: Targets | None = None,
         memory_budget: int = 2**28,
+        max_outputs: int = 8192,
         max_eigenvectors: int = 64,
         flow_points: int = 101,
         task_power_at: Sequence[int] = (1, 5, 10, 20, 50),
@@ -86,66 +91,111 @@ class AfterNTK(MeasurementCallback):
         super().__init__(every_n_steps, num_batches, probe, loss_fn)
         if at not in ("fit_end", None):
             raise ValueError(f"at={at!r}; use 'fit_end' or None (with every_n_steps)")
+        if at is None and every_n_steps is None:
+            raise ValueError("at=None and every_n_steps=None: AfterNTK would never measure; give one of them")
         if weights not in ("optimizer", None):
             raise ValueError(f"weights={weights!r}; use 'optimizer' or None")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+        if method not in NTK_METHODS:
+            raise ValueError(f"method={method!r}; choose one of {NTK_METHODS}")
         self.at, self.mode, self.method, self.params, self.weights = at, mode, method, params, weights
-        self.inputs = inputs or default_inputs
+        self.inputs = inputs
         self.output_fn = output_fn or default_output
-        self.targets = targets or default_targets
-        self.memory_budget, self.max_eigenvectors = memory_budget, max_eigenvectors
+        self.targets = targets
+        self.memory_budget, self.max_outputs, self.max_eigenvectors = memory_budget, max_outputs, max_eigenvectors
         self.flow_points, self.task_power_at = flow_points, tuple(task_power_at)
         self.initial_outputs: torch.Tensor | None = None
 
-    # --------------------------------------------------------------------------------- hooks
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self.initial_outputs is None and self._probe_ready and trainer.global_rank == 0:
-            with torch.no_grad():
-                self.initial_outputs = self._outputs(pl_module)  # f₀ on the probe: r₀ = y - f₀
+    @property
+    def needs_initial(self) -> bool:
+        return True  # f₀, the initial outputs: the kernel flow starts from the residual y - f₀
 
     def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
         if self.at == "fit_end" and self._probe_ready and trainer.global_step not in self.steps:
-            self._safely_measure(trainer, pl_module)
+            self._safely_measure(trainer, pl_module, trainer.global_step)
 
     # --------------------------------------------------------------------------------- measuring
-    def _outputs(self, pl_module: L.LightningModule) -> torch.Tensor:
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            return self.output_fn(pl_module(self.inputs(concat_batches(self.probe)))).detach().double().cpu()
-        finally:
-            pl_module.train(was_training)
+    def network(self, pl_module: L.LightningModule, batch: Any) -> ModelCall:
+        """The network and its inputs on ``batch``: the LightningModule on ``inputs(batch)`` if given, else the
+        call the training step makes."""
+        if self.inputs is not None:
+            return ModelCall(pl_module, (self.inputs(batch),))
+        return self.network_call(pl_module, batch)
 
-    def _param_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+    def _outputs(self, call: ModelCall) -> torch.Tensor:
+        with torch.no_grad(), eval_mode(call.module):
+            return self.output_fn(call()).detach().double().cpu()
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list[Any]) -> None:
+        call = self.network(pl_module, concat_batches(batches))
+        with eval_mode(call.module):
+            cost = ntk_cost(call.module, call, output_fn=self.output_fn, params=self.params, method=self.method)
+        # the whole probe's points, from those of ``batches`` (gathered ones under DDP: all ranks')
+        points = call.points // len(batches) * (len(self.probe) if self._probe_ready else self.num_batches)
+        rows = points * cost.outputs
+        if rows > self.max_outputs:
+            raise MeasurementError(
+                f"AfterNTK would differentiate {points} probe points × {cost.outputs} outputs = {rows:,} network "
+                f"outputs, one backward pass each (max_outputs={self.max_outputs:,}). Reduce the outputs with "
+                "output_fn= (e.g. lambda out: out.logits[:, -1, :16] for 16 logits of the last token), the points "
+                "with num_batches= or probe=, or raise max_outputs"
+            )
+        if cost.jacobian_params and cost.jacobian_bytes_per_point > self.memory_budget:
+            largest = sorted(cost.jacobian_params, key=cost.jacobian_params.get, reverse=True)[:3]
+            raise MeasurementError(
+                f"AfterNTK's per-point Jacobian of the parameters outside Linear/Conv layers ({largest}, ...; "
+                f"{sum(cost.jacobian_params.values()):,} numbers) × {cost.outputs} outputs needs "
+                f"{cost.jacobian_bytes_per_point / 2**30:.1f} GiB, over memory_budget="
+                f"{self.memory_budget / 2**30:.2f} GiB. Leave them out with params= (e.g. the Linear layers), reduce "
+                "the outputs with output_fn=, or raise memory_budget"
+            )
+
+    def measure_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        self.check(trainer, pl_module, self.probe[:1])
+        call = self.network(pl_module, concat_batches(self.probe))
+        self.initial_outputs = self._outputs(call)  # f₀ on the probe: r₀ = y - f₀
+        with eval_mode(call.module):  # a kernel on two points now: what cannot be differentiated fails here
+            empirical_ntk(
+                call.module,
+                call.take(0, 2),
+                output_fn=self.output_fn,
+                params=self.params,
+                mode=self.mode,
+                method=self.method,
+                memory_budget=self.memory_budget,
+            )
+        return self.measure(trainer, pl_module) if self.every_n_steps else {}
+
+    def _param_weights(self, trainer: L.Trainer, module: torch.nn.Module) -> dict[str, float] | None:
         if self.weights is None or not trainer.optimizers:
             return None
         scales = lr_scales(trainer.optimizers)
-        return {n: scales[id(p)] for n, p in pl_module.named_parameters() if id(p) in scales}
+        return {n: scales[id(p)] for n, p in module.named_parameters() if id(p) in scales}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         batch = concat_batches(self.probe)
-        pl_module.eval()  # the function being trained, deterministic: dropout off, BatchNorm running stats
-        kernel = empirical_ntk(
-            pl_module,
-            self.inputs(batch),
-            output_fn=self.output_fn,
-            params=self.params,
-            mode=self.mode,
-            method=self.method,
-            memory_budget=self.memory_budget,
-            param_weights=self._param_weights(trainer, pl_module),
-        ).cpu()
-        outputs = self._outputs(pl_module)
-        step = trainer.global_step
-        y = self.targets(batch)
-        if y is not None:
-            y = y.double().cpu().reshape(len(outputs), -1)
+        call = self.network(pl_module, batch)
+        with eval_mode(call.module):  # the function being trained, deterministic: dropout off, BN running stats
+            kernel = empirical_ntk(
+                call.module,
+                call,
+                output_fn=self.output_fn,
+                params=self.params,
+                mode=self.mode,
+                method=self.method,
+                memory_budget=self.memory_budget,
+                param_weights=self._param_weights(trainer, call.module),
+            ).cpu()
+        outputs = self._outputs(call)
+        points = len(outputs)
+        y = self._targets(batch, outputs)
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
-        flow_steps = np.linspace(0, max(step, 1), self.flow_points)
+        flow_steps = np.linspace(0, max(self.step, 1), self.flow_points)
         result = analyse_kernel(kernel, y, self.initial_outputs, flow_steps, lr)  # r₀ = y - f₀
-        points = len(result.kernel)
         scalars = {
-            f"{self.name}/top_eigenvalue": float(result.eigenvalues[0] / points),
+            f"{self.name}/top_eigenvalue": float(result.eigenvalues[0] / len(result.kernel)),
             f"{self.name}/effective_rank": effective_rank(result.eigenvalues),
         }
         arrays: dict[str, Any] = {
@@ -156,11 +206,11 @@ class AfterNTK(MeasurementCallback):
         }
         if y is not None:
             power = result.task_power
+            rows = len(result.kernel)  # "full": one row per (point, output)
             scalars.update(
-                {f"{self.name}/task_power_{k}": float(power[k - 1]) for k in self.task_power_at if k <= points}
+                {f"{self.name}/task_power_{k}": float(power[k - 1]) for k in self.task_power_at if k <= rows}
             )
-            # "full": one row per (point, output)
-            scalars[f"{self.name}/kta"] = kernel_target_alignment(torch.as_tensor(result.kernel), y.reshape(points, -1))
+            scalars[f"{self.name}/kta"] = kernel_target_alignment(torch.as_tensor(result.kernel), y.reshape(rows, -1))
             arrays.update(
                 task_power=power,
                 targets=y.numpy(),
@@ -169,8 +219,25 @@ class AfterNTK(MeasurementCallback):
                 flow_loss=result.flow_loss,
                 lr=lr,
             )
+        elif points:
+            self.warn_once("targets", "the probe has no targets with one row per point: no C(k) or kernel flow")
         self.save_step(trainer, **arrays)
         return scalars
+
+    def _targets(self, batch: Any, outputs: torch.Tensor) -> torch.Tensor | None:
+        points, classes = outputs.shape
+        y = self.targets(batch) if self.targets is not None else regression_targets(batch_labels(batch), classes)
+        if y is None:
+            return None
+        y = y.double().cpu()
+        if y.numel() != points * classes:
+            self.warn_once(
+                "target-shape",
+                f"targets of shape {tuple(y.shape)} do not match the {points} × {classes} outputs: no C(k) or kernel "
+                "flow (give targets=)",
+            )
+            return None
+        return y.reshape(points, classes)
 
     def nan_keys(self) -> list[str]:
         return [f"{self.name}/top_eigenvalue"]

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches, load_step_arrays
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
 from lightning_mup.measure.attention import attention_distance, attention_entropy, attention_maps, attention_modules
 
 
@@ -54,6 +54,9 @@ class AttentionMaps(MeasurementCallback):
         self.layers, self.heads, self.points = layers, heads, points
         self.reference = Path(reference) if reference is not None else None
 
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        attention_modules(pl_module, self.layers)
+
     def maps(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         names = attention_modules(pl_module, self.layers)
         maps = attention_maps(pl_module, names, lambda: self.training_loss(pl_module, batch))
@@ -65,8 +68,7 @@ class AttentionMaps(MeasurementCallback):
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         maps = self.maps(pl_module, concat_batches(self.probe))
-        step = trainer.global_step
-        reference = load_step_arrays(self.reference, self.name, step) if self.reference is not None else None
+        reference = self.reference_arrays(self.reference)
         scalars: dict[str, float] = {}
         for layer, m in maps.items():
             scalars[f"{self.name}/{layer}/entropy"] = attention_entropy(m)

@@ -33,21 +33,12 @@ import numpy as np
 import torch
 
 from lightning_mup._run_folder import step_file, step_files
-from lightning_mup.callbacks._base import MeasurementCallback, concat_batches, load_step_arrays
+from lightning_mup.callbacks._base import MeasurementCallback, MeasurementError, concat_batches
 from lightning_mup.measure.ensemble import MemberLogits, ensemble_statistics, finite_members, logit_distance
+from lightning_mup.measure.observe import eval_mode
+from lightning_mup.measure.outputs import batch_labels, is_causal_lm, logits_of, token_points
 
 LogitsFn = Callable[[L.LightningModule, Any], torch.Tensor]
-
-
-def default_member_logits(module: L.LightningModule, x: Any) -> torch.Tensor:
-    """[E, P, C]: ``forward_members`` for vectorised ensembles, else the module's output as one member."""
-    if hasattr(module, "forward_members"):
-        out = module.forward_members(x)
-    else:
-        out = module(x)
-        out = out.logits if hasattr(out, "logits") else out
-        out = out[None]
-    return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 class EnsembleLogits(MeasurementCallback):
@@ -57,7 +48,9 @@ class EnsembleLogits(MeasurementCallback):
         probe: fixed test points as batches ``(x, y)`` (default: the first ``num_batches`` training batches,
             the same for every run of a sweep).
         every_n_steps: record every n steps (and at step 0 and at the end of training).
-        logits_fn: ``logits_fn(module, x) -> [E, P, C]`` (default: :func:`default_member_logits`).
+        logits_fn: ``logits_fn(module, inputs) -> [E, P, C]`` (inputs: x of (x, y) batches, else the batch;
+            default: the network the training step runs, as it runs it — see :meth:`member_logits` —, or
+            ``forward_members(x)`` of vectorised ensembles).
         reference: the widest run's folder; ``next_width``: the next wider run's folder.
     """
 
@@ -73,7 +66,7 @@ class EnsembleLogits(MeasurementCallback):
         next_width: str | Path | None = None,
     ) -> None:
         super().__init__(every_n_steps, num_batches, probe, None)
-        self.logits_fn = logits_fn or default_member_logits
+        self.logits_fn = logits_fn
         self.reference = Path(reference) if reference is not None else None
         self.next_width = Path(next_width) if next_width is not None else None
         self._members_on_ranks = False
@@ -89,14 +82,43 @@ class EnsembleLogits(MeasurementCallback):
         self._members_on_ranks = bool(getattr(trainer.strategy, "independent_members", False))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
         if self._probe_ready and trainer.global_step not in self.steps:
-            self._safely_measure(trainer, pl_module)
+            self._safely_measure(trainer, pl_module, trainer.global_step)
+
+    def member_logits(self, pl_module: L.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """([E, P, C] member logits, [P] or [P, C] targets) on the probe, in eval mode. Default: the network the
+        training step runs, called as the step calls it; [B, T, V] token logits with [B, T] labels become one
+        point per labelled token (a causal LM's logits at t scored against the label at t + 1)."""
+        targets = batch_labels(batch)
+        with torch.no_grad(), eval_mode(pl_module):
+            if self.logits_fn is not None:
+                logits = self.logits_fn(pl_module, batch[0] if isinstance(batch, (tuple, list)) else batch)
+            elif hasattr(pl_module, "forward_members"):  # vectorised members
+                logits = pl_module.forward_members(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            else:
+                call = self.network_call(pl_module, batch)
+                logits = logits_of(call())
+                if targets is None and isinstance(call.kwargs.get("labels"), torch.Tensor):
+                    targets = call.kwargs["labels"]
+                if targets is not None and logits.dim() == 3 and targets.shape == logits.shape[:2]:
+                    logits, targets = token_points(logits, targets, is_causal_lm(call.module))
+                logits = logits[None]
+        if targets is None:
+            raise MeasurementError(
+                "EnsembleLogits found no targets in the probe batch: give (x, y) batches, a dict with 'labels', "
+                "or probe= batches that have them"
+            )
+        logits = logits.reshape(logits.shape[0], logits.shape[1], -1)
+        if logits.shape[1] != len(targets):
+            raise MeasurementError(
+                f"EnsembleLogits: the logits cover {logits.shape[1]} points but the targets {len(targets)}; give "
+                "logits_fn=(module, inputs) -> [members, points, outputs] matching the targets"
+            )
+        return logits.double(), targets
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        batch = concat_batches(self.probe)
-        x, y = batch[0], batch[1]
-        with torch.no_grad():
-            logits = self.logits_fn(pl_module, x).double()
+        logits, y = self.member_logits(pl_module, concat_batches(self.probe))
         if self._members_on_ranks:
             gathered = MemberLogits().to(logits.device)
             gathered.update(logits)
@@ -104,19 +126,18 @@ class EnsembleLogits(MeasurementCallback):
             if trainer.global_rank != 0:
                 return {}
         logits_np, targets = logits.cpu().numpy(), y.cpu().numpy()
-        step = trainer.global_step
         scalars = {f"ensemble/{k}": v for k, v in ensemble_statistics(logits_np, targets).items()}
-        scalars.update(self._distances(logits_np, targets, step))
+        scalars.update(self._distances(logits_np, targets))
         self.save_step(trainer, logits=logits_np, targets=targets)
         return scalars
 
-    def _distances(self, logits: np.ndarray, targets: np.ndarray, step: int) -> dict[str, float]:
+    def _distances(self, logits: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         out: dict[str, float] = {}
         if not finite_members(logits).any():
             return out
         for key, folder in (("reference", self.reference), ("next_width", self.next_width)):
-            other = load_step_arrays(folder, self.name, step) if folder is not None else None
-            if other is None or other["logits"].shape[1] != logits.shape[1]:
+            other = self.reference_arrays(folder)
+            if other is None:
                 continue
             members, ensemble = logit_distance(logits, targets, other["logits"], other["targets"])
             out[f"ensemble/rmse_{key}"], out[f"ensemble/rmse_{key}_ensemble"] = members, ensemble

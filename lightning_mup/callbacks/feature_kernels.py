@@ -7,9 +7,10 @@ Example::
     trainer = Trainer(callbacks=[FeatureKernels(every_n_steps=100, reference="runs/w1024/version_0")])
 
 Logs per layer ``<layer>`` at each measured step: ``feature_kernels/<layer>/movement`` (‖Φ - Φ₀‖/‖Φ₀‖),
-``/cka_init`` (CKA of Φ to Φ₀), ``/kta`` (kernel-target alignment), the same with ``grad_`` for G, and
-``/cka_reference`` when a reference run folder has kernels at the same step. Saves every kernel to
-``<log_dir>/feature_kernels/step_<step>.npz`` (keys ``phi/<layer>``, ``grad/<layer>``).
+``/cka_init`` (CKA of Φ to Φ₀), ``/kta`` (kernel-target alignment), the same with ``grad_`` for G (not
+the first two when G₀ = 0, as under a zero-initialised readout: they are undefined), and
+``/cka_reference`` when a reference run folder has kernels at the same step on the same probe points.
+Saves every kernel to ``<log_dir>/feature_kernels/step_<step>.npz`` (keys ``phi/<layer>``, ``grad/<layer>``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from lightning_mup.callbacks._base import (
     Targets,
     concat_batches,
     default_targets,
-    load_step_arrays,
 )
 from lightning_mup.measure.kernels import (
     cka,
@@ -86,6 +86,9 @@ class FeatureKernels(MeasurementCallback):
             return self.spatial
         return next((mode for pattern, mode in self.spatial.items() if glob_match(pattern, layer)), "flatten")
 
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        resolve_layers(pl_module, self.layers, "stream")
+
     def kernels(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``phi/<layer>`` and ``grad/<layer>`` kernels on ``batch`` (runs in the caller's context)."""
         names = resolve_layers(pl_module, self.layers, "stream")
@@ -108,14 +111,23 @@ class FeatureKernels(MeasurementCallback):
         if not self.initial:
             self.initial = {k: v.clone() for k, v in kernels.items()}
         y = self.targets(batch)
-        step = trainer.global_step
-        reference = load_step_arrays(self.reference, self.name, step) if self.reference is not None else None
+        reference = self.reference_arrays(self.reference)
         scalars: dict[str, float] = {}
         for key, k in kernels.items():
             kind, layer = key.split("/", 1)
             prefix = f"{self.name}/{layer}/{'' if kind == 'phi' else 'grad_'}"
-            scalars[prefix + "movement"] = kernel_movement(k, self.initial[key])
-            scalars[prefix + "cka_init"] = cka(k, self.initial[key], self.debiased)
+            if torch.count_nonzero(self.initial[key]) == 0:
+                # μP's zero-initialised readout: no gradient reaches the hidden layers at step 0, G₀ = 0, and a
+                # movement or an alignment relative to it is undefined
+                self.warn_once(
+                    f"zero:{key}",
+                    f"the {'gradient' if kind == 'grad' else 'feature'} kernel of {layer} was zero at step "
+                    f"{self.steps[0] if self.steps else self.step} (a zero-initialised readout sends no gradient "
+                    f"back at initialisation); {prefix}movement and {prefix}cka_init are undefined and not logged",
+                )
+            else:
+                scalars[prefix + "movement"] = kernel_movement(k, self.initial[key])
+                scalars[prefix + "cka_init"] = cka(k, self.initial[key], self.debiased)
             if y is not None:
                 scalars[prefix + "kta"] = kernel_target_alignment(k, y.to(k.device))
             if reference is not None and key in reference and reference[key].shape == tuple(k.shape):

@@ -59,6 +59,9 @@ class PreactivationHistograms(MeasurementCallback):
         self.layers, self.points, self.max_samples = layers, points, max_samples
         self.edges = np.asarray(edges if edges is not None else np.linspace(-6, 6, 122), dtype=np.float64)
 
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        resolve_layers(pl_module, self.layers, "activations")
+
     def preactivations(self, pl_module: L.LightningModule, batch: Any) -> dict[str, np.ndarray]:
         """Per layer, [points, values over neurons] on the first probe points."""
         names = resolve_layers(pl_module, self.layers, "activations")
@@ -72,7 +75,7 @@ class PreactivationHistograms(MeasurementCallback):
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         values = self.preactivations(pl_module, concat_batches(self.probe))
-        step = trainer.global_step
+        step = self.step
         scalars: dict[str, float] = {}
         arrays: dict[str, Any] = {"edges": self.edges}
         for layer, v in values.items():

@@ -3,7 +3,8 @@
 Batch number k is a pure function of ``(seed, k)``, so every run — any width, any seed of the model —
 sees the same data in the same order (the paper's setting), a resumed run continues with batch k+1
 (the loader's position rides in Lightning's checkpoint through ``state_dict``), and DDP ranks take
-disjoint slices of the same global batch.
+disjoint slices of the same global batch — dealt as a ``DistributedSampler`` deals indices (row i to rank
+i mod world), so gathering the ranks' batches interleaved gives back the global batch.
 """
 
 from __future__ import annotations
@@ -55,11 +56,10 @@ class OnlineBatches:
             yield batch
 
     def batch(self, k: int) -> Any:
-        """Global batch ``k``, this rank's slice of it."""
+        """Global batch ``k``, this rank's rows of it (rank, rank + world, ...)."""
         generator = torch.Generator().manual_seed(_mix(self.seed, k))
         full = self.sample(self.batch_size, generator)
-        per_rank = self.batch_size // self.world_size
-        return _slice(full, slice(self.rank * per_rank, (self.rank + 1) * per_rank))
+        return _slice(full, slice(self.rank, None, self.world_size))
 
     def state_dict(self) -> dict[str, int]:
         return {"next_batch": self.next_batch}

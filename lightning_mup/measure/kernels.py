@@ -92,8 +92,9 @@ def kernel_target_alignment(k: torch.Tensor, y: torch.Tensor, centered: bool = T
 
 
 def kernel_movement(k: torch.Tensor, k0: torch.Tensor) -> float:
-    """‖K - K₀‖_F / ‖K₀‖_F: how far a kernel moved from its initial value."""
-    return float((k.double() - k0.double()).norm() / k0.double().norm().clamp_min(1e-300))
+    """‖K - K₀‖_F / ‖K₀‖_F: how far a kernel moved from its initial value (NaN when K₀ = 0: undefined)."""
+    reference = k0.double().norm()
+    return float((k.double() - k0.double()).norm() / reference) if reference > 0 else float("nan")
 
 
 class MinibatchCKA(Metric):

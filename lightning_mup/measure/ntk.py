@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mup._names import select
+from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.observe import math_attention
+from lightning_mup.measure.outputs import default_output
 from lightning_mup.parametrize.adapters import type_names
 from lightning_mup.parametrize.roles import parameter_uses
 
@@ -33,23 +35,6 @@ OutputFn = Callable[[Any], torch.Tensor]
 _MAX_JACOBIAN_POINTS = 32
 MODES = ("full", "blocks", "trace")
 METHODS = ("auto", "layerwise", "jacobian")
-
-
-def default_output(out: Any) -> torch.Tensor:
-    """Model output → [P, C]: logits of HF outputs; [P] becomes [P, 1]; sequences must be reduced by the
-    caller's ``output_fn`` (e.g. the last token's logits)."""
-    if hasattr(out, "logits"):
-        out = out.logits
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if out.dim() == 1:
-        out = out[:, None]
-    if out.dim() != 2:
-        raise ValueError(
-            f"the model output has shape {tuple(out.shape)}; pass output_fn= reducing it to [points, outputs] "
-            "(e.g. lambda out: out.logits[:, -1])"
-        )
-    return out
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -76,6 +61,8 @@ def empirical_ntk(
     put it in eval mode first for a deterministic function).
 
     Args:
+        inputs: the batch ``model`` is called on: a tensor or dict (``model(inputs)``), or a
+            :class:`~lightning_mup.measure.calls.ModelCall` (``model(*args, **kwargs)``, e.g. HF ``**batch``).
         output_fn: model output → [P, C].
         params: glob patterns of parameter names (default: all trainable), e.g. the last layers only.
         mode: ``"full"`` [P·C, P·C] (rows ordered point-major), ``"blocks"`` [C, P, P] (K_cc),
@@ -88,24 +75,8 @@ def empirical_ntk(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; choose one of {METHODS}")
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    chosen = set(select(params, named) if params is not None else named)
-    if not chosen:
-        raise ValueError(f"params={list(params or [])} match no trainable parameter")
-
-    layers: dict[str, nn.Module] = {}
-    if method != "jacobian":
-        shared = {pid for pid, uses in parameter_uses(model).items() if len(uses) > 1}  # tied: every use counts
-        for name, module in model.named_modules():
-            if _kind(module) is None or any(id(p) in shared for p in module._parameters.values() if p is not None):
-                continue
-            owned = {f"{name}.{a}" if name else a for a, p in module._parameters.items() if p is not None}
-            if owned & chosen:
-                layers[name] = module
-    structured = {f"{n}.{a}" for n, m in layers.items() for a, p in m._parameters.items() if p is not None} & chosen
-    rest = sorted(chosen - structured)
+    call = _as_call(model, inputs)
+    chosen, layers, rest = _partition(model, params, method)
     if method == "layerwise" and rest:
         raise ValueError(f"method='layerwise' cannot handle {rest[:5]} (not in Linear/Conv layers); use 'auto'")
 
@@ -114,10 +85,9 @@ def empirical_ntk(
         weights = param_weights or {}
         diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
         if layers:
-            kernel = _layerwise(model, inputs, output_fn, layers, chosen, memory_budget, weights, diagonal)
+            kernel = _layerwise(call, output_fn, layers, chosen, memory_budget, weights, diagonal)
         if rest:
-            names = [n for n in named if n in rest]
-            part = _jacobian(model, inputs, output_fn, names, memory_budget, weights, diagonal)
+            part = _jacobian(call, output_fn, rest, memory_budget, weights, diagonal)
             kernel = part if kernel is None else kernel + part
     assert kernel is not None
     if diagonal:
@@ -135,7 +105,67 @@ def _reduce(full: torch.Tensor, mode: str, classes: int) -> torch.Tensor:
     return blocks if mode == "blocks" else blocks.sum(0)
 
 
-def _layerwise(model, inputs, output_fn, layers, chosen, budget, weights, diagonal) -> torch.Tensor:
+def _partition(model: nn.Module, params: Sequence[str] | None, method: str):
+    """The chosen trainable parameters, the Linear/Conv layers that hold some of them (their Grams come
+    from activations and output gradients) and the rest (per-point Jacobians)."""
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {METHODS}")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    chosen = set(select(params, named) if params is not None else named)
+    if not chosen:
+        raise ValueError(f"params={list(params or [])} match no trainable parameter")
+    layers: dict[str, nn.Module] = {}
+    if method != "jacobian":
+        shared = {pid for pid, uses in parameter_uses(model).items() if len(uses) > 1}  # tied: every use counts
+        for name, module in model.named_modules():
+            if _kind(module) is None or any(id(p) in shared for p in module._parameters.values() if p is not None):
+                continue
+            owned = {f"{name}.{a}" if name else a for a, p in module._parameters.items() if p is not None}
+            if owned & chosen:
+                layers[name] = module
+    structured = {f"{n}.{a}" for n, m in layers.items() for a, p in m._parameters.items() if p is not None} & chosen
+    rest = [n for n in named if n in chosen - structured]
+    return chosen, layers, rest
+
+
+@dataclass
+class NTKCost:
+    """What an empirical-NTK computation will take, known before it runs."""
+
+    points: int
+    outputs: int  # C, per point
+    jacobian_params: dict[str, int]  # parameters outside Linear/Conv layers -> numel (per-point Jacobians)
+    jacobian_bytes_per_point: int  # the smallest chunk of the torch.func path
+
+    @property
+    def rows(self) -> int:  # P·C: each is one backward pass through one point
+        return self.points * self.outputs
+
+
+def ntk_cost(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    output_fn: OutputFn = default_output,
+    params: Sequence[str] | None = None,
+    method: str = "auto",
+) -> NTKCost:
+    """The size of :func:`empirical_ntk` on ``inputs`` from one forward pass on a single point."""
+    call = _as_call(model, inputs)
+    _, _, rest = _partition(model, params, method)
+    with torch.no_grad():
+        outputs = output_fn(call.take(0, 1)()).shape[1]
+    sizes = {n: p.numel() for n, p in model.named_parameters() if n in rest}
+    return NTKCost(call.points, outputs, sizes, 4 * outputs * sum(sizes.values()))
+
+
+def _as_call(model: nn.Module, inputs: Any) -> ModelCall:
+    if isinstance(inputs, ModelCall):
+        return ModelCall(model, inputs.args, inputs.kwargs, inputs.name)
+    return ModelCall(model, (inputs,))
+
+
+def _layerwise(call: ModelCall, output_fn, layers, chosen, budget, weights, diagonal) -> torch.Tensor:
     """Σ over Linear/Conv weights and biases of the gradient Grams, from layer inputs and output gradients.
     Returns [C, P, P] same-output blocks when ``diagonal``, else the full [P·C, P·C] (point-major)."""
     acts: dict[str, torch.Tensor] = {}
@@ -148,7 +178,7 @@ def _layerwise(model, inputs, output_fn, layers, chosen, budget, weights, diagon
         handles.append(module.register_forward_hook(lambda m, a, out, n=name: outs.__setitem__(n, out), prepend=True))
     try:
         with torch.enable_grad():
-            f = output_fn(model(inputs))
+            f = output_fn(call())
             points, classes = f.shape
             shape = (classes, points, points) if diagonal else (points * classes, points * classes)
             kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
@@ -249,21 +279,24 @@ def _outer_gram(g: torch.Tensor, a: torch.Tensor, budget: int) -> torch.Tensor:
     return out
 
 
-def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, diagonal) -> torch.Tensor:
+def _jacobian(call: ModelCall, output_fn, names: list[str], budget: int, weights, diagonal) -> torch.Tensor:
     """K over ``names`` by torch.func: per-chunk Jacobians [B, C, D] and their Grams (same-output
     blocks [C, P, P] when ``diagonal``, else [P·C, P·C] point-major)."""
+    model = call.module
     params = {n: p.detach() for n, p in model.named_parameters() if n in names}
     size = sum(p.numel() for p in params.values())
+    batched, rebuild = call.batched()
 
-    def f(p, x):
-        return output_fn(torch.func.functional_call(model, p, (x,), strict=False))
+    def f(p, tensors):
+        args, kwargs = rebuild(tensors)
+        return output_fn(torch.func.functional_call(model, p, args, kwargs, strict=False))
 
-    def one(p, x):  # a single point: its Jacobian costs C backward passes through that point alone
-        return f(p, _unsqueeze(x))[0]
+    def one(p, tensors):  # a single point: its Jacobian costs C backward passes through that point alone
+        return f(p, [t.unsqueeze(0) for t in tensors])[0]
 
-    points = _length(inputs)
+    points = call.points
     with torch.no_grad():
-        classes = f(params, _take(inputs, 0, 1)).shape[1]
+        classes = f(params, [t[:1] for t in batched]).shape[1]
     # a chunk's Jacobians and the activations vmap keeps for it both scale with its points: cap both
     chunk = max(1, min(_MAX_JACOBIAN_POINTS, budget // (2 * 4 * size * classes)))
     per_point = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))
@@ -272,7 +305,7 @@ def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, 
         # torch.func differentiates w.r.t. ``params`` inside; outside, no graph may reach the model's other
         # (trainable) parameters, or every block kept in the kernel would hold one alive
         with torch.no_grad():
-            j = per_point(params, _take(inputs, lo, hi))  # name -> [B, C, *shape]
+            j = per_point(params, [t[lo:hi] for t in batched])  # name -> [B, C, *shape]
         scaled = [j[n].reshape(hi - lo, classes, -1) * weights.get(n, 1.0) ** 0.5 for n in names if n in j]
         return torch.cat(scaled, dim=2)  # [B, C, D]
 
@@ -295,20 +328,6 @@ def _jacobian(model, inputs, output_fn, names: list[str], budget: int, weights, 
                 kernel[lo * classes : hi * classes, lo2 * classes : hi2 * classes] = block
                 kernel[lo2 * classes : hi2 * classes, lo * classes : hi * classes] = block.T
     return kernel.to(next(model.parameters()).device)
-
-
-def _length(inputs: Any) -> int:
-    return len(inputs) if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
-
-
-def _unsqueeze(x: Any) -> Any:
-    return x.unsqueeze(0) if isinstance(x, torch.Tensor) else {k: v.unsqueeze(0) for k, v in x.items()}
-
-
-def _take(inputs: Any, lo: int, hi: int) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs[lo:hi]
-    return {k: v[lo:hi] for k, v in inputs.items()}
 
 
 def naive_ntk(

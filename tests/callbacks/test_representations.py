@@ -12,7 +12,7 @@ from models import TransformerModule
 from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
-from lightning_mup.callbacks import AttentionMaps, FeatureKernels, PreactivationHistograms
+from lightning_mup.callbacks import AttentionMaps, FeatureKernels, MeasurementError, PreactivationHistograms
 from lightning_mup.data.gegenbauer import GegenbauerDataModule
 from lightning_mup.data.online import FullBatch
 from lightning_mup.measure.distribution import kurtosis_standard_error
@@ -232,7 +232,7 @@ def test_attention_maps_from_fused_models_equal_eager_attention(tmp_path, family
 
 
 def test_layer_patterns_that_match_nothing_list_candidates(tmp_path):
-    with pytest.warns(UserWarning, match="match no module.*model.features"):
+    with pytest.raises(MeasurementError, match="match no module.*model.features"):
         quiet_trainer(tmp_path, 1, [FeatureKernels(layers=["model.feature.*"], every_n_steps=1)]).fit(
             _regressor(16), GegenbauerDataModule(batches_per_epoch=1)
         )

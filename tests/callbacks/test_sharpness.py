@@ -13,7 +13,7 @@ from torch import nn
 from trainers import quiet_trainer
 
 from lightning_mup import MuPStrategy
-from lightning_mup.callbacks import Sharpness
+from lightning_mup.callbacks import MeasurementError, Sharpness
 from lightning_mup.data.gegenbauer import GegenbauerDataModule, GegenbauerTask
 from lightning_mup.data.online import FullBatch
 from lightning_mup.models.regression import MLPRegressor
@@ -66,7 +66,7 @@ def test_observation_leaves_training_bit_identical(tmp_path):
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=0, msg=name)
     series = _series(tmp_path)
-    assert list(series["step"]) == [5, 10, 15, 20, 25, 30]  # step 0 waits for the 2-batch probe
+    assert list(series["step"]) == [0, 5, 10, 15, 20, 25, 30]  # step 0 measured once the 2-batch probe is in
     assert np.all(np.isfinite(series["sharpness"])) and np.all(series["sharpness.top_2"] <= series["sharpness"])
 
 
@@ -114,15 +114,32 @@ def test_default_attention_models_and_adam_preconditioning(tmp_path, family):
     assert np.all(np.isfinite(series["sharpness.preconditioned"][1:]))  # from the first Adam step on
 
 
-def test_nan_loss_gives_nan_and_a_warning_not_a_crash(tmp_path):
+def test_nan_at_the_start_is_refused_before_training(tmp_path):
     batch = (torch.randn(8, 5), torch.full((8, 1), float("nan")))
-    with pytest.warns(UserWarning, match="Sharpness at step 0 failed and logs NaN"):
-        quiet_trainer(tmp_path, 3, [Sharpness(every_n_steps=1)]).fit(
-            MLPRegressor(width=16, optimizer=functools.partial(torch.optim.SGD, lr=0.01)),
-            train_dataloaders=FullBatch(batch, 3),
+    module = MLPRegressor(width=16, optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(MeasurementError, match="Sharpness cannot measure MLPRegressor.*probe loss.*nan"):
+        quiet_trainer(tmp_path, 3, [Sharpness(every_n_steps=1)]).fit(module, train_dataloaders=FullBatch(batch, 3))
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, before[name]), name  # refused before any step
+
+
+class _DivergesAtStep2(MLPRegressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+
+def test_nan_during_training_gives_nan_and_a_warning_not_a_crash(tmp_path):
+    batch = GegenbauerTask().sample(8, torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="Sharpness at step 2 failed and logs NaN"):
+        quiet_trainer(tmp_path, 4, [Sharpness(every_n_steps=1)]).fit(
+            _DivergesAtStep2(width=16, optimizer=functools.partial(torch.optim.SGD, lr=0.01)),
+            train_dataloaders=FullBatch(batch, 4),
         )
-    metrics = (next(tmp_path.glob("**/metrics.csv"))).read_text()
-    assert "sharpness" in metrics and "nan" in metrics.lower()
+    series = _series(tmp_path)
+    assert list(series["step"]) == [0, 1, 2, 3, 4]
+    assert np.all(np.isfinite(series["sharpness"][:2])) and np.all(np.isnan(series["sharpness"][2:]))
 
 
 def test_mixed_precision_measures_in_float32(tmp_path):
