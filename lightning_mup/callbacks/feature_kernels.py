@@ -99,8 +99,10 @@ class FeatureKernels(MeasurementCallback):
             raise RuntimeError(f"layers {missing} produced no tensor output during training_step")
         out = {f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n))) for n in names}
         if self.gradient:
-            grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
+            # a frozen part's outputs carry no gradient (nothing flows back into it): no G there
+            live = [n for n in names if seen[n].requires_grad]
+            grads = torch.autograd.grad(loss, [seen[n] for n in live], allow_unused=True) if live else []
+            for n, g in zip(live, grads):
                 if g is not None:
                     out[f"grad/{n}"] = gradient_kernel(features(g * g.shape[0], self._spatial(n)))
         return out

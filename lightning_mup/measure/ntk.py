@@ -299,7 +299,19 @@ def _jacobian(call: ModelCall, output_fn, names: list[str], budget: int, weights
         classes = f(params, [t[:1] for t in batched]).shape[1]
     # a chunk's Jacobians and the activations vmap keeps for it both scale with its points: cap both
     chunk = max(1, min(_MAX_JACOBIAN_POINTS, budget // (2 * 4 * size * classes)))
-    per_point = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))
+    vmapped = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))
+    looped = [False]
+
+    def per_point(p, tensors):
+        if not looped[0]:
+            try:
+                return vmapped(p, tensors)
+            except RuntimeError as error:  # data-dependent control flow (HF attention masks): one point at a time
+                if "vmap" not in str(error):
+                    raise
+                looped[0] = True
+        rows = [torch.func.jacrev(one)(p, [t[i] for t in tensors]) for i in range(len(tensors[0]))]
+        return {n: torch.stack([r[n] for r in rows]) for n in rows[0]}
 
     def jac(lo: int, hi: int) -> torch.Tensor:
         # torch.func differentiates w.r.t. ``params`` inside; outside, no graph may reach the model's other

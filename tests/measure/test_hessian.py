@@ -153,7 +153,11 @@ def test_top_k_within_1e2(method):
 def test_warm_start_needs_at_most_6_hvps():
     model, loss, batches = _mlp_case(seed=0)
     first = top_eigen(
-        HessianOperator(model, loss, batches), 1, method="lobpcg", max_hvp=12, generator=torch.Generator().manual_seed(0)
+        HessianOperator(model, loss, batches),
+        1,
+        method="lobpcg",
+        max_hvp=12,
+        generator=torch.Generator().manual_seed(0),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(5):  # a few training steps later the top eigenvector has moved a little
