@@ -33,9 +33,12 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader, has_iterable_dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mup._hparams import rebuild_with_overrides
 from lightning_mup._rng import private_rng
@@ -183,11 +186,19 @@ class _MuP:
             return checkpoint
         restored = Parametrization.from_dict(saved)
         if self.record is not None and not self.record.same_scaling(restored):
-            raise ValueError(
-                f"{checkpoint_path} was trained with a different μP configuration than this MuPStrategy "
-                f"({restored.parametrization} {restored.settings} vs {self.record.parametrization} "
-                f"{self.record.settings}). Resume with the settings it was trained with."
+            widths = [
+                f"{name} is {restored.params[name].shape} there and {p.shape} here"
+                for name, p in self.record.params.items()
+                if name in restored.params and restored.params[name].shape != p.shape
+            ]
+            what = (
+                f"at another width ({widths[0]}): build the model at the width it was trained at"
+                if widths
+                else "with another μP configuration (checkpoint vs now: "
+                + "; ".join(restored.differences(self.record))
+                + "): resume with the settings it was trained with"
             )
+            raise ValueError(f"{checkpoint_path} was trained {what}.")
         if module is not None:
             restored.attach(module)  # the checkpoint's role map is the one in force; weights load next
             module._lightning_mup_record = restored
@@ -222,6 +233,7 @@ class MuPStrategy(_MuP, DDPStrategy):
     def __init__(self, *args: Any, independent_members: bool = False, member_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.independent_members, self.member_seed = independent_members, member_seed
+        self._inject_samplers: bool | None = None
 
     # ------------------------------------------------------------------------------- ensemble members
     @property
@@ -259,6 +271,30 @@ class MuPStrategy(_MuP, DDPStrategy):
             checkpoint_path = self._member_path(checkpoint_path)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
+    # ------------------------------------------------------------------------------- data order
+    def _own_the_samplers(self, trainer: L.Trainer) -> None:
+        """Lightning gives every training loader of a DDP strategy a *shuffling* DistributedSampler, also on
+        one device: the same Trainer without this strategy would read other batches, and a μP-vs-SP
+        comparison would be confounded. The strategy places samplers itself (:meth:`process_dataloader`)."""
+        connector = trainer._accelerator_connector  # Lightning's switch for its own sampler injection
+        if self._inject_samplers is None:
+            self._inject_samplers = bool(connector.use_distributed_sampler)
+        connector.use_distributed_sampler = False
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """One process: the user's loader, sampler and all. Several: a DistributedSampler that shuffles
+        only if the user's sampler did (independent members: each reads everything, in one order)."""
+        dataloader = super().process_dataloader(dataloader)
+        if not self._inject_samplers or (self._single_process and not self.independent_members):
+            return dataloader
+        if not isinstance(dataloader, DataLoader) or has_iterable_dataset(dataloader):
+            return dataloader
+        if isinstance(dataloader.sampler, DistributedSampler):
+            return dataloader
+        shuffled = _is_dataloader_shuffled(dataloader)
+        sampler = _get_distributed_sampler(dataloader, shuffled, 0, **self.distributed_sampler_kwargs)
+        return _update_dataloader(dataloader, sampler)
+
     # ------------------------------------------------------------------------------- one process
     @property
     def _single_process(self) -> bool:
@@ -270,6 +306,13 @@ class MuPStrategy(_MuP, DDPStrategy):
             return
         super()._configure_launcher()
 
+    def setup_environment(self) -> None:
+        if getattr(self, "_start_method", None) == "fork" and not self._single_process:
+            # A forked process inherits the parent's OpenMP thread pool without its threads: its first parallel
+            # op can wait forever. A fresh pool, the parent's threads shared out among the processes.
+            torch.set_num_threads(max(1, torch.get_num_threads() // self.num_processes))
+        super().setup_environment()
+
     def setup_distributed(self) -> None:
         if self._single_process:  # no process group to talk to: skip gloo/NCCL set-up entirely
             self.set_world_ranks()
@@ -277,6 +320,7 @@ class MuPStrategy(_MuP, DDPStrategy):
         super().setup_distributed()
 
     def setup(self, trainer: L.Trainer) -> None:
+        self._own_the_samplers(trainer)
         if self.independent_members:
             assert self.lightning_module is not None
             self._initialise_member(self.lightning_module)

@@ -20,8 +20,10 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -183,14 +185,30 @@ def sweep_command(
         "overrides": overrides,
         "runs": {},
     }
-    pending = []
+    with _locked(out):  # one sweep per folder
+        _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_key, overrides, summary)
+
+
+def _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_key, overrides, summary) -> None:
+    keys = {
+        cell.name: _config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides))
+        for cell in cells
+    }
+    pending, foreign = [], []
     for cell in cells:
-        folder = out / cell.name
-        state = _read(folder / RUN_FILE)
-        if state.get("status") == "done":
+        state = _read(out / cell.name / RUN_FILE)
+        if state.get("status") == "done" and state.get("config_key") == keys[cell.name]:
             summary["runs"][cell.name] = state
-            continue
-        pending.append(cell)
+        elif state.get("status") == "done":
+            foreign.append(cell.name)
+        else:
+            pending.append(cell)
+    if foreign:
+        raise SystemExit(
+            f"{out} already holds finished runs of another configuration ({', '.join(foreign[:4])}"
+            f"{' ...' if len(foreign) > 4 else ''}: another recipe, --steps, --set or key). Mixing them would mix "
+            "the report; give another --out, or delete those runs to redo them"
+        )
     print(
         f"sweep {out}: {len(cells)} runs, {len(cells) - len(pending)} already done, {len(pending)} to run "
         f"({jobs} at a time, {threads} threads each)",
@@ -202,7 +220,12 @@ def sweep_command(
     while queue:
         batch, queue = queue, []
         try:
-            with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(
+                max_workers=max(1, jobs),
+                mp_context=get_context("spawn"),
+                initializer=_die_with_parent,
+                initargs=(os.getpid(),),
+            ) as pool:
                 futures = {}
                 for cell in batch:
                     folder = out / cell.name
@@ -210,7 +233,16 @@ def sweep_command(
                         shutil.rmtree(folder)  # a half-written run starts over in a fresh folder
                     folder.mkdir(parents=True)
                     args = cell_args(cell, config, out, width_key, lr_key, steps, overrides)
-                    _write(folder / RUN_FILE, {**asdict(cell), "name": cell.name, "status": "running", "args": args})
+                    _write(
+                        folder / RUN_FILE,
+                        {
+                            **asdict(cell),
+                            "name": cell.name,
+                            "status": "running",
+                            "args": args,
+                            "config_key": keys[cell.name],
+                        },
+                    )
                     attempts[cell.name] += 1
                     futures[pool.submit(_run_cell, args, str(folder), threads)] = cell
                 for future in as_completed(futures):
@@ -304,6 +336,56 @@ def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, s
     if result["status"] != "done":
         print(f"\n{cell.name} failed: {result.get('error')}", file=sys.stderr, flush=True)
     return []
+
+
+def _config_key(config: Path, args: list[str]) -> str:
+    """What makes a run this run: the recipe's text and every argument but where its folder is."""
+    import hashlib
+
+    kept = [a for a in args if not a.startswith(("--trainer.logger.init_args.save_dir=", "--config="))]
+    return hashlib.sha1(json.dumps([config.read_text(), kept]).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on the sweep folder, held inside (the OS also releases it if the process dies)."""
+    import fcntl
+
+    with open(out / ".sweep.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise SystemExit(
+                f"another sweep (pid {owner}) is running in {out}; wait for it, or give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose sweep process is gone (killed with -9, say) exits at once rather
+    than finish its run into a folder the next sweep will redo, or hang."""
+    import threading
+
+    if sys.platform.startswith("linux"):  # immediate: the kernel signals the worker when its parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    def watch() -> None:  # everywhere else: notice within a second
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 def _progress(total: int):

@@ -75,7 +75,7 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def gpt2(width: int, depth: int = 2, tied: bool = True, **kw) -> nn.Module:
+def gpt2(width: int, depth: int = 2, tied: bool = True, vocab_size: int = 64, **kw) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _quiet_transformers()
@@ -83,7 +83,7 @@ def gpt2(width: int, depth: int = 2, tied: bool = True, **kw) -> nn.Module:
         n_embd=width,
         n_layer=depth,
         n_head=4,
-        vocab_size=64,
+        vocab_size=vocab_size,
         n_positions=16,
         resid_pdrop=0.0,
         embd_pdrop=0.0,

@@ -126,8 +126,8 @@ def test_setup_runs_once_across_fit_validate_and_test(tmp_path):
     assert sum(len(m._forward_pre_hooks) for m in module.modules()) == hooks
 
 
-def _fit_with_checkpoints(tmp_path, steps, ckpt_path=None, **kw):
-    module = _module(width=64)
+def _fit_with_checkpoints(tmp_path, steps, ckpt_path=None, width=64, **kw):
+    module = _module(width=width)
     dm = GegenbauerDataModule(batches_per_epoch=7)  # checkpoints fall mid-epoch
     every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=10, save_top_k=-1)
     trainer = _trainer(tmp_path, max_steps=steps, callbacks=[every], enable_checkpointing=True, **kw)
@@ -149,8 +149,16 @@ def test_resume_is_bit_identical_and_restores_the_role_map(tmp_path):
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):
     _fit_with_checkpoints(tmp_path / "a", 10)
     checkpoint = next((tmp_path / "a" / "ckpt").glob("*step=10.ckpt"))
-    with pytest.raises(ValueError, match="different μP configuration"):
+    # another base width: other lr scales and multipliers, said in words
+    with pytest.raises(ValueError, match=r"another μP configuration \(checkpoint vs now: .*lr_scale"):
         _fit_with_checkpoints(tmp_path / "b", 20, ckpt_path=checkpoint, strategy=MuPStrategy(base={"width": 16}))
+
+
+def test_resuming_at_another_width_says_so(tmp_path):
+    _fit_with_checkpoints(tmp_path / "a", 10)
+    checkpoint = next((tmp_path / "a" / "ckpt").glob("*step=10.ckpt"))
+    with pytest.raises(ValueError, match=r"trained at another width \(.* is \[64, .*\] there and \[128, "):
+        _fit_with_checkpoints(tmp_path / "b", 20, ckpt_path=checkpoint, width=128)
 
 
 class _SaveRank(Callback):
@@ -286,3 +294,61 @@ def test_fsdp_without_gpus_is_refused_before_training(tmp_path):
     trainer = _trainer(tmp_path, strategy=MuPFSDPStrategy(base={"width": 32}))
     with pytest.raises(RuntimeError, match="FSDP needs CUDA GPUs.*MuPStrategy"):
         trainer.fit(_module(), GegenbauerDataModule(batches_per_epoch=2))
+
+
+class _Batches(Callback):
+    def __init__(self, path=None):
+        self.path, self.seen = path, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.append(batch[1].clone())
+
+    def on_train_end(self, trainer, module):
+        if self.path is not None:
+            torch.save(torch.cat(self.seen), self.path / f"rank{trainer.global_rank}.pt")
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Example i is (x_i, i): the batches say which examples they hold."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return torch.full((8,), float(i)), torch.tensor(i)
+
+
+class _Classifier(L.LightningModule):
+    def __init__(self, width=32):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_one_device_keeps_the_users_data_order(tmp_path, shuffle):
+    """Lightning would give a DDP strategy's loader a shuffling DistributedSampler, even on one device."""
+    orders = []
+    for strategy in ("auto", MuPStrategy(base={"width": 16})):
+        torch.manual_seed(0)
+        batches = _Batches()
+        loader = torch.utils.data.DataLoader(_Indexed(), batch_size=4, shuffle=shuffle)
+        quiet_trainer(tmp_path, 16, [batches], strategy=strategy).fit(_Classifier(), loader)
+        orders.append(torch.cat(batches.seen))
+    assert torch.equal(orders[0], orders[1])
+    assert torch.equal(orders[0][:32].sort().values, torch.arange(32))
+    assert torch.equal(orders[0][:32], torch.arange(32)) != shuffle
+
+
+def test_ddp_keeps_the_users_shuffle_choice(tmp_path):
+    loader = torch.utils.data.DataLoader(_Indexed(), batch_size=4, shuffle=False)
+    strategy = MuPStrategy(base={"width": 16}, start_method="fork")
+    quiet_trainer(tmp_path, 4, [_Batches(tmp_path)], devices=2, strategy=strategy).fit(_Classifier(), loader)
+    for rank in (0, 1):  # a DistributedSampler without shuffling: rank r reads r, r + 2, r + 4, ...
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), torch.arange(rank, 32, 2))

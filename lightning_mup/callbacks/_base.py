@@ -121,6 +121,11 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._collect(trainer, batch)
+        self._initial(trainer, pl_module)
+
+    def _initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure the initial model once the probe is complete (from the kept initial weights if it took
+        training steps to complete)."""
         if self.initial_done or not self.needs_initial:
             return
         if self._probe_ready:
@@ -135,6 +140,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             self._initial_state = _Snapshot.of(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._probe_ready and not self._given_probe and batch_idx + 1 >= trainer.num_training_batches:
+            self._freeze_probe()  # the epoch ends before the probe is complete: a longer one would repeat points
+            self._initial(trainer, pl_module)
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and self._probe_ready and step not in self.steps:
             self._safely_measure(trainer, pl_module, step)
@@ -162,12 +170,8 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             return
         if self._probe_epoch is None:
             self._probe_epoch = trainer.current_epoch
-        elif trainer.current_epoch != self._probe_epoch:  # an epoch is shorter than the probe: no duplicates
-            self.num_batches = len(self.probe)
-            rank_zero_warn(
-                f"{type(self).__name__}: an epoch has only {len(self.probe)} batches, fewer than num_batches; the "
-                f"probe is those {len(self.probe)} batches (a longer one would repeat points)"
-            )
+        elif trainer.current_epoch != self._probe_epoch:  # loaders without a length: noticed one batch late
+            self._freeze_probe()
             return
         if self.gather_probe and trainer.world_size > 1:
             # [world, B, ...] -> [B·world, ...] interleaved: a DistributedSampler deals index i to rank i % world
@@ -175,6 +179,14 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
                 batch, torch.Tensor, lambda t: trainer.strategy.all_gather(t).transpose(0, 1).flatten(0, 1)
             )
         self.probe.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone()))
+
+    def _freeze_probe(self) -> None:
+        self.warn_once(
+            "epoch",
+            f"an epoch has only {len(self.probe)} batches, fewer than num_batches={self.num_batches}; the probe is "
+            f"those {len(self.probe)} batches (a longer one would repeat points)",
+        )
+        self.num_batches = len(self.probe)
 
     # --------------------------------------------------------------------------------- measuring
     @abstractmethod

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
 from lightning_mup.parametrize.adapters import attention_patch, head_dim
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
@@ -77,13 +79,18 @@ def parametrize(
     """
     chosen = form(parametrization)
     _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
+    if gamma0 != 1.0 and not chosen.uses("gamma0"):
+        raise ValueError(
+            f"gamma0={gamma0} has no effect under parametrization={parametrization!r}: the richness γ0 is a "
+            "parameter of the mean-field form. Use parametrization='mf' with gamma0, or leave gamma0 at 1"
+        )
     if getattr(model, "_lightning_mup_parametrized", False) or has_hooks(model):
         raise RuntimeError(
             "this model is already parametrized; parametrizing again would rescale its weights twice. "
             "To restore multipliers on a freshly built model use Parametrization.attach(model)."
         )
-    base_model = _build(base, "cpu")
-    delta_model = _build(delta, "meta") if delta is not None else None
+    base_model = _build(base, "cpu", "base")
+    delta_model = _build(delta, "meta", "delta") if delta is not None else None
 
     blocks = find_blocks(model, residual_blocks)
     base_blocks = find_blocks(base_model, residual_blocks)
@@ -124,18 +131,24 @@ def parametrize(
     notes: list[str] = []
     if any(p.is_meta for p in base_model.parameters()):
         notes.append("base built on the meta device: assumed the model's own init is SP (var ∝ 1/fan_in)")
-    native = _native_ratios(tensors, _rms_by_name(base_model), to_base or _same, blocks, depth_mult, notes)
+
+    def base_key(name: str) -> str:  # the base's name for a model name (deeper model, wrappers removed)
+        return unwrap_name((to_base or _same)(name))
+
+    native = _native_ratios(tensors, _rms_by_name(base_model), base_key, blocks, depth_mult, notes)
     params = {name: _scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
     hooks = _layer_hooks(tensors, params, chosen, settings)
     hooks += _branch_hooks(blocks, depth_alpha, depth_mult)
-    hooks += _attention_hooks(model, base_model, to_base or _same, settings["attention"])
+    hooks += _attention_hooks(model, base_model, base_key, settings["attention"])
 
     _apply_init(tensors, params, settings)
     record = Parametrization(
         parametrization=parametrization,
         settings=settings,
-        params=params,
-        hooks=hooks,
+        # keyed by the names before any wrapper (torch.compile's _orig_mod, FSDP, checkpointing): the same
+        # record fits the model wrapped or not, and the base rebuilt without the wrapper
+        params={unwrap_name(n): _unwrapped(p) for n, p in params.items()},
+        hooks=[replace(h, module=unwrap_name(h.module)) for h in hooks],
         depth=blocks.depth or None,
         base_depth=base_blocks.depth or None,
         notes=notes,
@@ -147,6 +160,11 @@ def parametrize(
 # ------------------------------------------------------------------------------------------- helpers
 def _same(name: str) -> str:
     return name
+
+
+def _unwrapped(scale: ParamScale) -> ParamScale:
+    block = unwrap_name(scale.block) if scale.block is not None else None
+    return replace(scale, block=block, tied=[unwrap_name(t) for t in scale.tied])
 
 
 def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
@@ -168,15 +186,22 @@ def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) 
         raise ValueError(f"gamma0 must be positive, got {gamma0}")
 
 
-def _build(spec: ModelSpec, device: str) -> nn.Module:
+def _build(spec: ModelSpec, device: str, what: str) -> nn.Module:
     if isinstance(spec, nn.Module):
         return spec
     if not callable(spec):
-        raise TypeError(f"base/delta must be an nn.Module or a zero-argument factory, got {type(spec).__name__}")
-    with private_rng(), torch.device(device):
-        built = spec()
+        raise TypeError(f"{what} must be an nn.Module or a zero-argument factory, got {type(spec).__name__}")
+    try:
+        with private_rng(), torch.device(device):
+            built = spec()
+    except Exception as error:  # e.g. an attention width the head count does not divide
+        raise ValueError(
+            f"building the {what} model failed: {type(error).__name__}: {error}. The {what} must be a model "
+            "its own code accepts: choose a width that fits its constraints (e.g. divisible by the number of "
+            "heads, or scale the heads with it)"
+        ) from error
     if not isinstance(built, nn.Module):
-        raise TypeError(f"the base/delta factory returned {type(built).__name__}, not an nn.Module")
+        raise TypeError(f"the {what} factory returned {type(built).__name__}, not an nn.Module")
     return built
 
 
@@ -213,7 +238,7 @@ def _native_ratio(
 def _rms_by_name(model: nn.Module) -> dict[str, tuple[float | None, int]]:
     with torch.no_grad():
         return {
-            name: (None if p.is_meta else float(p.detach().float().pow(2).mean().sqrt()), p.numel())
+            unwrap_name(name): (None if p.is_meta else float(p.detach().float().pow(2).mean().sqrt()), p.numel())
             for name, p in model.named_parameters(remove_duplicate=False)
         }
 
@@ -370,7 +395,7 @@ def _attention_hooks(model: nn.Module, base: nn.Module, to_base: Callable[[str],
     """μP's 1/d_head logit scale, calibrated to equal the model's own scale at the base head_dim."""
     if rule != "inverse":
         return []
-    base_modules = dict(base.named_modules())
+    base_modules = {unwrap_name(n): m for n, m in base.named_modules()}
     hooks = []
     for name, module in model.named_modules():
         d = head_dim(module)

@@ -138,14 +138,35 @@ class Parametrization:
     def same_scaling(self, other: Parametrization) -> bool:
         """The same roles, multipliers and optimizer scales (init scales may differ: they only shaped the
         initial weights, which a checkpoint replaces)."""
+        return not self.differences(other)
+
+    def differences(self, other: Parametrization, limit: int = 4) -> list[str]:
+        """What differs between two records in shapes, roles, multipliers and optimizer scales, in words
+        (``self`` first), at most ``limit`` items."""
+        found = []
         if self.parametrization != other.parametrization:
-            return False
-        if {h.module: h.value for h in self.hooks} != {h.module: h.value for h in other.hooks}:
-            return False
-        keys = ("role", "forward_mult", "lr_scale", "weight_decay_scale", "eps_scale")
-        return self.params.keys() == other.params.keys() and all(
-            getattr(self.params[n], k) == getattr(other.params[n], k) for n in self.params for k in keys
-        )
+            found.append(f"parametrization {self.parametrization} vs {other.parametrization}")
+        found += [
+            f"{key} {self.settings.get(key)} vs {other.settings.get(key)}"
+            for key in sorted(set(self.settings) | set(other.settings))
+            if self.settings.get(key) != other.settings.get(key)
+        ]
+        if self.params.keys() != other.params.keys():
+            found.append(f"parameters {sorted(set(self.params) ^ set(other.params))[:3]} in only one of them")
+        keys = ("shape", "role", "forward_mult", "lr_scale", "weight_decay_scale", "eps_scale")
+        for name in self.params.keys() & other.params.keys():
+            mine, theirs = self.params[name], other.params[name]
+            found += [
+                f"{name}.{k} {getattr(mine, k)} vs {getattr(theirs, k)}"
+                for k in keys
+                if getattr(mine, k) != getattr(theirs, k)
+            ]
+            if len(found) >= limit:
+                break
+        hooks = ({h.module: h.value for h in self.hooks}, {h.module: h.value for h in other.hooks})
+        if hooks[0] != hooks[1] and len(found) < limit:
+            found.append(f"module multipliers {hooks[0]} vs {hooks[1]}")
+        return found[:limit]
 
     # ---------------------------------------------------------------------------- reading it
     def roles(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_mup._names import join
+from lightning_mup._names import join, unwrap_name
 from lightning_mup.parametrize.adapters import LayerKind, is_depthwise, layer_kind
 from lightning_mup.parametrize.table import FIXED, HIDDEN, INPUT, OUTPUT, VECTOR
 
@@ -82,17 +82,23 @@ def infer_roles(
     identity only when they are shallower than the model (block ``h.7`` of the model ↔ ``h.0``).
     """
     exact = to_base_name is None  # same depth: the names must match one to one
-    to_base_name = to_base_name or (lambda name: name)
+    depth_map = to_base_name or (lambda name: name)
+
+    def to_base_name(name: str) -> str:  # compile/FSDP wrappers may wrap the model and not its base: unwrapped
+        return unwrap_name(depth_map(name))
+
     names = _full_names(model)
-    base_shapes = {n: list(p.shape) for n, p in base.named_parameters(remove_duplicate=False)}
+    base_shapes = {unwrap_name(n): list(p.shape) for n, p in base.named_parameters(remove_duplicate=False)}
     delta_shapes = (
-        None if delta is None else {n: list(p.shape) for n, p in delta.named_parameters(remove_duplicate=False)}
+        None
+        if delta is None
+        else {unwrap_name(n): list(p.shape) for n, p in delta.named_parameters(remove_duplicate=False)}
     )
     model_names = {n for group in names.values() for n in group}
     _check_same_names("base", {to_base_name(n) for n in model_names}, set(base_shapes), exact)
     if delta_shapes is not None:
         _check_same_names("delta", {to_base_name(n) for n in model_names}, set(delta_shapes), exact)
-    base_modules = dict(base.named_modules(remove_duplicate=False))
+    base_modules = {unwrap_name(n): m for n, m in base.named_modules(remove_duplicate=False)}
 
     out: dict[str, TensorRoles] = {}
     uses_by_param = parameter_uses(model)

@@ -84,6 +84,10 @@ class Form:
     # Attention logits q·k·s: "inverse" s ∝ 1/d_head (μP), "inverse_sqrt" s ∝ 1/sqrt(d_head).
     attention: str = "inverse_sqrt"
 
+    def uses(self, symbol: str) -> bool:
+        """Whether any rule of this form depends on ``symbol`` (e.g. ``"gamma0"``)."""
+        return any(symbol in getattr(rule, part).exponents for rule in self.rules.values() for part in vars(rule))
+
 
 _SP_INIT = {HIDDEN: S(m_in=-0.5), OUTPUT: S(m_in=-0.5)}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_mup._run_folder import step_files
+from lightning_mup._run_folder import PROBE_KEY, step_files
 from lightning_mup.measure.ntk import analyse_kernel
 from lightning_mup.report.plotting import colors, pyplot, save
 
@@ -42,26 +42,46 @@ def _last_arrays(run: str | Path, step: int | None) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _one_probe(runs: Sequence[str | Path], step: int | None) -> list[dict[str, np.ndarray]]:
+    """The runs' arrays, refused unless every run measured the same probe points."""
+    arrays = [_last_arrays(r, step) for r in runs]
+    probes = {str(a.get(PROBE_KEY, a["kernel"].shape)) for a in arrays}
+    if len(probes) != 1 or len({a["kernel"].shape for a in arrays}) != 1:
+        raise ValueError(
+            f"the after-kernels of {[str(r) for r in runs]} were measured on different probe points; averaging "
+            "or comparing them needs one probe (the same data order and num_batches, or the same probe= batches)"
+        )
+    return arrays
+
+
 def ensemble_after_kernel(runs: Sequence[str | Path], step: int | None = None) -> AveragedKernel:
     """Average the runs' after-kernels (same probe points), then spectrum, C(k) and kernel flow."""
-    arrays = [_last_arrays(r, step) for r in runs]
-    shapes = {a["kernel"].shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"the runs' kernels differ in shape {shapes}: they were measured on different probes")
+    return _averaged(_one_probe(runs, step))
+
+
+def _averaged(arrays: list[dict[str, np.ndarray]]) -> AveragedKernel:
     kernel = np.mean([a["kernel"] for a in arrays], axis=0)
     first = arrays[0]
     initial_outputs = np.mean([a["initial_outputs"] for a in arrays], axis=0)
     result = analyse_kernel(kernel, first["targets"], initial_outputs, first["flow_steps"], float(first["lr"]))
     points = len(result.kernel)
     return AveragedKernel(
-        len(runs), kernel, result.eigenvalues / points, result.task_power, first["flow_steps"], result.flow_loss
+        len(arrays), kernel, result.eigenvalues / points, result.task_power, first["flow_steps"], result.flow_loss
     )
 
 
 def compare_widths(
     runs_by_width: Mapping[int, Sequence[str | Path]], step: int | None = None
 ) -> dict[int, AveragedKernel]:
-    return {width: ensemble_after_kernel(runs, step) for width, runs in sorted(runs_by_width.items())}
+    """Per width, the seed-averaged after-kernel; every run of every width must share one probe."""
+    widths = sorted(runs_by_width)
+    arrays = _one_probe([r for w in widths for r in runs_by_width[w]], step)
+    out, start = {}, 0
+    for width in widths:
+        count = len(runs_by_width[width])
+        out[width] = _averaged(arrays[start : start + count])
+        start += count
+    return out
 
 
 def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, top: int = 60) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_mup._run_folder import PROBE_KEY
 from lightning_mup.measure.distribution import moments
 from lightning_mup.measure.ensemble import ensemble_statistics, logit_distance
 from lightning_mup.measure.kernels import cka
@@ -108,9 +109,22 @@ def _member_logits(runs: Sequence[Run]) -> dict[int, dict[int, tuple[np.ndarray,
             files = run.step_files("ensemble_logits")
             steps = set(files) if steps is None else steps & set(files)
         for step in sorted(steps or []):
-            loaded = [np.load(run.step_files("ensemble_logits")[step]) for run in same]
-            out.setdefault(width, {})[step] = (np.concatenate([d["logits"] for d in loaded]), loaded[0]["targets"])
+            loaded = [(run, run.arrays("ensemble_logits", step)) for run in same]
+            loaded = [(run, d) for run, d in loaded if d is not None and _same_probe(run, d, loaded[0][1], step)]
+            if loaded:
+                logits = np.concatenate([d["logits"] for _, d in loaded])
+                out.setdefault(width, {})[step] = (logits, loaded[0][1]["targets"])
     return out
+
+
+def _same_probe(run: Run, arrays: dict, reference: dict | None, step: int) -> bool:
+    """Whether ``arrays`` were measured on the reference's probe points (else the run is named, left out)."""
+    if reference is None or str(arrays.get(PROBE_KEY, "")) == str(reference.get(PROBE_KEY, "")):
+        return True
+    run.problems.append(
+        f"{run.name}: measured other probe points than the runs it is compared with at step {step}; left out"
+    )
+    return False
 
 
 def _ensemble_groups(runs: Sequence[Run]):
@@ -218,20 +232,21 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
         if not reference_files:
             continue
         step = max(reference_files)
-        with np.load(reference_files[step]) as data:
-            reference = {k: data[k] for k in data.files if k.startswith("phi/")}
+        reference_arrays = widths[widest][0].arrays("feature_kernels", step)
+        if reference_arrays is None:
+            continue
+        reference = {k: v for k, v in reference_arrays.items() if k.startswith("phi/")}
         values: dict[str, dict[int, float]] = {}
         for width, same in widths.items():
             for run in same:
-                files = run.step_files("feature_kernels")
-                if step not in files or (width == widest and run is widths[widest][0]):
+                data = run.arrays("feature_kernels", step) if run is not widths[widest][0] else None
+                if data is None or not _same_probe(run, data, reference_arrays, step):
                     continue
-                with np.load(files[step]) as data:
-                    for key, ref in reference.items():
-                        if key in data.files and data[key].shape == ref.shape:
-                            values.setdefault(key[4:], {}).setdefault(width, []).append(
-                                cka(torch.as_tensor(data[key]), torch.as_tensor(ref))
-                            )
+                for key, ref in reference.items():
+                    if key in data and data[key].shape == ref.shape:
+                        values.setdefault(key[4:], {}).setdefault(width, []).append(
+                            cka(torch.as_tensor(data[key]), torch.as_tensor(ref))
+                        )
         if not values:
             continue
         plt = pyplot()
@@ -273,30 +288,33 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
     from scipy import stats
 
     for group, members in groups(runs).items():
-        files = {
-            w: [f for f in (r.step_files("preactivations") for r in same) if f] for w, same in by_width(members).items()
-        }
+        files = {w: [r for r in same if r.step_files("preactivations")] for w, same in by_width(members).items()}
         files = {w: f for w, f in files.items() if f}
         if len(files) < 2:
             continue
-        common = set.intersection(*(set(f) for per_run in files.values() for f in per_run))
+        common = set.intersection(*(set(r.step_files("preactivations")) for per_run in files.values() for r in per_run))
         if not common:
             continue
         steps = sorted({min(common), max(common)})
-        with np.load(next(iter(files.values()))[0][steps[-1]]) as data:
-            layer = sorted(k[5:] for k in data.files if k.startswith("hist/"))[-1]
+        first = next(iter(by_width(members).values()))[0].arrays("preactivations", steps[-1])
+        if first is None:
+            continue
+        layer = sorted(k[5:] for k in first if k.startswith("hist/"))[-1]
         plt = pyplot()
         fig, axes = plt.subplots(1, len(steps), figsize=(5.0 * len(steps), 3.6), squeeze=False)
         for ax, step in zip(axes[0], steps):
             curves = {}
             for width, per_run in files.items():
                 densities, samples = [], []
-                for f in per_run:
-                    with np.load(f[step]) as data:
-                        edges = data["edges"]
-                        densities.append(data[f"hist/{layer}"].mean(axis=0))
-                        samples.append(data[f"samples/{layer}"].reshape(-1))
-                curves[width] = (edges, np.mean(densities, axis=0), np.concatenate(samples))
+                for run in per_run:
+                    data = run.arrays("preactivations", step)
+                    if data is None or f"hist/{layer}" not in data:
+                        continue
+                    edges = data["edges"]
+                    densities.append(data[f"hist/{layer}"].mean(axis=0))
+                    samples.append(data[f"samples/{layer}"].reshape(-1))
+                if densities:
+                    curves[width] = (edges, np.mean(densities, axis=0), np.concatenate(samples))
             spread = max(float(np.quantile(np.abs(c[2]), 0.995)) for c in curves.values())
             # About 30 bins across the visible range, whatever the callback's fixed bins were.
             factor = max(1, int(2.6 * spread / float(np.diff(edges).mean()) / 30))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,21 +19,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def build_report(sweep: str | Path, out: str | Path | None = None) -> list[Figure]:
+def build_report(sweep: str | Path, out: str | Path | None = None, problems: list[str] | None = None) -> list[Figure]:
     """Write ``report.html``, ``report.md``, ``figures.json`` and the PNGs into ``out``
-    (default ``<sweep>/report``); returns the figures."""
+    (default ``<sweep>/report``); returns the figures. Files left out as unreadable or inconsistent are
+    listed in the report and appended to ``problems``."""
     sweep = Path(sweep)
     out = Path(out) if out is not None else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
-    runs = discover(sweep)
+    problems = problems if problems is not None else []
+    runs = discover(sweep, problems)
     figures = []
     for make in FIGURES:
         try:
             figures.append(make(runs, out))
         except Exception as error:
             figures.append(Figure(make.__name__, make.__name__, skipped=f"failed: {type(error).__name__}: {error}"))
-    _write_html(figures, runs, sweep, out / "report.html")
-    _write_markdown(figures, runs, sweep, out / "report.md")
+    problems += sorted({p for run in runs for p in run.problems})
+    _write_html(figures, runs, sweep, out / "report.html", problems)
+    _write_markdown(figures, runs, sweep, out / "report.md", problems)
     (out / "figures.json").write_text(
         json.dumps(
             [
@@ -67,7 +71,9 @@ def _summary(runs: Sequence[Run], sweep: Path) -> str:
     return text
 
 
-def _write_html(figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, path: Path) -> None:
+def _write_html(
+    figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, path: Path, problems: Sequence[str]
+) -> None:
     parts = [
         "<!doctype html><meta charset='utf-8'><title>lightning_mup report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
@@ -76,6 +82,10 @@ def _write_html(figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, pat
         "<h1>Consistency across widths</h1>",
         f"<p>{html.escape(_summary(runs, sweep))}</p>",
     ]
+    if problems:
+        parts.append("<h2>Left out (unreadable or inconsistent files)</h2><ul>")
+        parts += [f"<li>{html.escape(p)}</li>" for p in problems]
+        parts.append("</ul>")
     for f in figures:
         parts.append(f"<h2>{html.escape(f.title)}</h2>")
         if f.skipped:
@@ -91,8 +101,12 @@ def _write_html(figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, pat
     path.write_text("\n".join(parts))
 
 
-def _write_markdown(figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, path: Path) -> None:
+def _write_markdown(
+    figures: Sequence[Figure], runs: Sequence[Run], sweep: Path, path: Path, problems: Sequence[str]
+) -> None:
     lines = ["# Consistency across widths", "", _summary(runs, sweep), ""]
+    if problems:
+        lines += ["## Left out (unreadable or inconsistent files)", "", *[f"- {p}" for p in problems], ""]
     for f in figures:
         lines += [f"## {f.title}", ""]
         if f.skipped:
@@ -123,8 +137,11 @@ def main(argv: list[str]) -> None:
 
 def report_command(sweep: Path, out: Path | None = None) -> None:
     """Turn a sweep folder into figures and a report."""
-    figures = build_report(sweep, out)
+    problems: list[str] = []
+    figures = build_report(sweep, out, problems)
     destination = Path(out) if out is not None else Path(sweep) / "report"
+    for problem in problems:
+        print(f"left out  {problem}", file=sys.stderr)
     for f in figures:
         print(f"{'skipped' if f.skipped else 'figure ':8s} {f.key:16s} {f.skipped or f.path}")
     print(f"report: {destination / 'report.html'} (and report.md)")

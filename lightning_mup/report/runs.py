@@ -1,28 +1,46 @@
-"""Reading a sweep folder: its runs, their settings, metrics and the callbacks' arrays."""
+"""Reading a sweep folder: its runs, their settings, metrics and the callbacks' arrays.
+
+Nothing unreadable is used and nothing is skipped silently: a corrupt or partial file (a truncated
+``metrics.csv``, a ``run.json`` or ``mup.json`` that is not JSON, an ``.npz`` that does not open) is
+named in ``problems`` and left out — the run, when it is the run's metrics or settings; the one
+measurement, when it is one array file. A fit resumed from a checkpoint writes a second ``version_*``
+folder: its metrics and arrays continue the first's (from the step it resumed at, later folders win).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lightning_mup._run_folder import ROLE_MAP_FILE, RUN_FILE, step_files
+from lightning_mup._run_folder import PROBE_KEY, ROLE_MAP_FILE, RUN_FILE, step_files
+
+
+class CorruptFile(ValueError):
+    """A file of a run folder that cannot be read as what it should be."""
 
 
 @dataclass
 class Run:
     name: str
     folder: Path  # <sweep>/<name>
-    log_dir: Path  # where metrics.csv and the callbacks' folders are
+    log_dirs: list[Path]  # Lightning's version_* folders of this run, in order (resumed fits add one)
     width: int
     seed: int
     lr: float | None
     parametrization: str | None
     metrics: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # key -> (steps, values)
+    problems: list[str] = field(default_factory=list)  # files of this run that were skipped, and why
+
+    @property
+    def log_dir(self) -> Path:
+        """The latest version folder (where a fit that ended last wrote its final arrays)."""
+        return self.log_dirs[-1]
 
     @property
     def group(self) -> tuple:
@@ -43,60 +61,134 @@ class Run:
         return float(np.mean(values[(steps > (1 - tail) * steps[-1]) | (steps == steps[-1])]))
 
     def step_files(self, callback: str) -> dict[int, Path]:
-        return step_files(self.log_dir / callback)
+        """{step: array file} of one callback over every version folder (a later folder wins a step)."""
+        found: dict[int, Path] = {}
+        for log_dir in self.log_dirs:
+            found.update(step_files(log_dir / callback))
+        return dict(sorted(found.items()))
+
+    def arrays(self, callback: str, step: int) -> dict[str, np.ndarray] | None:
+        """A callback's arrays at ``step``, or None (with the file named in ``problems``) when the file is
+        missing its data or cannot be read."""
+        path = self.step_files(callback).get(step)
+        if path is None:
+            return None
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            self.problems.append(f"{path}: unreadable ({type(error).__name__}: {error}); left out")
+            return None
+
+    def probe(self, callback: str, step: int) -> str | None:
+        """The fingerprint of the probe points a measurement was made on (None if not recorded)."""
+        arrays = self.arrays(callback, step)
+        return str(arrays[PROBE_KEY]) if arrays is not None and PROBE_KEY in arrays else None
 
 
 def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """metrics.csv → {column: (steps, values)} keeping only the rows where the column was logged."""
+    """metrics.csv → {column: (steps, values)} keeping only the rows where the column was logged.
+
+    Raises :class:`CorruptFile` naming the file and line for anything that is not a complete CSV table
+    (a row with missing or extra fields, a value that is not a number, a last line without its newline:
+    a file cut off while being written)."""
+    text = Path(path).read_text()
+    if text and not text.endswith("\n"):
+        raise CorruptFile(f"{path}: the last line is incomplete (the file was cut off while being written)")
     columns: dict[str, tuple[list[float], list[float]]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+    reader = csv.DictReader(text.splitlines())
+    for line, row in enumerate(reader, start=2):
+        if None in row or any(v is None for v in row.values()):
+            raise CorruptFile(f"{path}, line {line}: {len(reader.fieldnames or [])} columns expected")
+        try:
             step = float(row.get("step") or "nan")
             for key, value in row.items():
-                if key in ("step", "epoch") or value in (None, ""):
+                if key in ("step", "epoch") or value == "":
                     continue
                 steps, values = columns.setdefault(key, ([], []))
                 steps.append(step)
                 values.append(float(value))
+        except ValueError as error:
+            raise CorruptFile(f"{path}, line {line}: {error}") from None
     return {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in columns.items()}
 
 
-def discover(sweep: str | Path) -> list[Run]:
-    """Every finished run of a sweep folder (``run.json`` with status "done" and a metrics.csv)."""
+def stitch(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Metrics of consecutive version folders of one run (a fit resumed from a checkpoint): each later part
+    replaces the earlier ones from its first logged step on."""
+    merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for part in parts:
+        starts = [s[0] for s, _ in part.values() if len(s) and np.isfinite(s[0])]
+        start = min(starts) if starts else np.inf
+        for key in set(merged) | set(part):
+            old_steps, old_values = merged.get(key, (np.empty(0), np.empty(0)))
+            keep = old_steps < start
+            new_steps, new_values = part.get(key, (np.empty(0), np.empty(0)))
+            merged[key] = (np.concatenate([old_steps[keep], new_steps]), np.concatenate([old_values[keep], new_values]))
+    return merged
+
+
+def discover(sweep: str | Path, problems: list[str] | None = None) -> list[Run]:
+    """Every finished run of a sweep folder (``run.json`` with status "done" and a metrics.csv). Runs whose
+    files cannot be read are left out and named in ``problems``."""
     sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"{sweep} does not exist or is not a folder; give the folder a sweep wrote (--out)")
+    problems = problems if problems is not None else []
     runs = []
     for run_file in sorted(sweep.glob(f"*/{RUN_FILE}")):
-        state = json.loads(run_file.read_text())
-        if state.get("status") != "done":
+        try:
+            run = _read_run(run_file)
+        except CorruptFile as error:
+            problems.append(f"{error}; the run is left out")
             continue
-        metrics = sorted(run_file.parent.glob("**/metrics.csv"))
-        if not metrics:
-            continue
-        log_dir = metrics[-1].parent
-        parametrization = state.get("parametrization") or _recorded_parametrization(log_dir)
-        runs.append(
-            Run(
-                name=state["name"],
-                folder=run_file.parent,
-                log_dir=log_dir,
-                width=int(state["width"]),
-                seed=int(state["seed"]),
-                lr=state.get("lr"),
-                parametrization=parametrization,
-                metrics=read_metrics(metrics[-1]),
-            )
-        )
+        if run is not None:
+            runs.append(run)
     if not runs:
         raise FileNotFoundError(f"{sweep} holds no finished runs (run.json with status 'done'); run a sweep first")
     return runs
 
 
-def _recorded_parametrization(log_dir: Path) -> str | None:
-    """The form MuPStrategy wrote to mup.json, for sweeps without a --parametrization axis."""
-    try:
-        return json.loads((log_dir / ROLE_MAP_FILE).read_text()).get("parametrization")
-    except (OSError, ValueError):
+def _read_run(run_file: Path) -> Run | None:
+    state = _json(run_file)
+    if state.get("status") != "done":
         return None
+    log_dirs = sorted({p.parent for p in run_file.parent.glob("**/metrics.csv")}, key=_version)
+    if not log_dirs:
+        raise CorruptFile(f"{run_file.parent}: finished, but no metrics.csv")
+    metrics = stitch([read_metrics(d / "metrics.csv") for d in log_dirs])
+    parametrization = state.get("parametrization")
+    if parametrization is None and (log_dirs[-1] / ROLE_MAP_FILE).exists():
+        parametrization = _json(log_dirs[-1] / ROLE_MAP_FILE).get("parametrization")
+    try:
+        return Run(
+            name=state["name"],
+            folder=run_file.parent,
+            log_dirs=log_dirs,
+            width=int(state["width"]),
+            seed=int(state["seed"]),
+            lr=state.get("lr"),
+            parametrization=parametrization,
+            metrics=metrics,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptFile(f"{run_file}: {type(error).__name__}: {error} is missing or malformed") from None
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptFile(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CorruptFile(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _version(folder: Path) -> tuple[int, str]:
+    """version_10 after version_9 (Lightning's folder names), other names after them."""
+    name = folder.name
+    return (int(name[8:]), name) if name.startswith("version_") and name[8:].isdigit() else (1 << 30, name)
 
 
 def by_width(runs: Iterable[Run]) -> dict[int, list[Run]]:

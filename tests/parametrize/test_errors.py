@@ -74,3 +74,22 @@ def test_mean_field_with_tied_weights_is_refused():
     with pytest.raises(ValueError, match="Untie them"):
         parametrize(gpt2(64), base=lambda: gpt2(32), parametrization="mf")
     assert torch.is_grad_enabled()
+
+
+def test_gamma0_outside_the_mean_field_form_is_refused():
+    with pytest.raises(ValueError, match="gamma0=0.5 has no effect under parametrization='mup'.*'mf'"):
+        parametrize(mlp(64), base=lambda: mlp(32), gamma0=0.5)
+
+
+def test_a_base_the_model_code_rejects_says_it_is_the_base():
+    from models import gpt2
+
+    with pytest.raises(ValueError, match="building the base model failed: .*divisible by the number of heads"):
+        parametrize(gpt2(64), base=lambda: gpt2(30))  # 4 heads do not divide 30
+
+
+def test_the_role_map_ignores_compile_wrappers():
+    compiled = nn.Sequential(torch.compile(mlp(64), backend="eager"))
+    record = parametrize(compiled, base=lambda: nn.Sequential(mlp(32)))
+    assert set(record.params) == {n.replace("_orig_mod.", "") for n, _ in compiled.named_parameters()}
+    record.attach(compiled)  # the same record fits the wrapped model
