@@ -1,6 +1,7 @@
 """A sweep that is killed, run twice at once, or rerun with another configuration loses nothing and mixes
 nothing: workers die with it, the folder is locked, finished runs of another configuration are refused."""
 
+import contextlib
 import json
 import os
 import signal
@@ -44,10 +45,8 @@ def _alive(pid: int) -> bool:
 def _states(out: Path) -> dict[str, str]:
     states = {}
     for path in out.glob("*/run.json"):
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError):
             states[path.parent.name] = json.loads(path.read_text())["status"]
-        except (OSError, ValueError, KeyError):
-            pass
     return states
 
 
