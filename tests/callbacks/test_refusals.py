@@ -199,3 +199,14 @@ def test_ddp_gathers_the_probe_in_the_order_one_process_reads_it(tmp_path):
     for key, value in seen[1].items():
         if key.startswith("samples/"):
             np.testing.assert_allclose(seen[2][key], value, rtol=1e-6)
+
+
+def test_after_ntk_refuses_a_per_point_jacobian_over_its_memory_budget(tmp_path):
+    from foreign import HFCausalLM, TokenDataset
+    from models import gpt2
+
+    module = HFCausalLM()
+    module.model = gpt2(32, vocab_size=50257)  # the tied embedding: 1.6M numbers outside Linear layers
+    ntk = AfterNTK(output_fn=lambda out: out.logits[:, -1, :16], memory_budget=2**20)
+    with pytest.raises(MeasurementError, match=r"per-point Jacobian .*transformer.wte.weight.* needs 0.1 GiB"):
+        quiet_trainer(tmp_path, 2, [ntk]).fit(module, loader(TokenDataset(16, vocab=64)))
