@@ -152,8 +152,12 @@ def _install_step_hooks(optimizer: Optimizer) -> None:
     if getattr(optimizer, "_lightning_mup_scaler", None) is not None:
         return
     scaler = _StepScaler()
-    optimizer.register_step_pre_hook(scaler.pre)
-    optimizer.register_step_post_hook(scaler.post)
+    # Outside any compiled region: traced, ``lr * scale`` makes dynamo guard on every scheduled value of every
+    # group (9 recompiles over 12 cosine steps on a 4-group GPT-2, against 1 unscaled); run eagerly, the step
+    # sees ordinary float lrs, which dynamo turns dynamic after their first change, as without μP.
+    pre, post = torch.compiler.disable(scaler.pre), torch.compiler.disable(scaler.post)
+    optimizer.register_step_pre_hook(pre)
+    optimizer.register_step_post_hook(post)
     optimizer._lightning_mup_scaler = scaler
 
 

@@ -9,6 +9,7 @@ touching its weights (resume, inference).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,18 @@ from lightning_mup._names import unwrap_name
 from lightning_mup.parametrize.hooks import ScaleInput, ScaleOutput, remove_hooks
 
 FORMAT_VERSION = 1
+
+
+def _invalidate_compiled_code() -> None:
+    """Make torch.compile see the multipliers. By default dynamo does not guard on module hooks
+    (``skip_nnmodule_hook_guards``): a graph compiled for an unmodified twin of the model, or for the model
+    before it was parametrized, would be reused without them — silently not μP. Guard on hooks from now on,
+    and drop what was compiled before (nothing to drop if dynamo was never imported)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    dynamo.config.skip_nnmodule_hook_guards = False
+    dynamo.reset()
 
 
 @dataclass
@@ -108,6 +121,7 @@ class Parametrization:
             else:
                 raise ValueError(f"unknown hook kind {hook.kind!r} in the role map")
         model._lightning_mup_parametrized = True
+        _invalidate_compiled_code()
         return model
 
     def detach(self, model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import mlp
+from models import gpt2, mlp
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, OneCycleLR, SequentialLR
 
 from lightning_mup import effective_lrs, parametrize, scale_optimizer
@@ -121,3 +121,29 @@ def test_optimizer_state_round_trip_and_unknown_optimizer():
     groups = [dict(g) for g in optimizer.param_groups]
     scale_optimizer(optimizer, record, model)  # idempotent: groups already carry their scales
     assert [g["mup"] for g in optimizer.param_groups] == [g["mup"] for g in groups]
+
+
+def test_a_compiled_step_does_not_recompile_for_every_scheduled_lr():
+    """The μP scales are applied outside the compiled step: as many graphs as without μP."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = gpt2(32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        if scaled:
+            scale_optimizer(optimizer, parametrize(model, base=lambda: gpt2(16)), model)
+            assert len(optimizer.param_groups) >= 2
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 12)
+        step = torch.compile(optimizer.step, backend="aot_eager")
+        ids = torch.randint(0, 64, (4, 8))
+        torch._dynamo.reset()
+        counters.clear()
+        for _ in range(12):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            step()
+            schedule.step()
+        graphs[scaled] = counters["stats"]["unique_graphs"]
+    assert graphs[True] == graphs[False] <= 2, graphs

@@ -100,3 +100,22 @@ def test_summary_names_every_role():
     for role in ("input", "hidden", "output", "vector", "fixed"):
         assert role in text
     assert "readout multiplier" in text
+
+
+@pytest.mark.parametrize("order", ["twin_compiled_first", "parametrized_after_compile"])
+def test_torch_compile_sees_the_multipliers(order):
+    """dynamo skips hook guards by default: a graph compiled without the μP hooks must not be reused."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    if order == "twin_compiled_first":
+        torch.compile(mlp(64), backend="eager")(x)  # an unmodified instance of the same class
+        model = mlp(64)
+        parametrize(model, base=lambda: mlp(16), readout_zero_init=False)
+        compiled = torch.compile(model, backend="eager")
+    else:
+        model = mlp(64)
+        compiled = torch.compile(model, backend="eager")
+        compiled(x)
+        parametrize(model, base=lambda: mlp(16), readout_zero_init=False)
+    expected = model(x)
+    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
