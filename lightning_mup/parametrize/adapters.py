@@ -144,15 +144,40 @@ def block_branch_ends(module: nn.Module) -> list[str] | None:
 
 
 # ------------------------------------------------------------------------------------------- attention
-HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 
 
 def head_dim(module: nn.Module) -> int | None:
-    """The per-head dimension of an attention module, if it declares one."""
+    """The per-head dimension of an attention module, if it declares one (or a fused ``qkv`` projection and
+    ``num_heads`` say it, as in timm's Swin and BEiT). Attention found only by the self-check's measurement
+    needs none of this: it reads the head dimension off the logits' contraction."""
     for attr in HEAD_DIM_ATTRS:
         value = getattr(module, attr, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    heads, qkv = getattr(module, "num_heads", None), getattr(module, "qkv", None)
+    if isinstance(heads, int) and heads > 0 and isinstance(qkv, nn.Linear) and qkv.out_features % (3 * heads) == 0:
+        return qkv.out_features // (3 * heads)
+    return None
+
+
+def attention_scale_hook(module: nn.Module, name: str, factor: float) -> tuple[str, str, float, str] | None:
+    """How to multiply this attention module's logits by ``factor`` so that it takes effect, as
+    (module, hook kind, value, reason) — or None when its scale is computed where nothing reaches it."""
+    if isinstance(getattr(module, "scaling", None), float):  # HF: passed to every attention backend
+        return name, "scaling", module.scaling * factor, "attention 1/d_head"
+    scale = getattr(module, "scale", None)
+    if isinstance(scale, float) and isinstance(getattr(module, "q_norm", None), nn.Module):
+        # timm: q_norm's output is where the fused and eager paths meet
+        return f"{name}.q_norm", "output", factor, "attention 1/d_head (query)"
+    if isinstance(scale, float) and isinstance(getattr(module, "fused_attn", None), bool):
+        # timm attention without q_norm (Swin, BEiT): the fused path ignores ``scale``, the eager path reads it
+        return name, "eager_scale", scale * factor, "attention 1/d_head (timm's eager attention)"
+    if isinstance(scale, float):  # HF modules that pass scaling=self.scale at call time (CLIP)
+        return name, "scale", scale * factor, "attention 1/d_head"
+    for query in ("q", "q_proj", "query"):  # a separate query projection (T5, no scale at all): scale q
+        if isinstance(getattr(module, query, None), nn.Linear):
+            return f"{name}.{query}", "output", factor, "attention 1/d_head (query projection)"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -12,22 +13,26 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
-from lightning_mup.parametrize.adapters import attention_patch, head_dim
+from lightning_mup.parametrize.adapters import attention_scale_hook, head_dim, layer_kind
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
+from lightning_mup.parametrize.probe import probe
 from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
 from lightning_mup.parametrize.roles import TensorRoles, infer_roles
 from lightning_mup.parametrize.table import (
     DEPTH,
     EPS_RULES,
     EPS_SCALED,
+    FIXED,
     FORMS,
+    HIDDEN,
     OUTPUT,
     ROLES,
     WEIGHT_DECAY_CONVENTIONS,
     Form,
     form,
 )
+from lightning_mup.parametrize.verify import describe, example_call, self_check, width_multiplier
 
 ModelSpec = nn.Module | Callable[[], nn.Module]
 
@@ -52,6 +57,7 @@ def parametrize(
     attention: str | None = None,
     residual_blocks: Mapping[str, Sequence[str]] | None = None,
     keep_weights: bool = False,
+    check: bool | str = True,
 ) -> Parametrization:
     """Reparameterize ``model`` in place and return the record of what was done.
 
@@ -76,6 +82,10 @@ def parametrize(
         residual_blocks: ``{"block glob": ["branch end", ...]}`` for models without a block adapter.
         keep_weights: keep existing (e.g. pretrained) weights: stored values are divided by their new
             forward multiplier so the function is unchanged; only multipliers and lr scales apply.
+        check: the self-check (:mod:`.verify`): one forward of the model and the base on a small synthetic
+            input; sizes that deviate from the parameterization by a hard-coded width-dependent constant are
+            corrected (recorded in the role map), others raise. ``False`` turns it off, ``"require"`` raises
+            when no example input is known.
     """
     chosen = form(parametrization)
     _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
@@ -110,7 +120,7 @@ def parametrize(
         )
     depth_mult = blocks.depth / base_blocks.depth if blocks.depth else 1.0
 
-    tensors = infer_roles(model, base_model, delta_model, to_base)
+    tensors = infer_roles(model, base_model, delta_model, to_base, _uses_in_forward(model, base_model))
     if all(not s.width_dims for t in tensors.values() for s in t.shapes) and depth_mult == 1.0:
         raise ValueError(
             "no parameter differs in shape between the model and its base, so no width dimension can be "
@@ -154,7 +164,81 @@ def parametrize(
         notes=notes,
     )
     record.attach(model)
+    if check and not keep_weights:
+        _self_check(model, base_model, base, record, base_key, check == "require")
     return record
+
+
+_BASE_DRAWS = 4  # a base of a few dozen units is a noisy sample of its width: average this many draws
+
+
+def _self_check(model: nn.Module, base: nn.Module, spec: ModelSpec, record, base_key, required: bool) -> None:
+    """Measure the parametrized model against its base (:mod:`.verify`); corrections land in the record."""
+    if record.depth != record.base_depth:
+        record.notes.append(
+            "self-check skipped: it compares sizes across widths at one depth, and the base is shallower "
+            f"({record.base_depth} vs {record.depth} blocks); a base at the model's depth would be checked"
+        )
+        return
+    found = _checkable(model, base)
+    if found is None:
+        note = (
+            "self-check skipped: no example input is known for this model (HF, timm and networks starting with "
+            "a Linear/Conv/Embedding are; pass example_input= to check another)"
+        )
+        if required:
+            raise ValueError(note)
+        record.notes.append(note)
+        return
+    prefix, network, base_network, call = found
+    draws = [base_network]
+    if not isinstance(spec, nn.Module):  # a factory: more independent draws of the base
+        for seed in range(1, _BASE_DRAWS):
+            with private_rng():
+                torch.manual_seed(seed)
+                draws.append(dict(_build(spec, "cpu", "base").named_modules())[prefix])
+    report = self_check(model, record, network, draws, call, base_key, prefix)
+    if report.skipped:
+        record.notes.append(f"self-check skipped: {report.skipped}")
+        return
+    text = f"self-check: {report.checked} sizes and attention logits against the base in {report.seconds:.1f} s"
+    record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else ", as predicted"))
+    for deviation in report.unresolved:
+        message = f"self-check: {describe(deviation, width_multiplier(record))}"
+        record.notes.append(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _uses_in_forward(model: nn.Module, base: nn.Module) -> dict[int, list] | None:
+    """How parameters that belong to no known layer are used, from one forward (:mod:`.probe`); None when
+    every parameter is in a known layer or no example input is known."""
+    known = {id(p) for m in model.modules() for a, p in m._parameters.items() if p is not None and layer_kind(m, a)}
+    if all(id(p) in known or p.dim() < 2 for p in model.parameters()):
+        return None
+    found = _checkable(model, base)
+    if found is None:
+        return None
+    _, network, _, call = found
+    with torch.no_grad():
+        return probe(network, lambda: call(network), logits=False, uses=True).uses
+
+
+def _checkable(model: nn.Module, base: nn.Module):
+    """(prefix, network, base network, call): the outermost part of ``model`` that an example input is known
+    for and that runs on it, with its counterpart in the base — or None."""
+    base_modules = dict(base.named_modules())
+    for name, network in model.named_modules():
+        counterpart = base_modules.get(name)
+        call = example_call(network) if counterpart is not None else None
+        if call is None:
+            continue
+        try:
+            with torch.no_grad():
+                call(counterpart)
+        except Exception:  # e.g. a LightningModule without forward, or an input of the wrong kind: look inside
+            continue
+        return unwrap_name(name), network, counterpart, call
+    return None
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -235,6 +319,22 @@ def _native_ratio(
     return math.exp(best if snapped else measured), snapped
 
 
+def _fixed_ratio(model: torch.Tensor, base_rms: float | None, base_numel: int, width_mult: float) -> float:
+    """A width-independent tensor's model/base size ratio: 1, or a clear half power of the width multiplier."""
+    if base_rms is None or model.is_meta or base_rms == 0.0:
+        return 1.0
+    model_rms = float(model.detach().float().pow(2).mean().sqrt())
+    if model_rms == 0.0:
+        return 1.0
+    measured = math.log(model_rms / base_rms)
+    noise = math.sqrt(0.5 / model.numel() + 0.5 / base_numel)
+    power = round(2 * measured / math.log(width_mult)) / 2
+    snapped = power * math.log(width_mult)
+    if power == 0 or abs(measured) < 4 * noise or abs(measured - snapped) > max(_SNAP_TOLERANCE, 3 * noise):
+        return 1.0
+    return math.exp(snapped)
+
+
 def _rms_by_name(model: nn.Module) -> dict[str, tuple[float | None, int]]:
     with torch.no_grad():
         return {
@@ -264,6 +364,8 @@ def _native_ratios(
             return canonical.get(id(weight))
         return None
 
+    hidden = [t.shapes[0].symbols["m"] for t in tensors.values() if t.shapes[0].role == HIDDEN]
+    width_mult = max(set(hidden), key=hidden.count) if hidden else 1.0
     ratios: dict[str, float] = {}
     for name, t in sorted(tensors.items(), key=lambda item: weight_of(item[1]) is not None):
         weight = weight_of(t)
@@ -271,6 +373,17 @@ def _native_ratios(
             ratios[name] = ratios[weight]
             continue
         symbols = t.shapes[0].symbols
+        if t.shapes[0].role == FIXED and width_mult != 1.0:
+            # same shape in model and base, yet an initialiser may size it by the width (T5's relative attention
+            # bias: std ∝ d_model^-½): measured, and a clear half power of the width is undone
+            base_rms, base_numel = base_sizes[to_base(name)]
+            ratios[name] = _fixed_ratio(t.param, base_rms, base_numel, width_mult)
+            if ratios[name] != 1.0:
+                notes.append(
+                    f"{name}: same shape at every width, but its initial size is {ratios[name]:.3g}× the base's "
+                    "(the model's initialiser depends on the width); rescaled to the base's"
+                )
+            continue
         multipliers = [symbols["m_in"], symbols["m_out"], depth_mult if blocks.block_of(name) else 1.0]
         sp_init = FORMS["sp"].rules[t.shapes[0].role].init(symbols)
         base_rms, base_numel = base_sizes[to_base(name)]
@@ -404,18 +517,15 @@ def _attention_hooks(model: nn.Module, base: nn.Module, to_base: Callable[[str],
         if d is None or d_base is None or d == d_base:
             continue
         factor = math.sqrt(d_base / d)  # s·sqrt(d_base/d): ∝ 1/d, equal at the base head_dim
-        patch = attention_patch(module)
-        if patch == "scaling":
-            hooks.append(ModuleHook(name, "scaling", module.scaling * factor, "attention 1/d_head"))
-        elif patch == "q_norm":
-            hooks.append(ModuleHook(f"{name}.q_norm", "output", factor, "attention 1/d_head (query)"))
-        else:
+        found = attention_scale_hook(module, name, factor)
+        if found is None:
             raise ValueError(
                 f"{name} ({type(module).__name__}) changes head_dim {d_base}→{d} with width; μP scales attention "
                 "logits by 1/head_dim, but this module computes its scale internally where it cannot be "
                 "changed. Keep head_dim fixed and grow the number of heads instead, or pass "
                 "attention='unchanged' to keep 1/sqrt(head_dim) (not μP)."
             )
+        hooks.append(ModuleHook(*found))
     return hooks
 
 

@@ -56,7 +56,8 @@ class ParamScale:
 @dataclass
 class ModuleHook:
     """A multiplier on a module: ``input`` (pre-hook on its first input), ``output`` (forward hook),
-    or ``scaling`` (the module's attention ``scaling`` attribute set to ``value``)."""
+    ``scaling`` / ``scale`` (the module's attention ``scaling`` / ``scale`` attribute set to ``value``), or
+    ``eager_scale`` (timm: ``scale`` set and the eager attention path taken, the one that reads it)."""
 
     module: str
     kind: str
@@ -118,6 +119,11 @@ class Parametrization:
                 module.register_forward_hook(ScaleOutput(hook.value))
             elif hook.kind == "scaling":
                 module.scaling = hook.value
+            elif hook.kind == "scale":
+                module.scale = hook.value
+            elif hook.kind == "eager_scale":  # timm: the fused path would ignore ``scale``
+                module.fused_attn = False
+                module.scale = hook.value
             else:
                 raise ValueError(f"unknown hook kind {hook.kind!r} in the role map")
         model._lightning_mup_parametrized = True
@@ -211,6 +217,7 @@ class Parametrization:
                 f"{len(self.hooks)} module multipliers, e.g. "
                 + "; ".join(f"{h.module}: {h.reason} ×{_fmt(h.value)}" for h in branch[:3])
             )
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 

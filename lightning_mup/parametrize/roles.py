@@ -14,13 +14,14 @@ decide its role:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from lightning_mup._names import join, unwrap_name
 from lightning_mup.parametrize.adapters import LayerKind, is_depthwise, layer_kind
+from lightning_mup.parametrize.probe import Use as ProbeUse
 from lightning_mup.parametrize.table import FIXED, HIDDEN, INPUT, OUTPUT, VECTOR
 
 
@@ -70,16 +71,43 @@ def parameter_uses(model: nn.Module) -> dict[int, list[Use]]:
     return uses
 
 
+def kind_from_use(param: nn.Parameter, attr: str, uses: Sequence[ProbeUse], only_param: bool) -> LayerKind | None:
+    """The layer layout a bare parameter's uses in the forward imply (see :mod:`.probe`), if they agree:
+    ``F.linear(x, W)`` → [out, in]; ``x @ W`` → [in, out]; per-expert slices ``W[e]`` of a 3-D tensor → a stack
+    of such layers, the leading dimension a count; ``F.embedding`` → a lookup."""
+    layouts = set()
+    for use in uses:
+        stacked = len(use.view_shape) == param.dim() - 1 and tuple(param.shape[1:]) == use.view_shape
+        if not (stacked or use.view_shape == tuple(param.shape) or use.transposed):
+            return None
+        lead = param.dim() - 2  # any leading dimensions count stacked layers (experts)
+        if use.op == "embedding":
+            layouts.add((lead + 1, lead, "lookup"))
+        elif use.op in ("linear", "matmul_right"):
+            out_first = (use.op == "linear") != use.transposed  # F.linear: [out, in]; matmul's right operand: [in, out]
+            layouts.add((lead, lead + 1, "matmul") if out_first else (lead + 1, lead, "matmul"))
+    if len(layouts) != 1:
+        return None
+    out_dim, in_dim, op = layouts.pop()
+    if op == "lookup":
+        return LayerKind(out_dim, in_dim, lambda m: 1, False)
+    # the holder's input is the matmul's input only when the tensor is all the holder has (a router)
+    return LayerKind(out_dim, in_dim, lambda m: getattr(m, attr).shape[in_dim], only_param and param.dim() == 2)
+
+
 def infer_roles(
     model: nn.Module,
     base: nn.Module,
     delta: nn.Module | None = None,
     to_base_name: Callable[[str], str] | None = None,
+    uses_in_forward: dict[int, list[ProbeUse]] | None = None,
 ) -> dict[str, TensorRoles]:
     """Role and width symbols of every parameter of ``model``, keyed by canonical name.
 
     ``to_base_name`` maps a model name to its counterpart in base and delta; it differs from the
     identity only when they are shallower than the model (block ``h.7`` of the model ↔ ``h.0``).
+    ``uses_in_forward`` (from a probe of the forward) gives parameters outside known layers the layout
+    their use implies.
     """
     exact = to_base_name is None  # same depth: the names must match one to one
     depth_map = to_base_name or (lambda name: name)
@@ -104,6 +132,12 @@ def infer_roles(
     uses_by_param = parameter_uses(model)
     for name, param in model.named_parameters():
         uses = uses_by_param[id(param)]
+        seen = (uses_in_forward or {}).get(id(param))
+        if seen:
+            for use in uses:
+                if use.kind is None:
+                    only = len([p for p in use.module._parameters.values() if p is not None]) == 1
+                    use.kind = kind_from_use(param, use.attr, seen, only)
         shapes = []
         for use in uses:
             base_name = to_base_name(use.name)
@@ -140,7 +174,10 @@ def _shape(
         return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0})
     kind = use.kind
     if kind is not None:
-        extra = set(width_dims) - {kind.out_dim, kind.in_dim}
+        # a stack of layers (experts): its leading dimension counts them, whether or not it grows
+        extra = set(width_dims) - {kind.out_dim, kind.in_dim} - ({0} if min(kind.out_dim, kind.in_dim) == 1 else set())
+        if not set(width_dims) & {kind.out_dim, kind.in_dim}:  # only the count of stacked layers grows
+            return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0})
         if extra:
             raise ValueError(f"{use.name}: width changes dims {sorted(extra)}, which are neither fan-in nor fan-out")
         fan_in = kind.fan_in(use.module)

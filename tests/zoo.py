@@ -1,0 +1,405 @@
+"""A zoo of small configurations of the timm and Hugging Face architectures lightning_mup claims, each a
+function of the width (heads fixed: head_dim grows with it, the harder case for attention), with a batch
+and the loss it trains on. Built from configs, never from hub weights."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Arch:
+    build: Callable[[int], nn.Module]
+    kind: str  # "image", "causal_lm", "masked_lm", "seq2seq", "text_encoder"
+    note: str = ""
+
+
+def _quiet():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+# ------------------------------------------------------------------------------------------------ timm
+def _timm(name: str, **kw) -> Callable[[int], nn.Module]:
+    def build(width: int) -> nn.Module:
+        import timm
+
+        args = {k: (v(width) if callable(v) else v) for k, v in kw.items()}
+        return timm.create_model(name, pretrained=False, num_classes=10, **args)
+
+    return build
+
+
+def _vit(name: str, **kw) -> Callable[[int], nn.Module]:
+    return _timm(name, img_size=16, patch_size=4, embed_dim=lambda w: w, num_heads=2, depth=2, **kw)
+
+
+TIMM = {
+    "timm_vit": Arch(_vit("vit_tiny_patch16_224"), "image"),
+    "timm_vit_registers": Arch(_vit("vit_tiny_patch16_224", reg_tokens=2, no_embed_class=True), "image"),
+    "timm_deit": Arch(
+        _timm(
+            "deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_heads=2, depth=2
+        ),
+        "image",
+    ),
+    "timm_beit": Arch(
+        _timm(
+            "beit_base_patch16_224",
+            img_size=16,
+            patch_size=4,
+            embed_dim=lambda w: w,
+            num_heads=2,
+            depth=2,
+            use_rel_pos_bias=True,
+        ),
+        "image",
+    ),
+    "timm_eva": Arch(
+        _timm(
+            "eva02_tiny_patch14_224",
+            img_size=16,
+            patch_size=4,
+            embed_dim=lambda w: w,
+            num_heads=2,
+            depth=2,
+            mlp_ratio=2,
+        ),
+        "image",
+    ),
+    "timm_swin": Arch(
+        _timm(
+            "swin_tiny_patch4_window7_224",
+            img_size=16,
+            patch_size=2,
+            window_size=4,
+            embed_dim=lambda w: w,
+            depths=(1, 1),
+            num_heads=(2, 4),
+        ),
+        "image",
+    ),
+    "timm_cait": Arch(
+        _timm(
+            "cait_xxs24_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_heads=2, depth=2, depth_token_only=1
+        ),
+        "image",
+    ),
+    "timm_mixer": Arch(_timm("mixer_s16_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_blocks=2), "image"),
+    "timm_resmlp": Arch(
+        _timm("resmlp_12_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_blocks=2), "image"
+    ),
+    "timm_resnet": Arch(
+        _timm("resnet18", channels=lambda w: (w, 2 * w, 4 * w, 8 * w), stem_width=lambda w: w), "image"
+    ),
+    "timm_convnext": Arch(
+        _timm("convnext_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image"
+    ),
+    "timm_convnextv2": Arch(
+        _timm("convnextv2_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image"
+    ),
+    "timm_poolformer": Arch(
+        _timm("poolformer_s12", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), layers=(1, 1, 1, 1)), "image"
+    ),
+    "timm_efficientnet": Arch(_timm("efficientnet_b0", channel_multiplier=lambda w: w / 16), "image"),
+    "timm_mobilenetv3": Arch(_timm("mobilenetv3_small_100", width_mult=lambda w: w / 16), "image"),
+    "timm_regnet": Arch(
+        _timm("regnetx_002", wa=lambda w: 1.5 * w, w0=lambda w: w, wm=2.0, depth=4, group_size=8), "image"
+    ),
+}
+
+
+# -------------------------------------------------------------------------------------------- HF causal
+def _hf(config_cls: str, model_cls: str, **kw) -> Callable[[int], nn.Module]:
+    def build(width: int) -> nn.Module:
+        import transformers
+
+        _quiet()
+        args = {k: (v(width) if callable(v) else v) for k, v in kw.items()}
+        config = getattr(transformers, config_cls)(**args)
+        return getattr(transformers, model_cls)(config)
+
+    return build
+
+
+_LM = dict(vocab_size=64, num_hidden_layers=2, max_position_embeddings=32)
+_DECODER = dict(
+    **_LM,
+    hidden_size=lambda w: w,
+    intermediate_size=lambda w: 2 * w,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
+
+HF = {
+    "hf_gpt2": Arch(
+        _hf(
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            n_embd=lambda w: w,
+            n_layer=2,
+            n_head=2,
+            vocab_size=64,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "causal_lm",
+    ),
+    "hf_llama": Arch(_hf("LlamaConfig", "LlamaForCausalLM", **_DECODER), "causal_lm"),
+    "hf_mistral": Arch(_hf("MistralConfig", "MistralForCausalLM", **_DECODER, head_dim=lambda w: w // 2), "causal_lm"),
+    "hf_qwen2": Arch(_hf("Qwen2Config", "Qwen2ForCausalLM", **_DECODER), "causal_lm"),
+    "hf_qwen3": Arch(_hf("Qwen3Config", "Qwen3ForCausalLM", **_DECODER, head_dim=lambda w: w // 2), "causal_lm"),
+    "hf_phi3": Arch(_hf("Phi3Config", "Phi3ForCausalLM", **_DECODER), "causal_lm"),
+    "hf_gemma": Arch(_hf("GemmaConfig", "GemmaForCausalLM", **_DECODER, head_dim=lambda w: w // 2), "causal_lm"),
+    "hf_gemma2": Arch(
+        _hf(
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            **_DECODER,
+            head_dim=lambda w: w // 2,
+            query_pre_attn_scalar=lambda w: w // 2,
+        ),
+        "causal_lm",
+    ),
+    "hf_gpt_neox": Arch(
+        _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}),
+        "causal_lm",
+    ),
+    "hf_opt": Arch(
+        _hf(
+            "OPTConfig",
+            "OPTForCausalLM",
+            vocab_size=64,
+            num_hidden_layers=2,
+            hidden_size=lambda w: w,
+            ffn_dim=lambda w: 2 * w,
+            num_attention_heads=2,
+            word_embed_proj_dim=lambda w: w,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        ),
+        "causal_lm",
+    ),
+    "hf_falcon": Arch(
+        _hf(
+            "FalconConfig",
+            "FalconForCausalLM",
+            vocab_size=64,
+            num_hidden_layers=2,
+            hidden_size=lambda w: w,
+            num_attention_heads=2,
+            new_decoder_architecture=True,
+            num_kv_heads=1,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "causal_lm",
+    ),
+    "hf_mixtral": Arch(
+        _hf("MixtralConfig", "MixtralForCausalLM", **_DECODER, num_local_experts=4, num_experts_per_tok=2), "causal_lm"
+    ),
+    "hf_qwen2_moe": Arch(
+        _hf(
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            **_DECODER,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=lambda w: w,
+            shared_expert_intermediate_size=lambda w: w,
+        ),
+        "causal_lm",
+    ),
+    "hf_olmoe": Arch(
+        _hf("OlmoeConfig", "OlmoeForCausalLM", **_DECODER, num_experts=4, num_experts_per_tok=2), "causal_lm"
+    ),
+    # masked LMs and encoders
+    "hf_bert": Arch(
+        _hf(
+            "BertConfig",
+            "BertForMaskedLM",
+            **_LM,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=2,
+        ),
+        "masked_lm",
+    ),
+    "hf_roberta": Arch(
+        _hf(
+            "RobertaConfig",
+            "RobertaForMaskedLM",
+            **{**_LM, "max_position_embeddings": 40},
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=2,
+            pad_token_id=1,
+        ),
+        "masked_lm",
+    ),
+    "hf_distilbert": Arch(
+        _hf(
+            "DistilBertConfig",
+            "DistilBertForMaskedLM",
+            vocab_size=64,
+            n_layers=2,
+            dim=lambda w: w,
+            hidden_dim=lambda w: 2 * w,
+            n_heads=2,
+            max_position_embeddings=32,
+        ),
+        "masked_lm",
+    ),
+    "hf_modernbert": Arch(
+        _hf(
+            "ModernBertConfig",
+            "ModernBertForMaskedLM",
+            **_LM,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=2,
+            global_attn_every_n_layers=1,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+            cls_token_id=0,
+            sep_token_id=0,
+        ),
+        "masked_lm",
+    ),
+    "hf_electra": Arch(
+        _hf(
+            "ElectraConfig",
+            "ElectraForMaskedLM",
+            **_LM,
+            hidden_size=lambda w: w,
+            embedding_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=2,
+        ),
+        "masked_lm",
+    ),
+    # encoder-decoder
+    "hf_t5": Arch(
+        _hf(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            vocab_size=64,
+            d_model=lambda w: w,
+            d_kv=lambda w: w // 2,
+            d_ff=lambda w: 2 * w,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        "seq2seq",
+    ),
+    "hf_t5_v1_1": Arch(
+        _hf(
+            "T5Config",
+            "T5ForConditionalGeneration",
+            vocab_size=64,
+            d_model=lambda w: w,
+            d_kv=lambda w: w // 2,
+            d_ff=lambda w: 2 * w,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        "seq2seq",
+    ),
+    "hf_bart": Arch(
+        _hf(
+            "BartConfig",
+            "BartForConditionalGeneration",
+            vocab_size=64,
+            d_model=lambda w: w,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=lambda w: 2 * w,
+            decoder_ffn_dim=lambda w: 2 * w,
+            max_position_embeddings=32,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        ),
+        "seq2seq",
+    ),
+    # vision and text towers
+    "hf_vit": Arch(
+        _hf(
+            "ViTConfig",
+            "ViTForImageClassification",
+            image_size=16,
+            patch_size=4,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_labels=10,
+        ),
+        "image",
+    ),
+    "hf_clip_text": Arch(
+        _hf(
+            "CLIPTextConfig",
+            "CLIPTextModelWithProjection",
+            vocab_size=64,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            projection_dim=16,
+            eos_token_id=2,
+        ),
+        "text_encoder",
+    ),
+}
+
+ZOO: dict[str, Arch] = {**TIMM, **HF}
+
+
+def batch_for(arch: Arch, generator: torch.Generator) -> Any:
+    if arch.kind == "image":
+        return torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+    ids = torch.randint(3, 64, (4, 12), generator=generator)
+    return ids
+
+
+def loss_for(arch: Arch) -> Callable[[nn.Module, Any], torch.Tensor]:
+    if arch.kind == "image":
+        return lambda model, b: F.cross_entropy(_logits(model(b[0])), b[1])
+    if arch.kind == "text_encoder":
+        return lambda model, ids: model(input_ids=ids).text_embeds.pow(2).mean()
+    if arch.kind == "seq2seq":
+        return lambda model, ids: model(input_ids=ids, labels=ids).loss
+    return lambda model, ids: model(input_ids=ids, labels=ids).loss
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
