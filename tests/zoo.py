@@ -18,7 +18,7 @@ from torch import nn
 class Arch:
     build: Callable[[int], nn.Module]
     kind: str  # "image", "causal_lm", "masked_lm", "seq2seq", "text_encoder"
-    note: str = ""
+    image_size: int = 16
 
 
 def _quiet():
@@ -37,6 +37,39 @@ def _timm(name: str, **kw) -> Callable[[int], nn.Module]:
         return timm.create_model(name, pretrained=False, num_classes=10, **args)
 
     return build
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _timm_attr(module: str, name: str):
+    return lambda w: _import(f"timm.models.{module}.{name}")
+
+
+def _cls(path: str, **kw) -> Callable[[int], nn.Module]:
+    def build(width: int) -> nn.Module:
+        args = {k: (v(width) if callable(v) else v) for k, v in kw.items()}
+        return _import(path)(num_classes=10, **args)
+
+    return build
+
+
+def _fn(path: str, variant: str, **kw) -> Callable[[int], nn.Module]:
+    def build(width: int) -> nn.Module:
+        args = {k: (v(width) if callable(v) else v) for k, v in kw.items()}
+        return _import(path)(variant, pretrained=False, num_classes=10, **args)
+
+    return build
+
+
+def _regnet(width: int) -> nn.Module:
+    from timm.models.regnet import RegNet, RegNetCfg
+
+    return RegNet(cfg=RegNetCfg(depth=8, w0=width, wa=2 * width, wm=2.0, group_size=8), num_classes=10)
 
 
 def _vit(name: str, **kw) -> Callable[[int], nn.Module]:
@@ -94,27 +127,82 @@ TIMM = {
         ),
         "image",
     ),
-    "timm_mixer": Arch(_timm("mixer_s16_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_blocks=2), "image"),
+    "timm_mixer": Arch(
+        _cls("timm.models.mlp_mixer.MlpMixer", img_size=16, patch_size=4, num_blocks=2, embed_dim=lambda w: w), "image"
+    ),
     "timm_resmlp": Arch(
-        _timm("resmlp_12_224", img_size=16, patch_size=4, embed_dim=lambda w: w, num_blocks=2), "image"
+        _cls(
+            "timm.models.mlp_mixer.MlpMixer",
+            img_size=16,
+            patch_size=4,
+            num_blocks=2,
+            embed_dim=lambda w: w,
+            mlp_ratio=4,
+            block_layer=_timm_attr("mlp_mixer", "ResBlock"),
+            norm_layer=_timm_attr("mlp_mixer", "Affine"),
+        ),
+        "image",
     ),
     "timm_resnet": Arch(
-        _timm("resnet18", channels=lambda w: (w, 2 * w, 4 * w, 8 * w), stem_width=lambda w: w), "image"
+        _cls(
+            "timm.models.resnet.ResNet",
+            block=_timm_attr("resnet", "BasicBlock"),
+            layers=(1, 1, 1, 1),
+            channels=lambda w: (w, 2 * w, 4 * w, 8 * w),
+            stem_type="deep",
+            stem_width=lambda w: w // 2,
+        ),
+        "image",
+        64,
     ),
     "timm_convnext": Arch(
-        _timm("convnext_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image"
+        _timm("convnext_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image", 64
     ),
     "timm_convnextv2": Arch(
-        _timm("convnextv2_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image"
+        _timm("convnextv2_atto", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), depths=(1, 1, 1, 1)), "image", 64
     ),
     "timm_poolformer": Arch(
-        _timm("poolformer_s12", dims=lambda w: (w, 2 * w, 4 * w, 8 * w), layers=(1, 1, 1, 1)), "image"
+        _cls("timm.models.metaformer.MetaFormer", depths=(1, 1, 1, 1), dims=lambda w: (w, 2 * w, 4 * w, 8 * w)),
+        "image",
+        64,
     ),
-    "timm_efficientnet": Arch(_timm("efficientnet_b0", channel_multiplier=lambda w: w / 16), "image"),
-    "timm_mobilenetv3": Arch(_timm("mobilenetv3_small_100", width_mult=lambda w: w / 16), "image"),
-    "timm_regnet": Arch(
-        _timm("regnetx_002", wa=lambda w: 1.5 * w, w0=lambda w: w, wm=2.0, depth=4, group_size=8), "image"
+    "timm_efficientnet": Arch(
+        _fn(
+            "timm.models.efficientnet._gen_efficientnet",
+            "efficientnet_b0",
+            channel_multiplier=lambda w: w / 64,
+            channel_divisor=1,
+        ),
+        "image",
+        64,
     ),
+    "timm_pit": Arch(
+        _cls(
+            "timm.models.pit.PoolingVisionTransformer",
+            img_size=16,
+            patch_size=4,
+            stride=2,
+            base_dims=lambda w: (w // 2, w // 2),
+            depth=(1, 1),
+            heads=(2, 2),
+            mlp_ratio=2.0,
+        ),
+        "image",
+    ),
+    "timm_gmlp": Arch(
+        _cls(
+            "timm.models.mlp_mixer.MlpMixer",
+            img_size=16,
+            patch_size=4,
+            num_blocks=2,
+            embed_dim=lambda w: w,
+            mlp_ratio=4,
+            block_layer=_timm_attr("mlp_mixer", "SpatialGatingBlock"),
+            mlp_layer=_timm_attr("layers", "GatedMlp"),
+        ),
+        "image",
+    ),
+    "timm_regnet": Arch(_regnet, "image", 64),
 }
 
 
@@ -386,7 +474,8 @@ ZOO: dict[str, Arch] = {**TIMM, **HF}
 
 def batch_for(arch: Arch, generator: torch.Generator) -> Any:
     if arch.kind == "image":
-        return torch.randn(4, 3, 16, 16, generator=generator), torch.randint(0, 10, (4,), generator=generator)
+        size = arch.image_size
+        return torch.randn(4, 3, size, size, generator=generator), torch.randint(0, 10, (4,), generator=generator)
     ids = torch.randint(3, 64, (4, 12), generator=generator)
     return ids
 

@@ -64,6 +64,7 @@ class Probe:
     spread: dict[tuple[str, str], float] = field(default_factory=dict)  # (kind, module) -> std of log size over draws
     draws: int = 1  # how many random draws of the network these sizes average
     tensor_ids: dict[tuple[str, str], int] = field(default_factory=dict)  # ("in"/"out", module) -> id of that tensor
+    logit_values: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its logits (keep_logits=True)
 
 
 def rms(t: torch.Tensor) -> float:
@@ -92,10 +93,14 @@ def _first_float(value: Any) -> torch.Tensor | None:
 
 
 class _Watch(TorchFunctionMode):
-    def __init__(self, probe: Probe, stack: list[str], params: dict[int, nn.Parameter], logits: bool) -> None:
+    def __init__(
+        self, probe: Probe, stack: list[str], params: dict[int, nn.Parameter], logits: bool, keep_logits: bool = False
+    ) -> None:
         super().__init__()
         self.probe, self.stack, self.params, self.watch_logits = probe, stack, params, logits
         self.indexed: dict[int, nn.Parameter] = {}
+        self.score_values: dict[str, torch.Tensor] = {}
+        self.keep_logits = keep_logits
         self.keep: list[torch.Tensor] = []
         # module -> (id, RMS, contraction, event index) of its last q·kᵀ: logits once a softmax follows, placed
         # among the events where they were computed (what runs between, e.g. talking heads, sees logits)
@@ -149,14 +154,20 @@ class _Watch(TorchFunctionMode):
         before biases (relative position, ALiBi) are added to them."""
         if func in _MATMUL and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
             self.scores[here] = (id(out), rms(out), args[0].shape[-1], len(self.probe.events))
+            self.score_values[here] = out
         elif func in _MUL and here in self.scores and len(args) == 2:
             ident, size, contraction, at = self.scores[here]
             a, b = args
             other = b if isinstance(a, torch.Tensor) and id(a) == ident else a if id(b) == ident else None
             if isinstance(other, (int, float)) or (isinstance(other, torch.Tensor) and other.numel() == 1):
                 self.scores[here] = (id(out), size * abs(float(other)), contraction, at)
+                self.score_values[here] = out
 
-    def _record_logits(self, where: str, value: float, head_dim: int | None, at: int | None = None) -> None:
+    def _record_logits(
+        self, where: str, value: float, head_dim: int | None, at: int | None = None, values: torch.Tensor | None = None
+    ) -> None:
+        if self.keep_logits and values is not None and where not in self.probe.logit_values:
+            self.probe.logit_values[where] = values.detach().float().clone()
         if where not in self.probe.logits:
             self.probe.events.insert(len(self.probe.events) if at is None else at, ("logits", where))
         # several attention calls in one module (rare): keep the largest
@@ -182,15 +193,18 @@ class _Watch(TorchFunctionMode):
             if q.dim() == 4 and k.dim() == 4 and k.shape[1] != q.shape[1]:  # grouped-query attention
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-            self._record_logits(where, rms(q @ k.transpose(-2, -1) * s), q.shape[-1])
+            logits = q @ k.transpose(-2, -1) * s
+            self._record_logits(where, rms(logits), q.shape[-1], values=logits)
 
     def _softmax(self, where: str, x, dim=None, *rest, **kwargs):
         dim = kwargs.get("dim", dim)
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or dim not in (-1, x.dim() - 1):
             return
-        scores = self.scores.pop(where, None)
-        if scores is not None:
-            self._record_logits(where, scores[1], scores[2], scores[3])  # q·kᵀ·scale, before biases and masks
+        # the q·kᵀ of this module, or of the nearest module around it (an nn.Softmax submodule, Swin's)
+        owner = next((name for name in reversed(self.stack) if name in self.scores), where)
+        scores = self.scores.pop(owner, None)
+        if scores is not None:  # q·kᵀ·scale, before biases and masks
+            self._record_logits(owner, scores[1], scores[2], scores[3], values=self.score_values.pop(owner, None))
             return
         with torch.no_grad():
             values = x.detach().float()
@@ -235,7 +249,13 @@ def merge(probes: list[Probe]) -> Probe:
 
 
 def probe(
-    model: nn.Module, run: Callable[[], Any], *, logits: bool = True, uses: bool = False, prefix: str = ""
+    model: nn.Module,
+    run: Callable[[], Any],
+    *,
+    logits: bool = True,
+    uses: bool = False,
+    prefix: str = "",
+    keep_logits: bool = False,
 ) -> Probe:
     """``run()`` (a forward of ``model``) once, recording what :class:`Probe` holds; module names are relative
     to ``model``, after ``prefix`` (where ``model`` sits in a larger one), wrappers (compile, FSDP) removed."""
@@ -272,7 +292,7 @@ def probe(
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     params = {id(p): p for p in model.parameters()} if uses else {}
     try:
-        with torch.no_grad(), _Watch(found, stack, params, logits):
+        with torch.no_grad(), _Watch(found, stack, params, logits, keep_logits):
             run()
     finally:
         for handle in handles:

@@ -42,6 +42,7 @@ HALF_POWER_TOLERANCE = 0.15  # a correction is made only for a deviation this cl
 MIN_MULTIPLIER = 3.0  # below, a half power of m (×1.7 at m = 3) is hard to tell from small networks' noise
 NOISE_SIGMAS = 3.0  # ... and beyond this many standard deviations of the sampling noise
 MAX_ROUNDS = 12
+ZEROED = 1e-3  # a model size this far below the base's comes from a zero-initialised weight, not a constant
 
 
 class SelfCheckError(ValueError):
@@ -78,6 +79,8 @@ def width_multiplier(record: Parametrization) -> float:
 def _exponent(model_size: float, base_size: float, m: float) -> float | None:
     if model_size <= 0 or base_size <= 0 or not math.isfinite(model_size / base_size) or m == 1.0:
         return None
+    if model_size < ZEROED * base_size:  # downstream of a zero-initialised readout (a token-mixing MLP's): no size
+        return None
     return math.log(model_size / base_size) / math.log(m)
 
 
@@ -95,6 +98,7 @@ def deviations(
     m: float,
     to_base: Callable[[str], str],
     attention_rule: str,
+    plain: frozenset[str] = frozenset(),
 ) -> tuple[list[Deviation], int]:
     """The events of the model's forward that change the size's width exponent where the rule says they must
     not, in execution order, and how many events were compared.
@@ -160,6 +164,8 @@ def deviations(
             continue
         if kind == "out":
             scopes[-1][1].append(e)
+            if name in plain:  # no weights, no children: an activation, a pooling — a function of its input
+                continue  # whose size need not follow its input's (a gate's saturation); nothing to correct there
             if name in mixing:  # the attention module's own output: recorded for what follows, not checked
                 mixing.discard(name)
                 continue
@@ -213,13 +219,18 @@ def self_check(
             draws.append(probe(base_network, lambda net=base_network: call(net), prefix=prefix))
     base_probe = merge(draws)
     modules = {unwrap_name(n): mod for n, mod in model.named_modules()}
+    plain = frozenset(
+        n
+        for n, mod in modules.items()
+        if not list(mod.children()) and not any(True for _ in mod.parameters(recurse=False))
+    )
     given_up: set[tuple[str, str]] = set()  # deviations that no correction explains: reported, not corrected
     pending: list[tuple[tuple[str, str], ModuleHook]] = []  # last round's corrections, until seen to work
     for _ in range(MAX_ROUNDS):
         report.rounds += 1
         with _eval(network):
             model_probe = probe(network, lambda: call(network), prefix=prefix)
-        found, report.checked = deviations(model_probe, base_probe, record, m, to_base, rule)
+        found, report.checked = deviations(model_probe, base_probe, record, m, to_base, rule, plain)
         still = {(d.kind, d.module): d for d in found}
         for key, hook in pending:  # a correction that did not remove what it was for is undone
             if key in still:
@@ -335,15 +346,13 @@ def example_call(model: nn.Module, batch: int = 16, length: int = 16) -> Callabl
         size = size if isinstance(size, int) else size[0]
         pixels = torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=generator)
         return lambda net: net(pixel_values=pixels)
-    if hasattr(model, "pretrained_cfg"):  # timm
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        size = (
-            tuple(img_size)
-            if img_size is not None
-            else tuple(min(s, 64) for s in model.pretrained_cfg["input_size"][1:])
-        )
-        channels = model.pretrained_cfg.get("input_size", (3,))[0]
-        images = torch.randn(batch, channels, *size, generator=generator)
+    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)  # timm's patch embeddings
+    img_size = getattr(embed, "img_size", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if img_size is not None or cfg:  # timm
+        size = tuple(img_size) if img_size is not None else tuple(min(s, 64) for s in cfg["input_size"][1:])
+        channels = cfg.get("input_size", (3,))[0]
+        images = torch.randn(min(batch, 4), channels, *size, generator=generator)
         return lambda net: net(images)
     first = next(
         (mod for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding))), None
