@@ -69,6 +69,7 @@ class _MuP:
         attention: str | None = None,
         residual_blocks: dict[str, list[str]] | None = None,
         keep_weights: bool = False,
+        check: bool = True,
         optimizer_family: str | None = None,
         **strategy_kwargs: Any,
     ) -> None:
@@ -86,6 +87,7 @@ class _MuP:
             attention=attention,
             residual_blocks=residual_blocks,
             keep_weights=keep_weights,
+            check=check,
         )
         self.optimizer_family = optimizer_family
         self.record: Parametrization | None = None
@@ -218,6 +220,7 @@ class MuPStrategy(_MuP, DDPStrategy):
         parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
             eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
         keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
+        check: run the self-check (see :func:`lightning_mup.parametrize`); ``False`` skips it.
         optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
         independent_members: every process trains its own ensemble member: it is initialised from
             seed ``member_seed + rank`` (rebuilt from the module's saved hyperparameters), reads every

@@ -19,6 +19,9 @@ class Arch:
     build: Callable[[int], nn.Module]
     kind: str  # "image", "causal_lm", "masked_lm", "seq2seq", "text_encoder"
     image_size: int = 16
+    # a tied readout cannot be zero-initialised: its random part adds ∝ m^-½ to what the first steps change
+    # in the logits, fading as training's O(1) part grows — measured after more steps
+    steps: int | None = None
 
 
 def _quiet():
@@ -327,6 +330,7 @@ HF = {
             num_attention_heads=2,
         ),
         "masked_lm",
+        steps=10,
     ),
     "hf_roberta": Arch(
         _hf(
@@ -339,6 +343,7 @@ HF = {
             pad_token_id=1,
         ),
         "masked_lm",
+        steps=10,
     ),
     "hf_distilbert": Arch(
         _hf(
@@ -352,6 +357,7 @@ HF = {
             max_position_embeddings=32,
         ),
         "masked_lm",
+        steps=10,
     ),
     "hf_modernbert": Arch(
         _hf(
@@ -381,6 +387,7 @@ HF = {
             num_attention_heads=2,
         ),
         "masked_lm",
+        steps=10,
     ),
     # encoder-decoder
     "hf_t5": Arch(

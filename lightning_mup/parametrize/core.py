@@ -26,6 +26,7 @@ from lightning_mup.parametrize.table import (
     FIXED,
     FORMS,
     HIDDEN,
+    INPUT,
     OUTPUT,
     ROLES,
     WEIGHT_DECAY_CONVENTIONS,
@@ -203,6 +204,22 @@ def _self_check(model: nn.Module, base: nn.Module, spec: ModelSpec, record, base
         return
     text = f"self-check: {report.checked} sizes and attention logits against the base in {report.seconds:.1f} s"
     record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else ", as predicted"))
+    if report.attention_axes():
+        record.notes.append(report.attention_axes())
+    tied_readouts = [
+        n
+        for n, p in record.params.items()
+        if p.role == INPUT
+        and p.tied
+        and any(
+            h.module == t.rsplit(".", 1)[0] and h.reason == "readout multiplier" for t in p.tied for h in record.hooks
+        )
+    ]
+    if tied_readouts:
+        record.notes.append(
+            f"{tied_readouts[0]} is also the readout (tied), so the readout cannot be zero-initialised: its random "
+            "part adds ∝ m^-½ to what the first steps change in the logits, fading as training's O(1) part grows"
+        )
     for deviation in report.unresolved:
         message = f"self-check: {describe(deviation, width_multiplier(record))}"
         record.notes.append(message)

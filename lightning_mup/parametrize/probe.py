@@ -40,6 +40,7 @@ _MUL = {
     torch.Tensor.mul_,
     torch.Tensor.__imul__,
 }
+_DIV = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.div_, torch.Tensor.__itruediv__}
 
 
 @dataclass
@@ -155,12 +156,15 @@ class _Watch(TorchFunctionMode):
         if func in _MATMUL and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
             self.scores[here] = (id(out), rms(out), args[0].shape[-1], len(self.probe.events))
             self.score_values[here] = out
-        elif func in _MUL and here in self.scores and len(args) == 2:
+        elif (func in _MUL or func in _DIV) and here in self.scores and len(args) == 2:
             ident, size, contraction, at = self.scores[here]
             a, b = args
-            other = b if isinstance(a, torch.Tensor) and id(a) == ident else a if id(b) == ident else None
+            other = (
+                b if isinstance(a, torch.Tensor) and id(a) == ident else a if func in _MUL and id(b) == ident else None
+            )
             if isinstance(other, (int, float)) or (isinstance(other, torch.Tensor) and other.numel() == 1):
-                self.scores[here] = (id(out), size * abs(float(other)), contraction, at)
+                factor = abs(float(other))
+                self.scores[here] = (id(out), size * factor if func in _MUL else size / factor, contraction, at)
                 self.score_values[here] = out
 
     def _record_logits(

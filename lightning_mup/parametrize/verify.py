@@ -65,6 +65,17 @@ class CheckReport:
     unresolved: list[Deviation] = field(default_factory=list)  # deviations no half power of m explains
     checked: int = 0  # module sizes and attention logits compared
     skipped: str | None = None
+    head_dims: dict[tuple[int, int], int] = field(default_factory=dict)  # (base, model) head_dim -> attention modules
+
+    def attention_axes(self) -> str:
+        """Which attention axis grows, as measured on the logits' contraction."""
+        parts = [
+            f"{n} with head_dim {b}→{d} (logits × {b}/{d}^½·… : μP's 1/d_head)"
+            if b != d
+            else f"{n} with head_dim {d} fixed (heads grow)"
+            for (b, d), n in sorted(self.head_dims.items())
+        ]
+        return "attention modules: " + "; ".join(parts) if parts else ""
 
 
 def width_multiplier(record: Parametrization) -> float:
@@ -114,9 +125,12 @@ def deviations(
     # what the record's own output multipliers do on purpose (inputs are seen before theirs); a multiplier that
     # cancels a measured constant leaves the size as predicted, so it changes nothing expected
     known: dict[str, float] = {}
+    cancelled: dict[str, float] = {}  # input corrections: the layer sees its input after them
     for hook in record.hooks:
         if hook.kind == "output" and hook.value > 0 and not hook.reason.startswith("cancels"):
             known[hook.module] = known.get(hook.module, 0.0) + math.log(hook.value) / math.log(m)
+        elif hook.kind == "input" and hook.reason.startswith("cancels"):
+            cancelled[hook.module] = cancelled.get(hook.module, 0.0) + math.log(hook.value) / math.log(m)
     found, checked = [], 0
     scopes: list[tuple[str, list[float]]] = [("", [])]  # open modules, each with the exponents seen inside it
     logits_ids: set[int | None] = set()  # readouts' outputs, and what modules make of them: logits, not features
@@ -130,6 +144,8 @@ def deviations(
                 scopes.append((name, []))
                 continue
             e = _exponent(model_probe.inputs[name], base_probe.inputs.get(base_name, 0.0), m)
+            if e is not None and name in cancelled:
+                e += cancelled[name]
             candidates, expected = list(scopes[-1][1]), 0.0
             others = zip(model_probe.other_inputs.get(name, []), base_probe.other_inputs.get(base_name, []))
             candidates += [x for x in (_exponent(a, b, m) for a, b in others) if x is not None]
@@ -231,6 +247,11 @@ def self_check(
         with _eval(network):
             model_probe = probe(network, lambda: call(network), prefix=prefix)
         found, report.checked = deviations(model_probe, base_probe, record, m, to_base, rule, plain)
+        report.head_dims = {}
+        for name, d in model_probe.head_dims.items():
+            d_base = base_probe.head_dims.get(to_base(name))
+            if d_base is not None:
+                report.head_dims[(d_base, d)] = report.head_dims.get((d_base, d), 0) + 1
         still = {(d.kind, d.module): d for d in found}
         for key, hook in pending:  # a correction that did not remove what it was for is undone
             if key in still:
