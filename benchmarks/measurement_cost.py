@@ -1,0 +1,199 @@
+"""What μP and the measurement callbacks cost, measured side by side in one process.
+
+    python benchmarks/measurement_cost.py [--steps 30] [--measurements 3]
+
+For three models (the Gegenbauer recipe's μP MLP, a small timm ViT, a small HF GPT-2) it prints:
+
+* the training-step time with μP against the unmodified model, eager and under ``torch.compile``
+  (interleaved repeats, medians; an A/A ratio of the unmodified model against itself shows the noise);
+* the number of graphs a compiled optimizer step builds over a cosine schedule, with and without μP;
+* each callback's cost per measurement (time inside the measurement), in training steps, and as a share of
+  training time at its default cadence (``every_n_steps``; AfterNTK: once per fit, quoted per 1000 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+from foreign import HFCausalLM, ImageDataset, TimmClassifier, TokenDataset, loader  # noqa: E402
+
+from lightning_mup import MuPStrategy, parametrize, scale_optimizer  # noqa: E402
+from lightning_mup.callbacks import (  # noqa: E402
+    AfterNTK,
+    AttentionMaps,
+    EnsembleLogits,
+    FeatureKernels,
+    PreactivationHistograms,
+    Sharpness,
+)
+from lightning_mup.data.gegenbauer import GegenbauerDataModule  # noqa: E402
+from lightning_mup.models.regression import MLPRegressor  # noqa: E402
+
+
+def _mlp():
+    return MLPRegressor(width=256, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+
+
+MODELS = {
+    "mlp (recipe)": (_mlp, lambda: GegenbauerDataModule(batches_per_epoch=100), {"width": 64}),
+    "timm vit": (TimmClassifier, lambda: loader(ImageDataset(512)), None),
+    "hf gpt2": (HFCausalLM, lambda: loader(TokenDataset(512)), None),
+}
+
+
+def _callbacks(name: str):
+    found = [Sharpness(), FeatureKernels(), PreactivationHistograms(), EnsembleLogits()]
+    found.append(AfterNTK(output_fn=lambda out: out.logits[:, -1]) if "gpt2" in name else AfterNTK())
+    return [*found, AttentionMaps()] if name != "mlp (recipe)" else found
+
+
+def _timed(callback):
+    measure = callback._safely_measure
+    callback.seconds, callback.count = 0.0, 0
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        measure(*args, **kwargs)
+        callback.seconds += time.perf_counter() - start
+        callback.count += 1
+
+    callback._safely_measure = timed
+    return callback
+
+
+class _StepTimer(L.Callback):
+    def __init__(self):
+        self.times, self.start = [], None
+
+    def on_train_batch_start(self, *args):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def _fit(name: str, callbacks, steps: int, mup: bool):
+    make, data, base = MODELS[name]
+    torch.manual_seed(0)
+    module = make()
+    strategy = MuPStrategy(base=base) if mup and base is not None else "auto"
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as root:
+        L.Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=0,
+            callbacks=[timer, *callbacks],
+            strategy=strategy,
+        ).fit(module, data())
+    return statistics.median(timer.times[2:])
+
+
+def step_ratios(steps: int) -> None:
+    """μP / unmodified time per training step: through Trainer (the recipe MLP, eager) and in a compiled loop."""
+    plain = [_fit("mlp (recipe)", [], steps, False) for _ in range(2)]
+    mup = _fit("mlp (recipe)", [], steps, True)
+    print(f"training step, μP / unmodified: recipe MLP through Trainer {mup / plain[0]:.3f}", end="")
+    print(f" (A/A {plain[1] / plain[0]:.3f})")
+    for name in ("mlp (recipe)", "timm vit"):
+        print(f"  compiled (aot_eager) loop, {name}: {_compiled_ratio(name):.3f}")
+
+
+def _compiled_ratio(name: str, repeats: int = 20) -> float:
+    from models import mlp, vit
+
+    build = (lambda w: mlp(w)) if name.startswith("mlp") else (lambda w: vit(w, heads=2))
+    x = torch.randn(32, 8) if name.startswith("mlp") else torch.randn(8, 3, 16, 16)
+    times = {}
+    for parametrized in (False, True):
+        torch.manual_seed(0)
+        model = build(128)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if parametrized:
+            scale_optimizer(optimizer, parametrize(model, base=lambda: build(32)), model)
+        compiled = torch.compile(model, backend="aot_eager")
+        for _ in range(3):
+            compiled(x).pow(2).mean().backward()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            optimizer.zero_grad()
+            compiled(x).float().pow(2).mean().backward()
+            optimizer.step()
+        times[parametrized] = time.perf_counter() - start
+    return times[True] / times[False]
+
+
+def recompiles() -> None:
+    from models import gpt2
+    from torch._dynamo.utils import counters
+
+    print("\ncompiled optimizer step over 12 cosine-scheduled steps (HF GPT-2, AdamW): graphs built")
+    for parametrized in (False, True):
+        torch.manual_seed(0)
+        model = gpt2(32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        if parametrized:
+            scale_optimizer(optimizer, parametrize(model, base=lambda: gpt2(16)), model)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 12)
+        step = torch.compile(optimizer.step, backend="aot_eager")
+        ids = torch.randint(0, 64, (4, 8))
+        torch._dynamo.reset()
+        counters.clear()
+        for _ in range(12):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            step()
+            schedule.step()
+        print(f"  {'μP' if parametrized else 'unmodified':10s} {counters['stats']['unique_graphs']}")
+
+
+def callback_costs(steps: int, measurements: int) -> None:
+    print("\ncost of each callback (median over its measurements), against the training step")
+    print(f"{'model':14s} {'callback':24s} {'s/measurement':>14s} {'= steps':>8s} {'cadence':>8s} {'share':>7s}")
+    for name in MODELS:
+        step_time = _fit(name, [], steps, True)
+        for callback in _callbacks(name):
+            cadence = callback.every_n_steps
+            callback.every_n_steps = max(1, steps // measurements)  # measure a few times in this short fit
+            timed = _timed(callback)
+            _fit(name, [timed], steps, True)
+            per = timed.seconds / max(1, timed.count)
+            in_steps = per / step_time
+            share = in_steps / cadence if cadence else in_steps / 1000
+            label = f"{cadence}" if cadence else "fit end"
+            print(f"{name:14s} {type(callback).__name__:24s} {per:14.3f} {in_steps:8.1f} {label:>8s} {share:7.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--measurements", type=int, default=3)
+    args = parser.parse_args()
+    step_ratios(args.steps)
+    recompiles()
+    callback_costs(args.steps, args.measurements)
+
+
+if __name__ == "__main__":
+    main()
