@@ -39,7 +39,7 @@ from lightning_mup.parametrize.optim import group_scales
 
 Loss = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("double_backward", "forward_over_reverse")
-EIGEN_METHODS = ("lanczos", "lobpcg", "power")
+EIGEN_METHODS = ("lanczos", "eigsh", "lobpcg", "power")
 
 
 class HessianOperator:
@@ -220,6 +220,8 @@ def top_eigen(
         return lobpcg_top(op, k, rtol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
     if method == "lanczos":
         return lanczos(op, k, tol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
+    if method == "eigsh":
+        return eigsh_top(op, k, tol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
     if method == "power":
         return power_iteration(op, k, tol=rtol, max_hvp=max_hvp, v0=v0, scale=scale, generator=generator)
     raise ValueError(f"method={method!r}; choose one of {EIGEN_METHODS}")
@@ -289,22 +291,81 @@ def lanczos(
     scale: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Eigen:
-    """Top-k (largest algebraic) eigenpairs of H — or of D^½ H D^½ with ``scale = D`` — by scipy's
-    implicitly restarted Lanczos (ARPACK), started from ``v0``'s first row (the previous top eigenvector)
-    or a random vector from ``generator``. ``ncv`` is the Krylov dimension (HVPs per restart)."""
+    """Top-k (largest algebraic) eigenpairs of H — or of D^½ H D^½ with ``scale = D`` — by restarted
+    Lanczos with full reorthogonalisation, in torch on the operator's device: no float64 copies of the
+    parameter vector, no host round trips (scipy's ARPACK spent most of a solve there on small models; it is
+    ``method="eigsh"``). Krylov spaces of ``ncv`` vectors, each restarted from the top Ritz vectors; converged
+    when every Ritz residual |β·s_last| is below ``tol``·|θ| — ARPACK's criterion."""
     start = op.n_hvp
-    # the Krylov dimension within the budget: each restart costs up to ncv HVPs
+    apply = _preconditioned(op, scale)
+    ncv = min(op.dim, max(k + 2, min(ncv or max(2 * k + 10, 20), max_hvp)))
+    v = _start_basis(op, 1, v0, generator)[0]
+    if v0 is not None and v0.reshape(-1, op.dim).shape[0] >= k > 1:  # several previous vectors: start in their span
+        v = v0.reshape(-1, op.dim)[:k].to(v).sum(0)
+    values = torch.full((k,), float("nan"), dtype=torch.float64)
+    vectors = torch.zeros(k, op.dim, device=op.device)
+    while op.n_hvp - start < max_hvp:
+        basis = [v / v.norm()]
+        alphas: list[float] = []
+        betas: list[float] = []
+        while len(alphas) < ncv and op.n_hvp - start < max_hvp:
+            w = apply(basis[-1]).float()
+            alphas.append(float(w.double() @ basis[-1].double()))
+            stacked = torch.stack(basis)
+            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+                w = w - stacked.T @ (stacked @ w)
+            betas.append(float(w.norm()))
+            exhausted = betas[-1] <= 1e-10 * max(abs(a) for a in alphas) or len(alphas) == op.dim
+            if exhausted or len(alphas) >= k + 1:  # Ritz pairs of the space so far (a k+1 matrix or larger: cheap)
+                found = _ritz(alphas, betas, basis, k, tol, op.device)
+                if found is not None and (found[2] or exhausted):
+                    return Eigen(found[0].tolist(), found[1], op.n_hvp - start, found[2])
+            if exhausted:
+                break
+            basis.append(w / betas[-1])
+        found = _ritz(alphas, betas, basis, k, tol, op.device)
+        values, vectors = found[0], found[1]
+        v = vectors.sum(0)  # restart from the top Ritz vectors
+    return Eigen(values.tolist(), vectors, op.n_hvp - start, False)
+
+
+def _ritz(alphas, betas, basis, k, tol, device):
+    """(values [k], vectors [k, dim], converged) from a Lanczos tridiagonal of the vectors so far."""
+    m = len(alphas)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(tridiagonal)
+    top = torch.argsort(theta, descending=True)[:k]
+    values = torch.full((k,), float("nan"), dtype=torch.float64)
+    values[: len(top)] = theta[top]
+    vectors = torch.zeros(k, basis[0].numel(), device=device)
+    vectors[: len(top)] = s[:, top].T.float().to(device) @ torch.stack(basis[:m])
+    residuals = (betas[m - 1] * s[m - 1, top]).abs()
+    converged = len(top) == k and bool(torch.all(residuals <= tol * theta[top].abs().clamp_min(1e-30)))
+    return values, vectors, converged
+
+
+def eigsh_top(
+    op: HessianOperator,
+    k: int = 1,
+    *,
+    tol: float = 1e-4,
+    max_hvp: int = 100,
+    ncv: int | None = None,
+    v0: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Eigen:
+    """Top-k eigenpairs by scipy's implicitly restarted Lanczos (ARPACK), started from ``v0``'s first row
+    or a random vector; ``ncv`` is the Krylov dimension (HVPs per restart)."""
+    start = op.n_hvp
     ncv = min(op.dim, max(k + 2, min(ncv or max(2 * k + 10, 12), max_hvp)))
     x0 = _start_basis(op, 1, v0, generator)[0].double().cpu().numpy()
     try:
         values, vectors = eigsh(
-            op.as_linear_operator(scale),
-            k=k,
-            which="LA",
-            tol=tol,
-            ncv=ncv,
-            v0=x0,
-            maxiter=max(1, max_hvp // ncv),
+            op.as_linear_operator(scale), k=k, which="LA", tol=tol, ncv=ncv, v0=x0, maxiter=max(1, max_hvp // ncv)
         )
         converged = True
     except ArpackNoConvergence as e:  # keep what converged; report it

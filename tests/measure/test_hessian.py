@@ -116,7 +116,7 @@ def test_lobpcg_within_1e3_in_12_hvps_from_cold_start(case):
     assert abs(eigen.values[0] - exact[-1].item()) / exact[-1].item() < 1e-3, (eigen.values, exact[-3:])
 
 
-@pytest.mark.parametrize("method", ["lobpcg", "lanczos", "power"])
+@pytest.mark.parametrize("method", ["lanczos", "eigsh", "lobpcg", "power"])
 def test_a_budget_too_small_is_reported_unconverged(method):
     """LOBPCG stopped by its budget hands back (nearly) its start vector: the solver must say so."""
     model, loss, batches = _transformer_case()
@@ -141,7 +141,7 @@ def test_close_top_two_eigenvalues_are_still_resolved():
             assert eigen.converged and abs(eigen.values[0] - exact[-1].item()) / exact[-1].item() < 1e-3
 
 
-@pytest.mark.parametrize("method", ["lobpcg", "lanczos", "power"])
+@pytest.mark.parametrize("method", ["lanczos", "eigsh", "lobpcg", "power"])
 def test_top_k_within_1e2(method):
     model, loss, batches = _mlp_case()
     exact = dense_spectrum(model, loss, batches)[-3:].flip(0)
