@@ -110,38 +110,49 @@ def _fit(name: str, callbacks, steps: int, mup: bool):
     return statistics.median(timer.times[2:])
 
 
-def step_ratios(steps: int) -> None:
-    """μP / unmodified time per training step: through Trainer (the recipe MLP, eager) and in a compiled loop."""
-    plain = [_fit("mlp (recipe)", [], steps, False) for _ in range(2)]
-    mup = _fit("mlp (recipe)", [], steps, True)
-    print(f"training step, μP / unmodified: recipe MLP through Trainer {mup / plain[0]:.3f}", end="")
-    print(f" (A/A {plain[1] / plain[0]:.3f})")
+def step_ratios(steps: int = 300, repeats: int = 3) -> None:
+    """μP / unmodified time per training step, interleaved repeats (medians), with an A/A control: the recipe
+    MLP through Trainer (eager), and compiled loops (aot_eager) of the MLP and a timm ViT."""
+    trainer: dict[str, list[float]] = {"plain": [], "plain again": [], "μP": []}
+    compiled: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(repeats):
+        trainer["plain"].append(_fit("mlp (recipe)", [], steps, False))
+        trainer["μP"].append(_fit("mlp (recipe)", [], steps, True))
+        trainer["plain again"].append(_fit("mlp (recipe)", [], steps, False))
+        for name in ("mlp (recipe)", "timm vit"):
+            for parametrized in (False, True):
+                compiled.setdefault((name, parametrized), []).append(_compiled_step(name, parametrized))
+    median = {k: statistics.median(v) for k, v in trainer.items()}
+    print(
+        f"training step, μP / unmodified, recipe MLP through Trainer ({steps} steps, median of {repeats}): "
+        f"{median['μP'] / median['plain']:.3f} (A/A {median['plain again'] / median['plain']:.3f})"
+    )
     for name in ("mlp (recipe)", "timm vit"):
-        print(f"  compiled (aot_eager) loop, {name}: {_compiled_ratio(name):.3f}")
+        ratio = statistics.median(compiled[(name, True)]) / statistics.median(compiled[(name, False)])
+        print(f"  compiled (aot_eager) training step, {name}: μP / unmodified {ratio:.3f}")
 
 
-def _compiled_ratio(name: str, repeats: int = 20) -> float:
+def _compiled_step(name: str, parametrized: bool, repeats: int = 40) -> float:
     from models import mlp, vit
 
     build = (lambda w: mlp(w)) if name.startswith("mlp") else (lambda w: vit(w, heads=2))
     x = torch.randn(32, 8) if name.startswith("mlp") else torch.randn(8, 3, 16, 16)
-    times = {}
-    for parametrized in (False, True):
-        torch.manual_seed(0)
-        model = build(128)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        if parametrized:
-            scale_optimizer(optimizer, parametrize(model, base=lambda: build(32)), model)
-        compiled = torch.compile(model, backend="aot_eager")
-        for _ in range(3):
-            compiled(x).pow(2).mean().backward()
+    torch.manual_seed(0)
+    model = build(128)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if parametrized:
+        scale_optimizer(optimizer, parametrize(model, base=lambda: build(32)), model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(3):
+        compiled(x).pow(2).mean().backward()
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        for _ in range(repeats):
-            optimizer.zero_grad()
-            compiled(x).float().pow(2).mean().backward()
-            optimizer.step()
-        times[parametrized] = time.perf_counter() - start
-    return times[True] / times[False]
+        optimizer.zero_grad()
+        compiled(x).float().pow(2).mean().backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def recompiles() -> None:
@@ -190,7 +201,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--measurements", type=int, default=3)
     args = parser.parse_args()
-    step_ratios(args.steps)
+    step_ratios()
     recompiles()
     callback_costs(args.steps, args.measurements)
 

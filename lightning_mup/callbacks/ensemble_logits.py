@@ -59,7 +59,7 @@ class EnsembleLogits(MeasurementCallback):
     def __init__(
         self,
         probe: Sequence[Any] | None = None,
-        every_n_steps: int | None = 200,
+        every_n_steps: int | None = 100,
         num_batches: int = 1,
         logits_fn: LogitsFn | None = None,
         reference: str | Path | None = None,

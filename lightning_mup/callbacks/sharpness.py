@@ -62,7 +62,7 @@ class Sharpness(MeasurementCallback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 2000,
+        every_n_steps: int | None = 500,
         num_batches: int = 1,
         k: int = 1,
         method: str = "lanczos",
