@@ -8,11 +8,10 @@ v ↦ H v (H = ∇²L over the chosen parameters) in two ways:
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, recomputing the forward each time
   (less memory: nothing is kept between HVPs).
 
-Top eigenvalues come from scipy on a ``LinearOperator``: ``eigsh`` (``"lanczos"``, the default:
-implicitly restarted Lanczos; converged to 1e-6 relative in 13–25 HVPs on MLPs, ViTs, GPT-2 and BERT,
-where LOBPCG with a 12-HVP budget had not moved from its start vector) or ``lobpcg`` (cheaper per
-solve on small, well-separated spectra, warm-started from the previous eigenvectors); or from
-subspace (power) iteration, PyHessian's method. Every solver says whether it converged
+Top eigenvalues come from a restarted Lanczos with full reorthogonalisation in torch (``"lanczos"``, the
+default: on the operator's device, no float64 host copies of the parameter vector — ~30× faster than scipy's
+ARPACK on the recipe MLP for the same 1e-3), from scipy on a ``LinearOperator`` (``"eigsh"``, ARPACK;
+``"lobpcg"``), or from subspace (power) iteration, PyHessian's method. Every solver says whether it converged
 (:attr:`Eigen.converged`): an unconverged value is a lower bound on λ_max (a Rayleigh quotient), not
 λ_max. The trace comes from Hutchinson's estimator.
 
