@@ -44,7 +44,9 @@ from lightning_mup._hparams import rebuild_with_overrides
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+from lightning_mup.parametrize.core import check_options
 from lightning_mup.parametrize.optim import describe_groups
+from lightning_mup.parametrize.table import form
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
@@ -74,6 +76,8 @@ class _MuP:
         **strategy_kwargs: Any,
     ) -> None:
         super().__init__(**strategy_kwargs)
+        if parametrization is not None:  # settings that cannot work are refused here, before any model is built
+            check_options(form(parametrization), depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
         self.base, self.delta = base, delta
         self.parametrize_kwargs = dict(
             parametrization=parametrization,

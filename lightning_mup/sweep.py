@@ -125,8 +125,11 @@ def _run_cell(args: list[str], folder: str, threads: int) -> dict[str, Any]:
             return {"status": "done", "seconds": time.perf_counter() - start}
         except BaseException as error:
             traceback.print_exc()
+            # an argument the recipe does not take (jsonargparse exits with 2) fails again however often it runs
+            configuration = isinstance(error, SystemExit) and error.code == 2
             return {
                 "status": "failed",
+                "retry": not configuration,
                 "seconds": time.perf_counter() - start,
                 "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc()[-4000:],
@@ -171,6 +174,11 @@ def sweep_command(
     _check_recipe(config)
     if jobs < 1:
         raise ValueError(f"--jobs {jobs}: at least one")
+    if jobs > (os.cpu_count() or 1):
+        print(
+            f"warning: --jobs {jobs} on {os.cpu_count()} cores: runs will share cores and each take longer",
+            file=sys.stderr,
+        )
     out = Path(out) if out is not None else Path("sweeps") / config.stem
     out.mkdir(parents=True, exist_ok=True)
     cells = grid(widths, seeds, lrs, parametrization)
@@ -185,6 +193,7 @@ def sweep_command(
         "overrides": overrides,
         "runs": {},
     }
+    _check_arguments(cell_args(cells[0], config, out, width_key, lr_key, steps, overrides))
     with _locked(out):  # one sweep per folder
         _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_key, overrides, summary)
 
@@ -272,6 +281,30 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_k
     print(f"all {len(cells)} runs done; next: lightning-mup report {out}")
 
 
+def _check_arguments(args: list[str]) -> None:
+    """Parse one run's arguments as its fit would (no model built, nothing trained): an option the recipe does
+    not take is said in one line now, not found in a log after retries."""
+    import contextlib
+    import io
+
+    from lightning_mup.cli import lightning_cli
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+            lightning_cli([*args, "--print_config"])
+    except SystemExit as error:
+        if error.code not in (0, None):
+            lines = [line.strip() for line in errors.getvalue().splitlines() if line.strip()]
+            # jsonargparse's own cause ("Option 'hidden' is not accepted") rather than its summary
+            causes = [x for x in lines if "not accepted" in x or "does not exist" in x or "Unrecognized" in x]
+            reason = causes[0] if causes else next((x for x in lines if x.startswith("error:")), str(error))
+            raise SystemExit(
+                f"the recipe does not accept the sweep's settings: {reason}. Check "
+                "--width-key / --lr-key / --set against the recipe (lightning-mup fit --config <recipe> --help)"
+            ) from None
+
+
 def _check_recipe(config: Path) -> None:
     """Seeds and parameterizations are set through MuPStrategy's arguments: refuse other recipes before any run."""
     import importlib
@@ -304,7 +337,11 @@ def main(argv: list[str]) -> None:
     """``lightning-mup sweep`` (argparse: ``--config`` is this command's own flag, not a config file of it)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="lightning-mup sweep", description=sweep_command.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lightning-mup sweep",
+        description=sweep_command.__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (LightningCLI YAML using MuPStrategy)")
     parser.add_argument("--widths", required=True, help="comma-separated widths, e.g. 64,128,256,512")
     parser.add_argument("--seeds", type=int, default=1, help="initialisation seeds per cell")
@@ -314,8 +351,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None, help="the sweep folder (default sweeps/<recipe>)")
     parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--retries", type=int, default=1, help="restarts of a failed run")
-    parser.add_argument("--width-key", default="model.init_args.width")
-    parser.add_argument("--lr-key", default="model.init_args.optimizer.init_args.lr")
+    parser.add_argument("--width-key", default="model.init_args.width", help="where the width lives in the recipe")
+    parser.add_argument(
+        "--lr-key", default="model.init_args.optimizer.init_args.lr", help="where the learning rate lives"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
     args = parser.parse_args(argv)
     try:
@@ -328,7 +367,7 @@ def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, s
     state = {**_read(out / cell.name / RUN_FILE), **result, "attempts": attempts[cell.name]}
     _write(out / cell.name / RUN_FILE, state)
     summary["runs"][cell.name] = state
-    if result["status"] != "done" and attempts[cell.name] <= retries:
+    if result["status"] != "done" and result.get("retry", True) and attempts[cell.name] <= retries:
         print(f"\n{cell.name} failed ({result.get('error')}); retrying", file=sys.stderr, flush=True)
         return [cell]
     progress.update(1)

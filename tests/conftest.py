@@ -19,3 +19,11 @@ def _seed():
 def _dataset_cache(tmp_path_factory):
     """Generated datasets go to a per-session folder, not the user's ~/.cache (spawned runs inherit it)."""
     os.environ["LIGHTNING_MUP_CACHE"] = str(tmp_path_factory.mktemp("dataset_cache"))
+
+
+def pytest_runtest_setup(item):
+    """Slow tests say their name as they start: the test command stays visibly alive through them."""
+    if item.get_closest_marker("slow") is not None:
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[slow] {item.nodeid}")

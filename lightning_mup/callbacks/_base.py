@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torchmetrics import Metric
 
@@ -277,10 +277,12 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
     def on_measurement_failed(self, trainer: L.Trainer, scalars: dict[str, float]) -> None:
         """A measurement failed and ``scalars`` (NaN) are logged for it: keep any series in step."""
 
-    def warn_once(self, key: str, message: str) -> None:
+    def warn_once(self, key: str, message: str, expected: bool = False) -> None:
+        """Say ``message`` once per ``key``: a warning, or an info line for what is ``expected`` (μP's zero
+        readout) — either way nothing undefined is logged as a value."""
         if key not in self._warned:
             self._warned.add(key)
-            rank_zero_warn(f"{type(self).__name__}: {message}")
+            (rank_zero_info if expected else rank_zero_warn)(f"{type(self).__name__}: {message}")
 
     def _log(self, trainer: L.Trainer, scalars: dict[str, float], step: int) -> None:
         # straight to the loggers: Lightning's own logging flushes only every log_every_n_steps

@@ -126,6 +126,7 @@ class FeatureKernels(MeasurementCallback):
                     f"the {'gradient' if kind == 'grad' else 'feature'} kernel of {layer} was zero at step "
                     f"{self.steps[0] if self.steps else self.step} (a zero-initialised readout sends no gradient "
                     f"back at initialisation); {prefix}movement and {prefix}cka_init are undefined and not logged",
+                    expected=True,
                 )
             else:
                 scalars[prefix + "movement"] = kernel_movement(k, self.initial[key])

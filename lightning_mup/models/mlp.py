@@ -23,6 +23,8 @@ class MLP(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
+        if width < 1:
+            raise ValueError(f"width={width}: an MLP needs at least one hidden unit")
         if depth < 2:
             raise ValueError(f"depth={depth}: an MLP needs at least an input layer and a readout")
         if activation not in ACTIVATIONS:

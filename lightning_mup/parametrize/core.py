@@ -89,16 +89,17 @@ def parametrize(
             when no example input is known.
     """
     chosen = form(parametrization)
-    _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
-    if gamma0 != 1.0 and not chosen.uses("gamma0"):
-        raise ValueError(
-            f"gamma0={gamma0} has no effect under parametrization={parametrization!r}: the richness γ0 is a "
-            "parameter of the mean-field form. Use parametrization='mf' with gamma0, or leave gamma0 at 1"
-        )
+    check_options(chosen, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
     if getattr(model, "_lightning_mup_parametrized", False) or has_hooks(model):
         raise RuntimeError(
             "this model is already parametrized; parametrizing again would rescale its weights twice. "
             "To restore multipliers on a freshly built model use Parametrization.attach(model)."
+        )
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"{empty[0]} has no entries (shape {list(dict(model.named_parameters())[empty[0]].shape)}): "
+            "build the model at a width of at least 1"
         )
     base_model = _build(base, "cpu", "base")
     delta_model = _build(delta, "meta", "delta") if delta is not None else None
@@ -268,7 +269,8 @@ def _unwrapped(scale: ParamScale) -> ParamScale:
     return replace(scale, block=block, tied=[unwrap_name(t) for t in scale.tied])
 
 
-def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
+def check_options(chosen: Form, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
+    """Refuse settings that cannot work, naming the fix (also at MuPStrategy's construction)."""
     if depth_alpha is not None and not 0.5 <= depth_alpha <= 1.0:
         raise ValueError(
             f"depth_alpha={depth_alpha} is outside [0.5, 1]: use 0.5 (Depth-μP, branches × L^-1/2) or "
@@ -285,6 +287,11 @@ def _check_options(depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) 
         raise ValueError(f"lr_mults has unknown roles {sorted(unknown)}; roles are {ROLES}")
     if not gamma0 > 0:
         raise ValueError(f"gamma0 must be positive, got {gamma0}")
+    if gamma0 != 1.0 and not chosen.uses("gamma0"):
+        raise ValueError(
+            f"gamma0={gamma0} has no effect here: the richness γ0 is a parameter of the mean-field form. Use "
+            "parametrization='mf' with gamma0, or leave gamma0 at 1"
+        )
 
 
 def _build(spec: ModelSpec, device: str, what: str) -> nn.Module:

@@ -25,9 +25,9 @@ def build_report(sweep: str | Path, out: str | Path | None = None, problems: lis
     listed in the report and appended to ``problems``."""
     sweep = Path(sweep)
     out = Path(out) if out is not None else sweep / "report"
-    out.mkdir(parents=True, exist_ok=True)
     problems = problems if problems is not None else []
     runs = discover(sweep, problems)
+    out.mkdir(parents=True, exist_ok=True)
     figures = []
     for make in FIGURES:
         try:

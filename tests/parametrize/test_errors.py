@@ -77,7 +77,7 @@ def test_mean_field_with_tied_weights_is_refused():
 
 
 def test_gamma0_outside_the_mean_field_form_is_refused():
-    with pytest.raises(ValueError, match="gamma0=0.5 has no effect under parametrization='mup'.*'mf'"):
+    with pytest.raises(ValueError, match="gamma0=0.5 has no effect here.*parametrization='mf'"):
         parametrize(mlp(64), base=lambda: mlp(32), gamma0=0.5)
 
 
