@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 _INIT_ARGS = "init_args"
+_DEPTH_LIKE = re.compile(r"depth|layer|block", re.IGNORECASE)
 
 
 def rebuild_with_overrides(module: nn.Module, overrides: Mapping[str, Any]) -> Callable[[], nn.Module]:
@@ -42,6 +44,34 @@ def rebuild_with_overrides(module: nn.Module, overrides: Mapping[str, Any]) -> C
         return type(module)(**copy.deepcopy(kwargs))
 
     return build
+
+
+def hyperparameter(module: nn.Module, dotted: str) -> Any:
+    """The module's saved value of a dotted hyperparameter (through ``init_args``); KeyError if absent."""
+    node: Any = dict(getattr(module, "hparams", {}) or {})
+    for part in dotted.split("."):
+        if isinstance(node, Mapping) and part not in node and isinstance(node.get(_INIT_ARGS), Mapping):
+            node = node[_INIT_ARGS]
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def second_width(module: nn.Module, base: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Overrides for a third width when ``module`` has the base's width (its depth may differ): the
+    integer overrides that are not depth-like, doubled; the rest is the module's own. None when the module
+    is wider or narrower than its base (nothing needed) or no override is an integer width."""
+    widths = {
+        key: value
+        for key, value in base.items()
+        if isinstance(value, int) and not isinstance(value, bool) and not _DEPTH_LIKE.search(key.rsplit(".", 1)[-1])
+    }
+    try:
+        at_base_width = all(hyperparameter(module, key) == value for key, value in widths.items())
+    except KeyError:
+        return None
+    return {key: 2 * value for key, value in widths.items()} if widths and at_base_width else None
 
 
 def _set(config: dict[str, Any], dotted: str, value: Any) -> None:

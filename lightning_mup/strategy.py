@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_mup._hparams import rebuild_with_overrides
+from lightning_mup._hparams import rebuild_with_overrides, second_width
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
@@ -128,7 +128,18 @@ class _MuP:
                 "MuPStrategy needs the base model: pass MuPStrategy(base={'<hyperparameter>': <base value>}) "
                 "(e.g. {'width': 64}), a module or factory, or set `mup_base` on your LightningModule."
             )
-        delta = self._resolve(self.delta, module, "delta")
+        delta_spec = self.delta
+        spec = self.base if self.base is not None else getattr(module, "mup_base", None)
+        if delta_spec is None and isinstance(spec, Mapping):
+            # Training at the base width itself: nothing differs in shape from the base, so build a second
+            # width (on meta, no memory) to tell which dimensions are width.
+            delta_spec = second_width(module, spec)
+            if delta_spec is not None:
+                rank_zero_info(
+                    f"lightning_mup: the model has its base's width ({dict(spec)}); width dimensions read off "
+                    f"a second model at {delta_spec}, built on meta"
+                )
+        delta = self._resolve(delta_spec, module, "delta")
         record = parametrize(module, base, delta=delta, **self.parametrize_kwargs)
         # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
         if (

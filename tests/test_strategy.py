@@ -352,3 +352,57 @@ def test_ddp_keeps_the_users_shuffle_choice(tmp_path):
     quiet_trainer(tmp_path, 4, [_Batches(tmp_path)], devices=2, strategy=strategy).fit(_Classifier(), loader)
     for rank in (0, 1):  # a DistributedSampler without shuffling: rank r reads r, r + 2, r + 4, ...
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), torch.arange(rank, 32, 2))
+
+
+class _Weights(Callback):
+    def on_train_end(self, trainer, module):
+        self.weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_a_run_at_the_base_width_needs_no_delta(tmp_path):
+    """Tuning at the base width: the strategy builds its own second width, bit for bit an explicit delta."""
+    results = []
+    for delta in (None, {"width": 64}):
+        capture = _Weights()
+        strategy = MuPStrategy(base={"width": 32}, delta=delta)
+        trainer = _trainer(tmp_path / str(delta), max_steps=5, callbacks=[capture], strategy=strategy)
+        module = _module(width=32, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+        trainer.fit(module, GegenbauerDataModule(batches_per_epoch=5))
+        results.append((module._lightning_mup_record, capture.weights))
+    (automatic, weights), (explicit, reference) = results
+    assert automatic == explicit and automatic.params["model.readout.weight"].role == "output"
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+
+
+class _DeepRegressor(L.LightningModule):
+    """A user's module around the pre-LN residual MLP, widths and depth as hyperparameters."""
+
+    def __init__(self, width: int = 32, depth: int = 2):
+        super().__init__()
+        self.save_hyperparameters()
+        from lightning_mup.models.mlp import ResidualMLP
+
+        self.net = ResidualMLP(in_dim=5, width=width, depth=depth)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_a_deeper_model_at_the_base_width_needs_no_delta(tmp_path):
+    from lightning_mup._hparams import second_width
+
+    module = _DeepRegressor(width=32, depth=6)
+    assert second_width(module, {"width": 32, "depth": 2}) == {"width": 64}  # the delta keeps depth 6
+    assert second_width(_module(width=64), {"width": 32}) is None  # wider than its base: nothing needed
+    strategy = MuPStrategy(base={"width": 32, "depth": 2}, depth_alpha=1.0, residual_blocks={"net.blocks.*": ["out"]})
+    _trainer(tmp_path, max_steps=1, strategy=strategy).fit(module, GegenbauerDataModule(batches_per_epoch=5))
+    record = module._lightning_mup_record
+    assert (
+        record.params["net.readout.weight"].role == "output"
+        and record.params["net.blocks.5.fc.weight"].role == "hidden"
+    )

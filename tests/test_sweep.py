@@ -84,6 +84,44 @@ def test_miniature_sweep_and_report(tmp_path, capsys):
     assert "--lrs" in figures["lr_transfer"].skipped
     html = (report / "report.html").read_text()
     assert "skipped: the sweep has no learning-rate axis" in html
+    assert len(_embedded_figures(report / "report.html")) == sum(f.skipped is None for f in figures.values())
+    assert "Measured (mup): ensembling lowers the loss" in figures["ensembles"].note
+
+
+def _embedded_figures(page: Path) -> list[bytes]:
+    """The PNGs inside a report.html; fails on any image that points outside the page."""
+    import base64
+    import re
+
+    sources = re.findall(r"<img src='([^']*)'", page.read_text())
+    assert all(src.startswith("data:image/png;base64,") for src in sources), [s[:40] for s in sources]
+    return [base64.b64decode(src.split(",", 1)[1]) for src in sources]
+
+
+@pytest.mark.slow
+def test_a_one_seed_twenty_step_sweep_reports_what_it_cannot_show(tmp_path):
+    """The shipped recipe (cadences of hundreds of steps) for 20 steps, one seed, three widths."""
+    out = tmp_path / "sweep"
+    sweep(["--config", str(RECIPE), "--widths", "64,128,256", "--steps", "20", "--jobs", "2", "--out", str(out)])
+    figures = {f.key: f for f in build_report(out)}
+    assert "--seeds 2" in figures["ensembles"].skipped  # an "ensemble" of one member is not drawn
+    caveats = {key: " ".join(f.caveats) for key, f in figures.items()}
+    assert "three parameters fitted to 3 widths" in caveats["width_scaling"]
+    assert "single network" in caveats["logit_rmse"]
+    assert "one seed" in caveats["after_ntk"]
+    for key in ("cka_to_widest", "preactivations", "sharpness"):
+        assert "only the initialisation was measured" in caveats[key], key
+    markdown = (out / "report" / "report.md").read_text()
+    assert markdown.count("> ⚠") == sum(len(f.caveats) for f in figures.values())
+
+    # The page alone, moved elsewhere, still shows every figure.
+    moved = tmp_path / "elsewhere" / "report.html"
+    moved.parent.mkdir()
+    moved.write_bytes((out / "report" / "report.html").read_bytes())
+    images = _embedded_figures(moved)
+    drawn = [f for f in figures.values() if f.skipped is None]
+    assert len(images) == len(drawn) and all(png.startswith(b"\x89PNG") for png in images)
+    assert images == [f.path.read_bytes() for f in drawn]
 
 
 @pytest.mark.slow

@@ -3,7 +3,14 @@
 from lightning_mup.parametrize.adapters import register_block
 from lightning_mup.parametrize.coord_check import CoordCheck, coord_check, plot_coord_checks
 from lightning_mup.parametrize.core import parametrize
-from lightning_mup.parametrize.optim import effective_lrs, optimizer_family, scale_optimizer, scaling_param_groups
+from lightning_mup.parametrize.optim import (
+    declare_optimizer_family,
+    effective_lrs,
+    muon_param_groups,
+    optimizer_family,
+    scale_optimizer,
+    scaling_param_groups,
+)
 from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
 from lightning_mup.parametrize.table import FORMS
 
@@ -14,7 +21,9 @@ __all__ = [
     "ParamScale",
     "Parametrization",
     "coord_check",
+    "declare_optimizer_family",
     "effective_lrs",
+    "muon_param_groups",
     "optimizer_family",
     "parametrize",
     "plot_coord_checks",

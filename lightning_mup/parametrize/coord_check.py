@@ -100,6 +100,11 @@ class CoordCheck:
             "log-log slope of size vs width (0 = width-independent)"
         )
         lines = [title] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
+        if any("nan" in v for r in rows for v in r[1:]):
+            lines.append(
+                "nan: that size is 0 at some width, so it has no slope — typically |Δh| at t=1 below a zero-"
+                "initialised readout (μP's), which sends no gradient back in the first step"
+            )
         return "\n".join(lines)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
@@ -148,6 +153,7 @@ def coord_check(
     base_width: int | None = None,
     optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
     lr: float = 0.1,
+    other_lr: float | None = None,
     steps: int = 10,
     seeds: Sequence[int] = (0, 1, 2),
     modules: Sequence[str] | None = None,
@@ -163,7 +169,9 @@ def coord_check(
         loss: ``loss(model, batch) -> scalar``.
         parametrization: a form of :func:`parametrize` (base ``make_model(base_width)``), or
             ``None`` to train the models as built.
-        optimizer: ``"sgd"``, ``"adam"`` or a factory ``params -> Optimizer`` (given ``lr=``).
+        optimizer: ``"sgd"``, ``"adam"``, a factory ``params -> Optimizer`` (given ``lr=``), or a Muon pair:
+            ``"muon"`` (torch's Muon, ``adjust_lr_fn="original"``) / ``"muon_match_rms_adamw"`` on the hidden
+            matrices at ``lr``, Adam on the rest at ``other_lr`` (default ``lr``).
         modules: module names to record (default: every leaf module except dropout/identity, and
             the model output).
 
@@ -196,9 +204,14 @@ def coord_check(
                 parametrization=parametrization,
                 **parametrize_kwargs,
             )
-        opt = make_optimizer(model.parameters(), lr=lr)
-        if parametrization is not None:
-            scale_optimizer(opt, record, model)
+        if optimizer in MUON_PAIRS:
+            if parametrization is None:
+                raise ValueError("a Muon pair needs the roles of a parametrization (parametrization='sp' for SP)")
+            opt = _muon_pair(model, record, lr, other_lr if other_lr is not None else lr, MUON_PAIRS[optimizer])
+        else:
+            opt = make_optimizer(model.parameters(), lr=lr)
+            if parametrization is not None:
+                scale_optimizer(opt, record, model)
         names = names or _module_names(model, modules)
         act, chg, run_losses = _train_and_record(model, opt, batch, loss, steps, names)
         i = widths.index(w)
@@ -235,7 +248,36 @@ def _slope(widths: Sequence[int], sizes: np.ndarray) -> np.ndarray:
     return out
 
 
+MUON_PAIRS = {"muon": "original", "muon_match_rms_adamw": "match_rms_adamw"}
+
+
+class _Pair:
+    """Two optimizers stepped as one (Muon on the hidden matrices, Adam on the rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def _muon_pair(model, record, lr: float, other_lr: float, adjust_lr_fn: str) -> _Pair:
+    from lightning_mup.parametrize.optim import muon_param_groups
+
+    matrices, rest = muon_param_groups(model, record)
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=0.0, adjust_lr_fn=adjust_lr_fn)
+    adam = torch.optim.Adam(rest, lr=other_lr)
+    return _Pair(scale_optimizer(muon, record, model), scale_optimizer(adam, record, model))
+
+
 def _optimizer_factory(optimizer):
+    if optimizer in MUON_PAIRS:
+        return None
     if optimizer == "sgd":
         return torch.optim.SGD
     if optimizer == "adam":

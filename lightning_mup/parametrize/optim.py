@@ -13,7 +13,8 @@ scheduler inside :func:`scaling_param_groups`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_mup._names import unwrap_name
-from lightning_mup.parametrize.record import Parametrization
+from lightning_mup.parametrize.record import Parametrization, ParamScale
 
 _SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
 # Optimizers that normalise the gradient entrywise behave like Adam under width scaling.
@@ -38,29 +39,118 @@ _ADAM_LIKE = (
     torch.optim.SparseAdam,
     torch.optim.Rprop,
 )
-FAMILIES = ("sgd", "adam")
+FAMILIES = ("sgd", "adam", "muon")
+_DECLARED: dict[type, str] = {}  # optimizer classes declared with declare_optimizer_family
+
+
+def declare_optimizer_family(optimizer_class: type, family: str) -> None:
+    """Declare how an optimizer class scales with width, for every later parametrized optimizer of it:
+    ``"sgd"`` (the update is proportional to the gradient), ``"adam"`` (the gradient is normalised
+    entrywise: Adam, RMSprop, Lion, Adafactor-like) or ``"muon"`` (the update of a matrix is orthogonalised,
+    its spectral norm fixed: Muon, Shampoo-like; scaled as torch's Muon with the group's ``adjust_lr_fn``)."""
+    if family not in FAMILIES:
+        raise ValueError(f"optimizer family {family!r}; choose one of {FAMILIES}")
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
+        raise TypeError(f"{optimizer_class!r} is not a torch.optim.Optimizer subclass")
+    _DECLARED[optimizer_class] = family
 
 
 def optimizer_family(optimizer: Optimizer | type, family: str | None = None) -> str:
-    """``"sgd"`` or ``"adam"``: which column of the table applies to this optimizer."""
+    """``"sgd"``, ``"adam"`` or ``"muon"``: which scaling rules apply to this optimizer."""
     if family is not None:
         if family not in FAMILIES:
             raise ValueError(f"optimizer family {family!r}; choose one of {FAMILIES}")
         return family
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    for declared, declared_family in _DECLARED.items():
+        if issubclass(cls, declared):
+            return declared_family
     if issubclass(cls, _SGD_LIKE):
         return "sgd"
     if issubclass(cls, _ADAM_LIKE):
         return "adam"
+    if _MUON is not None and issubclass(cls, _MUON):
+        return "muon"
     raise ValueError(
-        f"lightning_mup does not know whether {cls.__name__} scales like SGD or like Adam. Pass "
-        "optimizer_family='sgd' (the update is proportional to the gradient) or 'adam' (the gradient is "
-        "normalised entrywise, as in Adam, RMSprop, Lion)."
+        f"lightning_mup does not know how {cls.__name__} scales with width. Declare it once with "
+        f"lightning_mup.declare_optimizer_family({cls.__name__}, 'sgd' | 'adam' | 'muon') — 'sgd': the update "
+        "is proportional to the gradient; 'adam': the gradient is normalised entrywise (Adam, RMSprop, Lion); "
+        "'muon': each matrix's update is orthogonalised (Muon) — or pass optimizer_family=... for this one."
     )
 
 
+_MUON = getattr(torch.optim, "Muon", None)  # torch ≥ 2.9
+
+
+def muon_adjustment(adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """The factor torch's Muon multiplies a matrix's lr by, for its ``adjust_lr_fn`` convention."""
+    rows, cols = shape[0], shape[1]
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral_unclamped":
+        return math.sqrt(rows / cols)
+    raise ValueError(
+        f"Muon adjust_lr_fn={adjust_lr_fn!r}: lightning_mup knows 'original', 'match_rms_adamw' and "
+        "'spectral_unclamped'"
+    )
+
+
+def muon_width_factor(scale: ParamScale, parametrization: str, adjust_lr_fn: str | None) -> float:
+    """Muon's lr scale relative to Adam's for one matrix.
+
+    An entrywise-normalised (Adam) update of an A×B matrix has spectral norm ∝ lr·√(A·B); an orthogonalised
+    (Muon) one has spectral norm lr × its adjustment. Matching the two keeps Adam's μP spectral sizes
+    (‖ΔW‖ ∝ √(fan_out/fan_in) after forward multipliers, Yang, Simon & Bernstein 2023): relative to the
+    base, the factor is √(m_in·m_out) / (adjustment / base adjustment). Hidden m×m matrices: 1 with
+    "original" (√max(1, A/B) is width-free), m^-½ with "match_rms_adamw" (0.2·√max(A, B) grows as √m).
+    SP keeps the optimizer as it is."""
+    if parametrization == "sp":
+        return 1.0
+    if len(scale.shape) != 2:
+        raise ValueError(
+            f"torch's Muon steps 2-D matrices only; a {len(scale.shape)}-D {scale.role} tensor cannot be one of its "
+            "parameters (give it to AdamW: lightning_mup.muon_param_groups splits them)"
+        )
+    adjustment = muon_adjustment(adjust_lr_fn, scale.shape) / muon_adjustment(adjust_lr_fn, scale.base_shape)
+    return math.sqrt(scale.fan_in_mult * scale.fan_out_mult) / adjustment
+
+
+def muon_param_groups(model: nn.Module, record: Parametrization | None = None) -> tuple[list, list]:
+    """(the hidden 2-D matrices, everything else): Muon for the first, AdamW or Adam for the rest —
+    embeddings, the readout, norms, biases and convolutions — the way Muon is used.
+
+    Example (with MuPStrategy, inside ``configure_optimizers``; Lightning steps two optimizers only under
+    manual optimization)::
+
+        matrices, rest = lightning_mup.muon_param_groups(self)
+        return [torch.optim.Muon(matrices, lr=0.02), torch.optim.AdamW(rest, lr=3e-3)]
+
+    Without Lightning: ``record = parametrize(...)``, then :func:`scale_optimizer` on each of the two.
+    The roles come from ``record`` (default: the one MuPStrategy left on the module)."""
+    record = record if record is not None else getattr(model, "_lightning_mup_record", None)
+    if record is None:
+        raise ValueError(
+            "muon_param_groups needs the roles of the model's parameters: pass the record parametrize() returned, "
+            "or call it inside configure_optimizers of a module trained with MuPStrategy"
+        )
+    matrices, rest, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        scale = record.params.get(unwrap_name(name))
+        if scale is None:
+            raise ValueError(f"{name} is not in the role map: parametrize the module that owns it")
+        hidden_matrix = scale.role == "hidden" and p.ndim == 2 and not scale.tied
+        (matrices if hidden_matrix else rest).append(p)
+    return matrices, rest
+
+
 def split_group(group: dict[str, Any], record: Parametrization, names: dict[int, str], family: str) -> list[dict]:
-    """One user group → groups of equal μP scales, each carrying its scales under ``"mup"``."""
+    """One user group → groups of equal μP scales, each carrying its scales under ``"mup"``. Muon groups
+    take Adam's scales times :func:`muon_width_factor` for the group's ``adjust_lr_fn``."""
     if "mup" in group:
         return [group]
     params = group["params"]
@@ -77,11 +167,16 @@ def split_group(group: dict[str, Any], record: Parametrization, names: dict[int,
                 "model.parameters(), or parametrize the module that owns it."
             )
         s = record.params[name]
-        key = (
-            _round(s.lr_scale[family]),
-            _round(s.weight_decay_scale[family]),
-            _round(s.eps_scale if family == "adam" else 1.0),
-        )
+        if family == "muon":
+            factor = muon_width_factor(s, record.parametrization, group.get("adjust_lr_fn"))
+            wd = s.weight_decay_scale["adam"] if independent else s.weight_decay_scale["adam"] / factor
+            key = (_round(s.lr_scale["adam"] * factor), _round(wd), 1.0)
+        else:
+            key = (
+                _round(s.lr_scale[family]),
+                _round(s.weight_decay_scale[family]),
+                _round(s.eps_scale if family == "adam" else 1.0),
+            )
         buckets.setdefault(key, []).append(p)
         roles.setdefault(key, set()).add(s.role)
     hyper = {k: v for k, v in group.items() if k != "params"}

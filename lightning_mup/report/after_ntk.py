@@ -84,7 +84,13 @@ def compare_widths(
     return out
 
 
-def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, top: int = 60) -> Path:
+def plot_after_kernels(
+    results: Mapping[int, AveragedKernel],
+    path: str | Path,
+    top: int = 60,
+    title: str | None = None,
+    caveats: Sequence[str] = (),
+) -> Path:
     """Spectra (b), task power C(k) (c) and kernel-flow loss curves, one line per width."""
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
     for color, (width, r) in zip(colors(len(results)), results.items()):
@@ -94,7 +100,12 @@ def plot_after_kernels(results: Mapping[int, AveragedKernel], path: str | Path, 
         axes[2].plot(r.flow_steps, r.flow_loss, color=color, label=f"N={width}")
     axes[0].set(xlabel="k", ylabel="eigenvalue λ_k of ⟨K⟩/P", title="ensemble-averaged after-NTK spectrum")
     axes[1].set(xlabel="k", ylabel="C(k)", title="cumulative task power")
-    axes[2].set(xlabel="step", ylabel="loss", title="kernel-flow loss of ⟨K⟩", yscale="log")
+    axes[2].set(
+        xlabel="kernel-flow time (gradient-descent steps of size η)",
+        ylabel="loss on the probe points",
+        title="gradient flow under the fixed ⟨K⟩",
+        yscale="log",
+    )
     for ax in axes:
         ax.legend(fontsize=8, frameon=False)
-    return save(fig, path)
+    return save(fig, path, title, caveats)

@@ -1,5 +1,9 @@
 """The paper's figures from a sweep's runs; each returns a :class:`Figure` (PNG + the numbers behind it) or
-a :class:`Figure` with ``skipped`` saying which callback would provide the data."""
+a :class:`Figure` with ``skipped`` saying why there is none and what would provide the data.
+
+Titles say what is plotted. A conclusion appears only as a measured verdict with the numbers that decide
+it, and what the data cannot carry (one member, one seed, a poor or degenerate fit, only the
+initialisation measured) is a caveat printed on the figure and beside it."""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ import torch
 
 from lightning_mup._run_folder import PROBE_KEY
 from lightning_mup.measure.distribution import moments
-from lightning_mup.measure.ensemble import ensemble_statistics, logit_distance
+from lightning_mup.measure.ensemble import ensemble_statistics, is_classification, logit_distance
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
-from lightning_mup.report.fit import fit_power_law
+from lightning_mup.report.fit import BETA_BOUNDS, fit_power_law
 from lightning_mup.report.plotting import colors, pyplot, save, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
@@ -27,8 +31,51 @@ class Figure:
     path: Path | None = None
     header: list[str] = field(default_factory=list)
     rows: list[list] = field(default_factory=list)
-    note: str = ""
+    note: str = ""  # the caption: what is plotted, and any measured verdict
     skipped: str | None = None
+    caveats: list[str] = field(default_factory=list)  # what the data cannot support, shown on the figure
+
+
+LABELS = {"val_loss": "validation loss", "train_loss": "training loss"}
+
+
+def pretty(key: str) -> str:
+    """A metric's name for an axis: ``val_loss`` → validation loss."""
+    return LABELS.get(key, key.replace("_", " "))
+
+
+def _configured(runs: Sequence[Run], callback: str) -> tuple[dict | None, int]:
+    """The callback's settings in the first run configured with it (None if none is), and how many are."""
+    found = [settings for settings in (r.callback_settings(callback) for r in runs) if settings is not None]
+    return (found[0] if found else None), len(found)
+
+
+def no_data(runs: Sequence[Run], callback: str, folder: str) -> str:
+    """Why a figure comparing widths has no data: one width, the callback missing, or a cadence longer
+    than the runs."""
+    widths = sorted(by_width(runs))
+    if len(widths) < 2:
+        return f"the sweep has one width (N={widths[0]}); comparing widths needs two or more (--widths)"
+    settings, count = _configured(runs, callback)
+    if settings is None:
+        return f"no {folder} arrays for ≥ 2 widths — add the {callback} callback to the recipe"
+    text = f"{callback} is in the recipe but saved {folder} arrays for fewer than 2 widths"
+    cadence, last = settings.get("every_n_steps"), max(r.last_step for r in runs)
+    if isinstance(cadence, int) and cadence > last:
+        text += f": its cadence (every_n_steps={cadence}) is longer than the runs ({last} steps); lower it"
+    elif count < len(runs):
+        text += f" ({count} of {len(runs)} runs are configured with it)"
+    return text
+
+
+def initial_only(runs: Sequence[Run], callback: str, step: int) -> list[str]:
+    """A caveat when the last common measurement is the one at initialisation."""
+    if step > 0:
+        return []
+    settings, _ = _configured(runs, callback)
+    cadence = (settings or {}).get("every_n_steps")
+    why = f" ({callback} every_n_steps={cadence}, runs of {max(r.last_step for r in runs)} steps)" if cadence else ""
+    return [f"only the initialisation was measured{why}: this compares networks before any training"]
 
 
 def loss_key(runs: Sequence[Run]) -> str:
@@ -71,7 +118,9 @@ def best_group_per_width(runs: Sequence[Run], key: str) -> dict[tuple, list[Run]
 def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
     key = loss_key(runs)
     figure = Figure(
-        "loss_curves", f"Loss curves per width ({key}; Fig. 2)", header=["group", "width", "seeds", f"final {key}"]
+        "loss_curves",
+        f"{pretty(key).capitalize()} during training, per width (Fig. 2)",
+        header=["group", "width", "seeds", f"final {key}"],
     )
     chosen = best_group_per_width(runs, key)
     plt = pyplot()
@@ -84,11 +133,13 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
                 continue
             ax.plot(*curve, color=color, label=f"N={width}")
             figure.rows.append([_group_name(group, same), width, len(same), mean_final(same, key)])
-        ax.set(xlabel="step", ylabel=key, yscale="log", title=_group_name(group, members))
+        ax.set(xlabel="training step", ylabel=pretty(key), yscale="log", title=_group_name(group, members))
         ax.legend(fontsize=8, frameon=False)
-    figure.path = save(fig, out / f"{figure.key}.png")
+    seeds = sorted({len(same) for members in chosen.values() for same in by_width(members).values()})
+    figure.note = f"Mean over {'/'.join(map(str, seeds))} seed(s) per width of the {pretty(key)}."
     if any(g[1] == "best" for g in chosen):
-        figure.note = "With several learning rates, each width is shown at its best one."
+        figure.note += " With several learning rates, each width is shown at its best one."
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title)
     return figure
 
 
@@ -137,16 +188,19 @@ def _ensemble_groups(runs: Sequence[Run]):
 def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
     figure = Figure(
         "logit_rmse",
-        "Correct-logit RMSE to the widest and to the next width (Fig. 3-4)",
+        "Relative RMSE of the output to the widest run and to the next width (Fig. 3-4)",
         header=["group", "width", "rel. RMSE to widest", "rel. RMSE to next width"],
     )
     found = list(_ensemble_groups(runs))
     if not found:
-        figure.skipped = "no ensemble_logits arrays for ≥ 2 widths — add the EnsembleLogits callback"
+        figure.skipped = no_data(runs, "EnsembleLogits", "ensemble_logits")
         return figure
     group, logits = found[0]
     widths = sorted(logits)
     widest = widths[-1]
+    targets = next(iter(logits[widest].values()))[1]
+    what = "correct-class logit" if is_classification(targets) else "output"
+    figure.title = f"Relative RMSE of the {what} to the widest run and to the next width (Fig. 3-4)"
     plt = pyplot()
     fig, (ax_t, ax_w) = plt.subplots(1, 2, figsize=(10, 3.8))
     final_to_widest, final_to_next = [], []
@@ -162,41 +216,54 @@ def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
         final_to_widest.append(to_widest[-1])
         final_to_next.append(to_next[-1])
         figure.rows.append([label(group), width, to_widest[-1], to_next[-1]])
-    ax_t.set(xlabel="step", ylabel="relative RMSE to widest", yscale="log", title=f"correct logit vs N={widest}")
+    ax_t.set(xlabel="training step", ylabel=f"relative RMSE to N={widest}", yscale="log", title="over training")
     ax_t.legend(fontsize=8, frameon=False)
     w = np.asarray(widths[:-1], dtype=float)
-    ax_w.loglog(w, final_to_widest, "o-", label="to widest")
-    ax_w.loglog(w, final_to_next, "s-", label="to next width")
+    ax_w.loglog(w, final_to_widest, "o-", label=f"to N={widest}")
+    ax_w.loglog(w, final_to_next, "s-", label="to the next width")
     for power, style in ((0.5, ":"), (1.0, "--")):
         anchor = final_to_next[0] if np.isfinite(final_to_next[0]) else final_to_widest[0]
-        ax_w.loglog(w, anchor * (w / w[0]) ** -power, "k" + style, lw=0.8, label=f"∝ N^-{power:g}")
-    ax_w.set(xlabel="width N", ylabel="relative RMSE (final step)", title="convergence in width")
+        ax_w.loglog(w, anchor * (w / w[0]) ** -power, "k" + style, lw=0.8, label=f"∝ N^-{power:g} (guide)")
+    ax_w.set(xlabel="width N", ylabel="relative RMSE at the last step", title="against width")
     width_axis(ax_w, w)
     ax_w.legend(fontsize=8, frameon=False)
-    figure.path = save(fig, out / f"{figure.key}.png")
+    figure.note = (
+        f"Each member's {what} on the probe points against the mean over the reference width's members, "
+        "relative to the reference's RMS, averaged over members."
+    )
+    reference_members = len(logits[widest][max(logits[widest])][0])
+    if reference_members < 2:
+        figure.caveats.append(
+            f"the reference N={widest} is a single network: its own seed-to-seed variation is part of every "
+            "distance (sweep --seeds 2 or more)"
+        )
+    if len(widths) < 3:
+        figure.caveats.append("two widths: one point against width, no trend can be read (--widths with three or more)")
+    figure.caveats += initial_only(runs, "EnsembleLogits", max(logits[widest]))
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 
 def ensembles(runs: Sequence[Run], out: Path) -> Figure:
     figure = Figure(
         "ensembles",
-        "Ensemble vs single-model loss over initialisations (Fig. 7, App. F)",
+        "Single-network and ensemble loss vs width (Fig. 7, App. F)",
         header=["group", "width", "members", "single loss", "ensemble loss", "variance"],
     )
     found = list(_ensemble_groups(runs))
     if not found:
-        figure.skipped = "no ensemble_logits arrays for ≥ 2 widths — add the EnsembleLogits callback"
+        figure.skipped = no_data(runs, "EnsembleLogits", "ensemble_logits")
         return figure
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for color, (group, logits) in zip(colors(len(found)), found):
-        widths = sorted(logits)
-        single, ensemble = [], []
-        for width in widths:
-            step = max(logits[width])
-            stats = ensemble_statistics(*logits[width][step])
-            single.append(stats["single_loss"])
-            ensemble.append(stats["ensemble_loss"])
+    measured = []  # (group, widths, single, ensemble) with ≥ 2 members at each width kept
+    dropped: set[int] = set()
+    for group, logits in found:
+        kept = []
+        for width in sorted(logits):
+            stats = ensemble_statistics(*logits[width][max(logits[width])])
+            if stats["members"] < 2:
+                dropped.add(width)
+                continue
+            kept.append((width, stats))
             figure.rows.append(
                 [
                     label(group),
@@ -207,12 +274,47 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
                     stats["variance"],
                 ]
             )
-        ax.loglog(widths, single, "o-", color=color, label=f"single ({label(group)})")
-        ax.loglog(widths, ensemble, "s--", color=color, label=f"ensemble ({label(group)})")
+        if len(kept) >= 2:
+            measured.append((group, kept))
+    if not measured:
+        figure.skipped = (
+            "an ensemble needs two or more members (seeds) at two or more widths; the runs have one member per "
+            "width (lightning-mup sweep --seeds 2 or more)"
+        )
+        figure.rows = []
+        return figure
+    if dropped:
+        figure.caveats.append(f"widths {sorted(dropped)} have one member (seed) and are left out")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for color, (group, kept) in zip(colors(len(measured)), measured):
+        widths = [w for w, _ in kept]
+        ax.loglog(
+            widths, [st["single_loss"] for _, st in kept], "o-", color=color, label=f"one network ({label(group)})"
+        )
+        ax.loglog(
+            widths,
+            [st["ensemble_loss"] for _, st in kept],
+            "s--",
+            color=color,
+            label=f"ensemble of {int(kept[0][1]['members'])} ({label(group)})",
+        )
         width_axis(ax, widths)
-    ax.set(xlabel="width N", ylabel="test loss at the last step", title="variance is removed, bias is not")
+    ax.set(xlabel="width N", ylabel="loss on the probe points (last measurement)")
     ax.legend(fontsize=7, frameon=False)
-    figure.path = save(fig, out / f"{figure.key}.png")
+    group, kept = measured[0]
+    (narrow, first), (wide, last) = kept[0], kept[-1]
+    gain = [1 - st["ensemble_loss"] / st["single_loss"] for st in (first, last)]
+    beats = first["ensemble_loss"] < last["single_loss"]
+    figure.note = (
+        "Single: the members' mean loss; ensemble: the loss of the members' mean output; their difference is "
+        f"the variance over initialisations. Measured ({label(group)}): ensembling lowers the loss by "
+        f"{gain[0]:.0%} at N={narrow} and {gain[1]:.0%} at N={wide}; the N={narrow} ensemble "
+        f"({first['ensemble_loss']:.3g}) {'beats' if beats else 'does not beat'} one N={wide} network "
+        f"({last['single_loss']:.3g})."
+    )
+    figure.caveats += initial_only(runs, "EnsembleLogits", min(max(found[0][1][w]) for w in found[0][1]))
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 
@@ -220,7 +322,7 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
 def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
     figure = Figure(
         "cka_to_widest",
-        "CKA of feature kernels to the widest run, per layer (Fig. 5c)",
+        "Debiased CKA of each layer's feature kernel to the widest run (Fig. 5c)",
         header=["group", "layer", "width", "CKA to widest"],
     )
     for group, members in groups(runs).items():
@@ -251,21 +353,28 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
             continue
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        lowest = 1.0
         for color, (layer, per_width) in zip(colors(len(values)), values.items()):
             ws = sorted(per_width)
             means = [float(np.mean(per_width[w])) for w in ws]
+            lowest = min(lowest, *means)
             ax.semilogx(ws, means, "o-", color=color, label=layer)
             figure.rows += [[label(group), layer, w, m] for w, m in zip(ws, means)]
-        ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest} (step {step})", title=label(group))
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="1 = the same kernel up to scale")
+        ax.set_ylim(lowest - 0.15 * (1.0 - lowest) - 1e-3, 1.0 + 0.1 * (1.0 - lowest) + 1e-3)
+        ax.set(xlabel="width N", ylabel=f"debiased CKA to N={widest}", title=f"{label(group)}, step {step}")
         width_axis(ax, widths)
         ax.legend(fontsize=7, frameon=False)
         figure.note = (
-            f"Each run against the first seed at N={widest}, averaged over seeds; at N={widest} itself the "
-            "value is the agreement between seeds."
+            f"Each run's feature kernel (probe points × probe points) against the first seed at N={widest}, "
+            f"at step {step}, averaged over seeds; at N={widest} itself the value is the agreement between seeds."
         )
-        figure.path = save(fig, out / f"{figure.key}.png")
+        if len(widths[widest]) < 2:
+            figure.caveats.append(f"one seed at N={widest}: no seed-to-seed reference point at the widest width")
+        figure.caveats += initial_only(runs, "FeatureKernels", step)
+        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
         return figure
-    figure.skipped = "no feature_kernels arrays for ≥ 2 widths — add the FeatureKernels callback"
+    figure.skipped = no_data(runs, "FeatureKernels", "feature_kernels")
     return figure
 
 
@@ -282,7 +391,7 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
     over probe points and seeds, overlaid across widths, with the Gaussian of the widest's variance."""
     figure = Figure(
         "preactivations",
-        "Preactivation distributions across widths (Fig. 5a)",
+        "Distribution of one layer's preactivations over neurons, per width (Fig. 5a)",
         header=["group", "layer", "width", "step", "variance", "excess kurtosis"],
     )
     from scipy import stats
@@ -324,56 +433,94 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
                 figure.rows.append([label(group), layer, width, step, shape["variance"], shape["excess_kurtosis"]])
             grid = np.linspace(-1.3 * spread, 1.3 * spread, 200)
             ax.plot(grid, stats.norm.pdf(grid, scale=np.sqrt(pooled.var())), "k--", lw=0.8, label="Gaussian")
-            ax.set(xlabel="h", ylabel="density over neurons", xlim=(grid[0], grid[-1]), title=f"{layer}, step {step}")
+            ax.set(
+                xlabel="preactivation h",
+                ylabel="density over neurons",
+                xlim=(grid[0], grid[-1]),
+                title=f"{layer}, step {step}",
+            )
             ax.legend(fontsize=7, frameon=False)
         figure.note = (
             "Pooled over probe points and seeds; dashed: the Gaussian with the widest run's variance. "
             "Feature learning shows as a departure from it that is the same at every width."
         )
-        figure.path = save(fig, out / f"{figure.key}.png")
+        figure.caveats += initial_only(runs, "PreactivationHistograms", steps[-1])
+        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
         return figure
-    figure.skipped = "no preactivations arrays for ≥ 2 widths — add the PreactivationHistograms callback"
+    figure.skipped = no_data(runs, "PreactivationHistograms", "preactivations")
     return figure
 
 
 # ----------------------------------------------------------------------------------------- Fig. 6
+SHARPNESS_SERIES = {
+    # key: (axis label, threshold formula) — the series that meets the logged threshold comes first
+    "sharpness/preconditioned": ("λ_max, Adam-preconditioned", "(2+2β₁)/((1−β₁)η)"),
+    "sharpness/effective": ("λ_max, μP group lrs folded in", "2/η"),
+    "sharpness": ("λ_max of the Hessian", "2/η"),
+}
+
+
 def sharpness(runs: Sequence[Run], out: Path) -> Figure:
     figure = Figure(
         "sharpness",
-        "Sharpness vs the edge of stability 2/η (Fig. 6)",
+        "Top Hessian eigenvalue during training against the edge of stability (Fig. 6)",
         header=["group", "width", "final sharpness", "threshold", "ratio"],
     )
     found = [(g, m) for g, m in groups(runs).items() if any(r.series("sharpness") is not None for r in m)]
     if not found:
-        figure.skipped = "no sharpness logged — add the Sharpness callback"
+        settings, _ = _configured(runs, "Sharpness")
+        figure.skipped = (
+            "no sharpness logged — add the Sharpness callback to the recipe"
+            if settings is None
+            else f"Sharpness is in the recipe but logged nothing (every_n_steps={settings.get('every_n_steps')})"
+        )
         return figure
     group, members = found[0]
+    key = next(k for k in SHARPNESS_SERIES if any(r.series(k) is not None for r in members))
+    ylabel, formula = SHARPNESS_SERIES[key]
+    adaptive_raw = key == "sharpness" and any(r.series("sharpness/preconditioned") is not None for r in runs)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     widths = by_width(members)
-    threshold = None
+    thresholds = set()
+    unconverged = solves = 0
     for color, (width, same) in zip(colors(len(widths)), widths.items()):
-        curve = _mean_curve(same, "sharpness")
+        # At the base width every μP group scale is 1: no separate effective series, the plain one is it.
+        used = key if any(r.series(key) is not None for r in same) else "sharpness"
+        curve = _mean_curve(same, used) if used == key or key == "sharpness/effective" else None
         if curve is None:
             continue
-        key = "sharpness/effective" if any(r.series("sharpness/effective") is not None for r in same) else "sharpness"
-        curve = _mean_curve(same, key) or curve
         ax.plot(*curve, "o-", ms=3, color=color, label=f"N={width}")
         threshold = same[0].final("sharpness/threshold")
-        figure.rows.append(
-            [
-                label(group),
-                width,
-                float(curve[1][-1]),
-                threshold,
-                float(curve[1][-1]) / threshold if threshold else float("nan"),
-            ]
-        )
-    if threshold:
-        ax.axhline(threshold, color="k", ls="--", lw=0.8, label="stability threshold")
-    ax.set(xlabel="step", ylabel="λ_max", title=label(group))
+        thresholds.add(threshold)
+        for run in same:
+            flags = run.series(f"{used}/converged")
+            if flags is not None:
+                unconverged += int((flags[1] == 0).sum())
+                solves += len(flags[1])
+        final = float(curve[1][-1])
+        figure.rows.append([label(group), width, final, threshold, final / threshold if threshold else float("nan")])
+    thresholds.discard(None)
+    if len(thresholds) == 1 and not adaptive_raw:
+        threshold = thresholds.pop()
+        ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"edge of stability {formula} = {threshold:.3g}")
+    elif len(thresholds) > 1:
+        figure.caveats.append("the runs have different learning rates, so different thresholds: none is drawn")
+    ax.set(xlabel="training step", ylabel=ylabel, title=label(group))
     ax.legend(fontsize=8, frameon=False)
-    figure.path = save(fig, out / f"{figure.key}.png")
+    figure.note = (
+        f"{ylabel} of the training loss on the probe set, mean over seeds, against the threshold a run at the "
+        f"edge of stability reaches ({formula}, η the optimizer's learning rate)."
+    )
+    if unconverged:
+        figure.caveats.append(
+            f"{unconverged} of {solves} eigen-solves did not converge and are not drawn (NaN in the series; "
+            "raise max_hvp)"
+        )
+    last = min(int(r.series("sharpness")[0][-1]) for same in widths.values() for r in same if r.series("sharpness"))
+    if last == 0:
+        figure.caveats += initial_only(runs, "Sharpness", 0)
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 
@@ -381,7 +528,7 @@ def sharpness(runs: Sequence[Run], out: Path) -> Figure:
 def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
     figure = Figure(
         "after_ntk",
-        "Ensemble-averaged after-NTK: spectrum, task power C(k), kernel flow (Fig. 9)",
+        "After-training NTK averaged over seeds: spectrum, task power C(k), kernel flow (Fig. 9)",
         header=["group", "width", "runs", "λ₁", "λ₂", "C(10)", "C(20)", "kernel-flow loss (end)"],
     )
     for group, members in groups(runs).items():
@@ -390,7 +537,18 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
         if len(folders) < 2:
             continue
         result = compare_widths(folders)
-        figure.path = plot_after_kernels(result, out / f"{figure.key}.png")
+        single = sorted(w for w, r in result.items() if r.runs < 2)
+        if single:
+            figure.caveats.append(
+                f"one seed at N={', '.join(map(str, single))}: that kernel is one network's, not an average over "
+                "initialisations (sweep --seeds 2 or more)"
+            )
+        figure.note = (
+            "The NTK after training on the probe points, averaged over seeds per width: its eigenvalues, the "
+            "share C(k) of the target in the top k eigenvectors, and the loss of gradient flow under the fixed "
+            "kernel from the initial outputs."
+        )
+        figure.path = plot_after_kernels(result, out / f"{figure.key}.png", title=figure.title, caveats=figure.caveats)
         for width, r in result.items():
             power = r.task_power
             figure.rows.append(
@@ -406,17 +564,32 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
                 ]
             )
         return figure
-    figure.skipped = "no after_ntk arrays for ≥ 2 widths — add the AfterNTK callback"
+    figure.skipped = no_data(runs, "AfterNTK", "after_ntk")
     return figure
 
 
 # ----------------------------------------------------------------------------------------- App. G
+MIN_R2 = 0.9  # below it a fitted exponent is not reported as a result
+
+
+def fit_caveats(law, widths: Sequence[float]) -> list[str]:
+    """What keeps a power-law fit C·N^-β + D from being a measured exponent."""
+    caveats = []
+    if len(widths) < 4:
+        caveats.append(f"three parameters fitted to {len(widths)} widths: any β fits as well (use four or more)")
+    if law.r2 < MIN_R2:
+        caveats.append(f"R² = {law.r2:.3f} is below {MIN_R2}: the losses do not follow a power law in width")
+    if law.beta >= BETA_BOUNDS[1] * 0.99 or law.beta <= BETA_BOUNDS[0] * 1.01:
+        caveats.append(f"β = {law.beta:.3g} is at its bound {BETA_BOUNDS}: no exponent is determined")
+    return caveats
+
+
 def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
     key = loss_key(runs)
     figure = Figure(
         "width_scaling",
-        f"Final {key} vs width with the fit C·N^-β + D (App. G)",
-        header=["group", "C", "β", "D", "R²", "widths"],
+        f"Final {pretty(key)} vs width, with the fit C·N^-β + D (App. G)",
+        header=["group", "C", "β", "D", "R²", "widths", "caveats"],
     )
     chosen = {g: m for g, m in best_group_per_width(runs, key).items() if len(by_width(m)) >= 3}
     if not chosen:
@@ -429,21 +602,30 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
         w = np.asarray(sorted(widths), dtype=float)
         y = np.asarray([mean_final(widths[int(x)], key) for x in w])
         w, y = w[np.isfinite(y)], y[np.isfinite(y)]
-        ax.loglog(w, y, "o", color=color, label=_group_name(group, members))
+        name = _group_name(group, members)
+        ax.loglog(w, y, "o", color=color, label=name)
         try:
             law = fit_power_law(w, y)
         except (RuntimeError, ValueError) as error:
-            figure.note += f" {_group_name(group, members)}: no fit ({error})."
+            figure.caveats.append(f"{name}: no fit ({error})")
             continue
+        caveats = fit_caveats(law, w)
+        figure.caveats += [f"{name}: {c}" for c in caveats]
         dense = np.geomspace(w.min(), w.max(), 100)
-        ax.loglog(dense, law(dense), "-", color=color, lw=1)
+        fit_label = f"fit: β = {law.beta:.3g}, R² = {law.r2:.3f}" + (" (not a measurement)" if caveats else "")
+        ax.loglog(dense, law(dense), ":" if caveats else "-", color=color, lw=1, label=fit_label)
         figure.rows.append(
-            [_group_name(group, members), law.C, law.beta, law.D, law.r2, ", ".join(map(str, map(int, w)))]
+            [name, law.C, law.beta, law.D, law.r2, ", ".join(map(str, map(int, w))), "; ".join(caveats) or "none"]
         )
-    ax.set(xlabel="width N", ylabel=f"final {key}")
+    ax.set(xlabel="width N", ylabel=f"final {pretty(key)}")
     width_axis(ax, {w for members in chosen.values() for w in by_width(members)})
     ax.legend(fontsize=7, frameon=False)
-    figure.path = save(fig, out / f"{figure.key}.png")
+    figure.note = (
+        f"The {pretty(key)} averaged over the last tenth of training and over seeds, at each width's best "
+        f"learning rate; the fit is least squares in log-loss. An exponent is reported only with R² ≥ {MIN_R2}, "
+        "four or more widths and β inside its bounds."
+    )
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 
@@ -452,7 +634,7 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
     key = loss_key(runs)
     figure = Figure(
         "lr_transfer",
-        f"Final {key} vs learning rate per width (hyperparameter transfer)",
+        f"Final {pretty(key)} vs learning rate, per width (hyperparameter transfer)",
         header=["parametrization", "width", "best lr", f"{key} at best lr"],
     )
     lrs = sorted({r.lr for r in runs if r.lr is not None})
@@ -496,9 +678,18 @@ def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
                 figure.rows.append([form or "runs", width, float(x[best]), float(y[best])])
         ax.set(xlabel="learning rate", title=form or "runs", yscale="log", ylim=(bottom, top * 1.03))
         ax.legend(fontsize=8, frameon=False)
-    axes[0][0].set_ylabel(f"final {key}")
-    figure.path = save(fig, out / f"{figure.key}.png")
-    figure.note = " ".join(transfer_verdict(figure.rows, lrs)) + " (▲: above the axis, ×: diverged.)"
+    axes[0][0].set_ylabel(f"final {pretty(key)}")
+    edge = sorted({f"{row[0] or 'runs'} N={row[1]}" for row in figure.rows if row[2] in (lrs[0], lrs[-1])})
+    if edge:
+        figure.caveats.append(
+            f"the best learning rate is at the edge of the grid for {', '.join(edge)}: the optimum may lie beyond "
+            "it (extend --lrs)"
+        )
+    figure.note = (
+        f"The {pretty(key)} averaged over the last tenth of training and over seeds; ★ the best learning rate per "
+        "width, ▲ above the axis, × diverged. Measured: " + " ".join(transfer_verdict(figure.rows, lrs))
+    )
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 

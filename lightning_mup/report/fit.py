@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
+BETA_BOUNDS = (1e-6, 10.0)
+
 
 @dataclass
 class PowerLaw:
@@ -43,7 +45,7 @@ def fit_power_law(widths: Sequence[float], losses: Sequence[float]) -> PowerLaw:
                     np.log(n),
                     np.log(y),
                     p0=(c0, beta0, d0),
-                    bounds=([1e-12, 1e-6, 0.0], [np.inf, 10.0, np.inf]),
+                    bounds=([1e-12, BETA_BOUNDS[0], 0.0], [np.inf, BETA_BOUNDS[1], np.inf]),
                     maxfev=20000,
                     xtol=1e-14,
                     ftol=1e-14,

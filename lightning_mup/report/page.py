@@ -1,8 +1,12 @@
 """``lightning-mup report SWEEP_DIR``: PNG figures, one HTML page and a Markdown twin with the numbers
-behind every figure; figures without data are listed with the callback that would provide it."""
+behind every figure; figures without data are listed with what would provide it.
+
+``report.html`` carries its figures inside it (base64 PNGs): the page alone can be moved, mailed or
+attached. ``report.md`` links the PNGs beside it."""
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import sys
@@ -47,6 +51,7 @@ def build_report(sweep: str | Path, out: str | Path | None = None, problems: lis
                     "header": f.header,
                     "rows": f.rows,
                     "note": f.note,
+                    "caveats": f.caveats,
                     "skipped": f.skipped,
                 }
                 for f in figures
@@ -78,7 +83,7 @@ def _write_html(
         "<!doctype html><meta charset='utf-8'><title>lightning_mup report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
         "font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
-        ".skip{color:#888}</style>",
+        ".skip{color:#888}.caveat{color:#b22222}</style>",
         "<h1>Consistency across widths</h1>",
         f"<p>{html.escape(_summary(runs, sweep))}</p>",
     ]
@@ -91,9 +96,11 @@ def _write_html(
         if f.skipped:
             parts.append(f"<p class='skip'>skipped: {html.escape(f.skipped)}</p>")
             continue
-        parts.append(f"<img src='{f.path.name}' alt='{html.escape(f.title)}'>")
+        image = base64.b64encode(f.path.read_bytes()).decode("ascii")
+        parts.append(f"<img src='data:image/png;base64,{image}' alt='{html.escape(f.title)}'>")
         if f.note:
             parts.append(f"<p>{html.escape(f.note)}</p>")
+        parts += [f"<p class='caveat'>⚠ {html.escape(c)}</p>" for c in f.caveats]
         parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in f.header) + "</tr>")
         for row in f.rows:
             parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>")
@@ -115,6 +122,7 @@ def _write_markdown(
         lines += [f"![{f.title}]({f.path.name})", ""]
         if f.note:
             lines += [f.note, ""]
+        lines += [f"> ⚠ {c}\n" for c in f.caveats]
         lines += ["| " + " | ".join(f.header) + " |", "|" + "---|" * len(f.header)]
         lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in f.rows]
         lines.append("")

@@ -22,10 +22,28 @@ def colors(n: int):
     return pyplot().get_cmap("viridis")(np.linspace(0.05, 0.9, max(n, 1)))
 
 
-def save(fig, path: str | Path) -> Path:
+def save(fig, path: str | Path, title: str | None = None, caveats: Iterable[str] = ()) -> Path:
+    """Write ``fig`` as a PNG: ``title`` above the panels and, in red below them, each caveat that limits
+    what the figure can show (a reader who sees only the image still sees them)."""
+    import textwrap
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for ax in fig.axes:
+        _plain_ticks_within_a_decade(ax)
+    if title:
+        fig.suptitle(textwrap.fill(title, int(11 * fig.get_figwidth())), fontsize=11)
     fig.tight_layout()
+    lines = [line for caveat in caveats for line in textwrap.wrap(f"⚠ {caveat}", 110 * fig.get_figwidth() // 6)]
+    if lines:
+        inch = 0.14 * len(lines) + 0.06
+        height = fig.get_figheight()
+        fig.set_figheight(height + inch)
+        fig.subplots_adjust(
+            bottom=(fig.subplotpars.bottom * height + inch) / (height + inch),
+            top=1 - (1 - fig.subplotpars.top) * height / (height + inch),
+        )
+        fig.text(0.01, 0.01, "\n".join(lines), color="firebrick", fontsize=8, va="bottom", ha="left")
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path
@@ -39,3 +57,16 @@ def width_axis(ax, widths: Iterable[float]) -> None:
     ax.set_xscale("log")
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _plain_ticks_within_a_decade(ax) -> None:
+    """On a narrow log axis matplotlib labels minor ticks as 3.85×10⁻¹: print 0.385."""
+    from matplotlib.ticker import FuncFormatter
+
+    if ax.get_yscale() != "log":
+        return
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 3:  # wider: matplotlib labels only some minor ticks, keep that
+        plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)

@@ -80,6 +80,42 @@ class Run:
             self.problems.append(f"{path}: unreadable ({type(error).__name__}: {error}); left out")
             return None
 
+    @property
+    def last_step(self) -> int:
+        """The last training step the run logged anything at."""
+        ends = [s[np.isfinite(s)].max() for s, _ in self.metrics.values() if np.isfinite(s).any()]
+        return int(max(ends)) if ends else 0
+
+    def callback_settings(self, callback_class: str) -> dict | None:
+        """The arguments a callback was configured with in the run's ``config.yaml`` (its defaults filled
+        in), or None when the run was not configured with it."""
+        import inspect
+
+        import yaml
+
+        path = self.log_dir / "config.yaml"
+        try:
+            config = yaml.safe_load(path.read_text()) if path.exists() else None
+        except yaml.YAMLError:
+            return None
+        entries = ((config or {}).get("trainer") or {}).get("callbacks") or []
+        for entry in entries if isinstance(entries, list) else []:
+            class_path = str(entry.get("class_path", "")) if isinstance(entry, dict) else ""
+            if class_path.rsplit(".", 1)[-1] != callback_class:
+                continue
+            settings = dict(entry.get("init_args") or {})
+            try:
+                import lightning_mup.callbacks as callbacks
+
+                signature = inspect.signature(getattr(callbacks, callback_class))
+                for name, parameter in signature.parameters.items():
+                    if parameter.default is not inspect.Parameter.empty:
+                        settings.setdefault(name, parameter.default)
+            except (AttributeError, TypeError, ValueError):
+                pass
+            return settings
+        return None
+
     def probe(self, callback: str, step: int) -> str | None:
         """The fingerprint of the probe points a measurement was made on (None if not recorded)."""
         arrays = self.arrays(callback, step)

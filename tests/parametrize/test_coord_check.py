@@ -1,6 +1,7 @@
 """Coordinate checks: under μP and mean-field every module's activation size is flat in width after
 step 1; under SP the readout grows with width."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +99,7 @@ def test_table_and_plot(tmp_path, data):
     assert "features.0" in table and "<output>" in table
     path = check.plot(tmp_path / "cc.png")
     assert path.stat().st_size > 10_000
+    # μP's zero readout: no gradient reaches the hidden layers at the first step, |Δh| = 0 has no slope,
+    # and the table says why instead of printing a bare nan.
+    assert np.isnan(check.slopes("change")[check.modules.index("features.0"), 1])
+    assert "+nan" in table and "zero-initialised readout" in table.splitlines()[-1]

@@ -78,3 +78,72 @@ def test_report_of_a_folder_without_runs_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report([str(tmp_path)])
     assert "holds no finished runs" in capsys.readouterr().err
+
+
+def test_a_fit_the_data_cannot_carry_is_drawn_with_its_caveats(tmp_path):
+    """Three widths of a 20-step sweep: β runs to its bound and three parameters fit three points."""
+    runs = [_run(w, 0.1, _curve(loss)) for w, loss in ((64, 0.388), (128, 0.359), (256, 0.362))]
+    figure = width_scaling(runs, tmp_path)
+    text = " ".join(figure.caveats)
+    assert "three parameters fitted to 3 widths" in text and "at its bound" in text
+    assert figure.rows[0][-1] != "none"
+    clean = [_run(w, 0.1, _curve(2.0 * w**-0.5 + 0.1)) for w in (64, 128, 256, 512, 1024)]
+    assert width_scaling(clean, tmp_path).caveats == []
+
+
+def test_an_ensemble_of_one_is_not_drawn(tmp_path):
+    from lightning_mup.report.figures import ensembles
+
+    runs = []
+    for width in (64, 128):
+        folder = tmp_path / f"w{width}" / "version_0"
+        (folder / "ensemble_logits").mkdir(parents=True)
+        rng = np.random.default_rng(width)
+        np.savez(
+            folder / "ensemble_logits" / "step_00000020.npz",
+            logits=rng.normal(size=(1, 8, 1)),
+            targets=rng.normal(size=8),
+        )
+        runs.append(
+            Run(
+                f"w{width}_s0",
+                folder.parent,
+                [folder],
+                width,
+                0,
+                None,
+                "mup",
+                {"train_loss": (np.arange(1.0, 21), np.ones(20))},
+            )
+        )
+    figure = ensembles(runs, tmp_path)
+    assert figure.path is None and "--seeds 2" in figure.skipped and figure.rows == []
+
+
+def test_a_callback_in_the_recipe_whose_cadence_outlasts_the_runs_is_named(tmp_path):
+    from lightning_mup.report.figures import no_data
+
+    runs = []
+    for width in (64, 128):
+        folder = tmp_path / f"w{width}" / "version_0"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(
+            "trainer:\n  callbacks:\n  - class_path: lightning_mup.callbacks.FeatureKernels\n"
+            "    init_args: {every_n_steps: 500}\n"
+        )
+        runs.append(
+            Run(
+                f"w{width}_s0",
+                folder.parent,
+                [folder],
+                width,
+                0,
+                None,
+                "mup",
+                {"train_loss": (np.arange(1.0, 21), np.ones(20))},
+            )
+        )
+    message = no_data(runs, "FeatureKernels", "feature_kernels")
+    assert "FeatureKernels is in the recipe" in message and "every_n_steps=500" in message and "20 steps" in message
+    assert "add the AfterNTK callback" in no_data(runs, "AfterNTK", "after_ntk")
+    assert "one width" in no_data(runs[:1], "FeatureKernels", "feature_kernels")
