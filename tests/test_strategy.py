@@ -406,3 +406,82 @@ def test_a_deeper_model_at_the_base_width_needs_no_delta(tmp_path):
         record.params["net.readout.weight"].role == "output"
         and record.params["net.blocks.5.fc.weight"].role == "hidden"
     )
+
+
+class _MuonUser(L.LightningModule):
+    """How users train with Muon: manual optimization, Muon on hidden matrices, AdamW on the rest, a
+    scheduler on each."""
+
+    def __init__(self, width: int = 128, adjust_lr_fn: str = "original"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.net = MLPRegressor(width=width).model
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        muon, adamw = self.optimizers()
+        muon.zero_grad()
+        adamw.zero_grad()
+        self.manual_backward(loss)
+        muon.step()
+        adamw.optimizer.step()
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    def configure_optimizers(self):
+        from lightning_mup import muon_param_groups
+
+        matrices, rest = muon_param_groups(self)
+        optimizers = [
+            torch.optim.Muon(matrices, lr=0.02, adjust_lr_fn=self.hparams.adjust_lr_fn),
+            torch.optim.AdamW(rest, lr=3e-3),
+        ]
+        halve = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in optimizers]
+        return optimizers, halve
+
+
+class _EffectiveLrs(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        from lightning_mup import effective_lrs
+
+        self.seen = [*getattr(self, "seen", []), [effective_lrs(o) for o in trainer.optimizers]]
+
+
+@pytest.mark.parametrize(("adjust_lr_fn", "hidden_scale"), [("original", 1.0), ("match_rms_adamw", 0.5)])
+def test_muon_and_adamw_through_the_strategy(tmp_path, adjust_lr_fn, hidden_scale):
+    lrs = _EffectiveLrs()
+    module = _MuonUser(width=128, adjust_lr_fn=adjust_lr_fn)
+    trainer = _trainer(tmp_path, max_steps=5, callbacks=[lrs])
+    trainer.fit(module, GegenbauerDataModule(batches_per_epoch=10))
+    assert trainer.global_step == 5 and len(lrs.seen) == 5
+    muon, adamw = trainer.optimizers
+    assert [g["mup_roles"] for g in muon.param_groups] == [["hidden"]]
+    record = module._lightning_mup_record
+    for step, (muon_lrs, adamw_lrs) in enumerate(lrs.seen):
+        schedule = 0.5 ** (step // 2)  # both schedulers keep scheduling
+        # width 128 over base 32 (m = 4): Muon's hidden lr × 1 ("original") or × m^-½ ("match_rms_adamw")
+        assert muon_lrs == pytest.approx([0.02 * schedule * hidden_scale])
+        expected = sorted(3e-3 * schedule * g["mup"]["lr"] for g in adamw.param_groups)
+        assert sorted(adamw_lrs) == pytest.approx(expected)
+    readout = next(g for g in adamw.param_groups if "output" in g["mup_roles"])
+    assert readout["mup"]["lr"] == pytest.approx(record.params["net.readout.weight"].lr_scale["adam"])
+
+
+def test_a_recipe_with_a_matrix_optimizer_counts_batches_as_steps(tmp_path):
+    from lightning_mup.data.mnist1d import MNIST1DDataModule  # noqa: F401  (the recipe's data; here synthetic)
+    from lightning_mup.models.classifier import Classifier
+
+    module = Classifier(
+        width=64,
+        optimizer=functools.partial(torch.optim.AdamW, lr=3e-3),
+        matrix_optimizer=functools.partial(torch.optim.Muon, lr=0.02),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: 1 / (1 + step)),
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(64, 40), torch.randint(0, 10, (64,)))
+    lrs = _EffectiveLrs()
+    trainer = _trainer(tmp_path, max_steps=6, callbacks=[lrs], strategy=MuPStrategy(base={"width": 32}))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 6 and len(lrs.seen) == 6  # one step per batch, not one per optimizer
+    assert [lr[0][0] for lr in lrs.seen] == pytest.approx([0.02 / (1 + s) for s in range(6)])

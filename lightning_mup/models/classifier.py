@@ -18,6 +18,8 @@ class Classifier(RecipeModule):
         width: the width knob (MLP width, CNN channels, ResNet base channels, ViT embed dim).
         num_classes, in_dim, depth: the rest of the network.
         optimizer, lr_scheduler: built in ``configure_optimizers`` (set them under ``model:`` in YAML).
+        matrix_optimizer: e.g. ``torch.optim.Muon`` for the hidden matrices, ``optimizer`` (AdamW) for the
+            rest (see :class:`~lightning_mup.models._base.RecipeModule`).
     """
 
     def __init__(
@@ -29,11 +31,13 @@ class Classifier(RecipeModule):
         depth: int = 3,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
+        matrix_optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "matrix_optimizer"])
         self.model = build_network(network, width, num_classes, in_dim, depth)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.use_matrix_optimizer(matrix_optimizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -42,6 +46,8 @@ class Classifier(RecipeModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
+        if not self.automatic_optimization:
+            self.step_optimizers(loss)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -288,6 +288,8 @@ def scaling_param_groups(record: Parametrization, model: nn.Module, family: str 
     names = {id(p): unwrap_name(n) for n, p in model.named_parameters()}
 
     def add_param_group(self: Optimizer, group: dict[str, Any]) -> None:
+        # the optimizer's defaults fill the group later; its scales may depend on them (Muon's adjust_lr_fn)
+        group = {**self.defaults, **group}
         for g in split_group(group, record, names, optimizer_family(self, family)):
             _ORIGINAL_ADD_PARAM_GROUP(self, g)
         _install_step_hooks(self)
