@@ -1,7 +1,10 @@
-"""``lightning-mup sweep``: a grid of runs of one recipe (widths × seeds × learning rates × parametrizations),
-each in its own folder under one sweep folder, in parallel worker processes, resumable.
+"""``lightning-mup sweep``: a grid of runs of one recipe (widths × depths × seeds × learning rates ×
+parametrizations × any other hyperparameter), each in its own folder under one sweep folder, in parallel
+worker processes, resumable.
 
     lightning-mup sweep --config recipes/gegenbauer.yaml --widths 64,128,256,512 --seeds 2 --jobs 2 --out sweeps/g
+    lightning-mup sweep --config recipes/residual_mlp.yaml --widths 64 --depths 2,4,8,16 --lrs 0.001,0.002 \
+        --grid trainer.strategy.init_args.depth_alpha=null,0.5,1
 
 * A run's folder is ``<out>/<name>/`` (``w256_s1_lr0.1_mup``); ``run.json`` there records its settings and
   status. Finished runs are skipped when the sweep is started again; a run that raised is retried
@@ -41,15 +44,48 @@ class Cell:
     lr: float | None = None
     parametrization: str | None = None
     overrides: list[str] = field(default_factory=list)
+    depth: int | None = None
+    axes: dict[str, str] = field(default_factory=dict)  # --grid KEY=value of this run, as given
 
     @property
     def name(self) -> str:
-        parts = [f"w{self.width}", f"s{self.seed}"]
+        parts = [f"w{self.width}"] + ([f"d{self.depth}"] if self.depth is not None else []) + [f"s{self.seed}"]
+        parts += [f"{axis_label(key)}-{_safe(value)}" for key, value in self.axes.items()]
         if self.lr is not None:
             parts.append(f"lr{self.lr:g}")
         if self.parametrization is not None:
             parts.append(self.parametrization)
         return "_".join(parts)
+
+
+def axis_label(key: str) -> str:
+    """A grid key's short name in run folders and the report: its last segment (``depth_alpha``)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _safe(value: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in str(value))
+
+
+def parse_grid(entries: list[str]) -> dict[str, list[str]]:
+    """``["KEY=v1,v2", ...]`` → {KEY: [v1, v2]}; values stay strings (LightningCLI parses them per run)."""
+    axes: dict[str, list[str]] = {}
+    for entry in entries:
+        key, sep, values = entry.partition("=")
+        key = key.strip().removeprefix("--")
+        parsed = [v for v in values.replace(" ", "").split(",") if v]
+        if not sep or not key or not parsed:
+            raise ValueError(f"--grid {entry!r}: expected KEY=v1,v2,... e.g. --grid model.init_args.depth=2,4")
+        if key in axes:
+            raise ValueError(f"--grid {key} is given twice; give its values once, comma-separated")
+        axes[key] = parsed
+    labels = [axis_label(k) for k in axes]
+    clash = sorted({label for label in labels if labels.count(label) > 1})
+    if clash:
+        raise ValueError(
+            f"--grid keys {sorted(axes)} share the last segment {clash}: the run folders could not tell them apart"
+        )
+    return axes
 
 
 def _csv(value: str | None, cast, flag: str = "", example: str = "") -> list:
@@ -61,10 +97,22 @@ def _csv(value: str | None, cast, flag: str = "", example: str = "") -> list:
         raise ValueError(f"--{flag} {value!r}: expected a comma-separated list, e.g. --{flag} {example}") from None
 
 
-def grid(widths: str, seeds: int, lrs: str | None, parametrization: str | None) -> list[Cell]:
+def grid(
+    widths: str,
+    seeds: int,
+    lrs: str | None,
+    parametrization: str | None,
+    depths: str | None = None,
+    axes: dict[str, list[str]] | None = None,
+) -> list[Cell]:
     from lightning_mup.parametrize.table import FORMS
 
     w = _csv(widths, int, "widths", "64,128,256")
+    d = _csv(depths, int, "depths", "2,4,8,16") or [None]
+    if any(depth is not None and depth < 1 for depth in d):
+        raise ValueError(f"--depths {depths}: depths must be positive")
+    axes = axes or {}
+    combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     l = _csv(lrs, float, "lrs", "0.05,0.1,0.2") or [None]
     p = _csv(parametrization, str) or [None]
     if not w:
@@ -78,11 +126,21 @@ def grid(widths: str, seeds: int, lrs: str | None, parametrization: str | None) 
         raise ValueError(f"--parametrization {parametrization}: unknown {unknown}; choose from {sorted(FORMS)}")
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: at least one seed")
-    return [Cell(width, seed, lr, form) for form, lr, width, seed in itertools.product(p, l, w, range(seeds))]
+    return [
+        Cell(width, seed, lr, form, depth=depth, axes=combo)
+        for form, combo, lr, depth, width, seed in itertools.product(p, combos, l, d, w, range(seeds))
+    ]
 
 
 def cell_args(
-    cell: Cell, config: Path, out: Path, width_key: str, lr_key: str, steps: int | None, overrides: list[str]
+    cell: Cell,
+    config: Path,
+    out: Path,
+    width_key: str,
+    lr_key: str,
+    steps: int | None,
+    overrides: list[str],
+    depth_key: str = "model.init_args.depth",
 ):
     args = [
         "fit",
@@ -95,6 +153,9 @@ def cell_args(
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
+    if cell.depth is not None:
+        args.append(f"--{depth_key}={cell.depth}")
+    args += [f"--{key}={value}" for key, value in cell.axes.items()]
     if cell.lr is not None:
         args.append(f"--{lr_key}={cell.lr}")
     if cell.parametrization is not None:
@@ -152,6 +213,9 @@ def sweep_command(
     width_key: str = "model.init_args.width",
     lr_key: str = "model.init_args.optimizer.init_args.lr",
     set: list[str] | None = None,
+    depths: str | None = None,
+    depth_key: str = "model.init_args.depth",
+    grid_axes: list[str] | None = None,
 ) -> None:
     """Run a grid of one recipe.
 
@@ -167,6 +231,9 @@ def sweep_command(
         retries: how many times a failed run is started again.
         width_key, lr_key: where the width and the learning rate live in the recipe.
         set: extra overrides KEY=VALUE for every run, e.g. model.init_args.optimizer.class_path=torch.optim.Adam.
+        depths, depth_key: comma-separated depths and where the depth lives (the base's depth stays the
+            recipe's ``base``; scale depth with MuPStrategy's depth_alpha).
+        grid_axes: more axes, ``KEY=v1,v2,...`` each (batch size, weight decay, γ0, depth_alpha, warm-up).
     """
     config = Path(config)
     if not config.exists():
@@ -181,7 +248,8 @@ def sweep_command(
         )
     out = Path(out) if out is not None else Path("sweeps") / config.stem
     out.mkdir(parents=True, exist_ok=True)
-    cells = grid(widths, seeds, lrs, parametrization)
+    axes = parse_grid(grid_axes or [])
+    cells = grid(widths, seeds, lrs, parametrization, depths, axes)
     overrides = list(set or [])
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     summary = {
@@ -190,17 +258,20 @@ def sweep_command(
         "seeds": seeds,
         "lrs": _csv(lrs, float),
         "parametrizations": _csv(parametrization, str),
+        "depths": _csv(depths, int),
+        "grid": axes,
         "overrides": overrides,
         "runs": {},
     }
-    _check_arguments(cell_args(cells[0], config, out, width_key, lr_key, steps, overrides))
+    _check_arguments(cell_args(cells[0], config, out, width_key, lr_key, steps, overrides, depth_key))
     with _locked(out):  # one sweep per folder
-        _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_key, overrides, summary)
+        _run_grid(cells, config, out, jobs, threads, steps, retries, (width_key, lr_key, depth_key), overrides, summary)
 
 
-def _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_key, overrides, summary) -> None:
+def _run_grid(cells, config, out, jobs, threads, steps, retries, where, overrides, summary) -> None:
+    width_key, lr_key, depth_key = where
     keys = {
-        cell.name: _config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides))
+        cell.name: _config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key))
         for cell in cells
     }
     pending, foreign = [], []
@@ -241,7 +312,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, width_key, lr_k
                     if folder.exists():
                         shutil.rmtree(folder)  # a half-written run starts over in a fresh folder
                     folder.mkdir(parents=True)
-                    args = cell_args(cell, config, out, width_key, lr_key, steps, overrides)
+                    args = cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key)
                     _write(
                         folder / RUN_FILE,
                         {
@@ -354,6 +425,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--width-key", default="model.init_args.width", help="where the width lives in the recipe")
     parser.add_argument(
         "--lr-key", default="model.init_args.optimizer.init_args.lr", help="where the learning rate lives"
+    )
+    parser.add_argument("--depths", default=None, help="comma-separated depths, e.g. 2,4,8,16")
+    parser.add_argument("--depth-key", default="model.init_args.depth", help="where the depth lives in the recipe")
+    parser.add_argument(
+        "--grid",
+        dest="grid_axes",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="another axis of the grid (repeatable), e.g. --grid trainer.strategy.init_args.depth_alpha=null,0.5,1",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
     args = parser.parse_args(argv)

@@ -43,12 +43,14 @@ class MLP(nn.Module):
 class ResidualMLP(nn.Module):
     """Pre-LayerNorm residual MLP, h ← h + W₂ φ(W₁ LN(h)): the simplest model for depth scaling.
 
-    Its blocks are ``blocks.<i>`` with branch end ``blocks.<i>.out`` (pass
-    ``residual_blocks={"blocks.*": ["out"]}`` to :func:`~lightning_mup.parametrize`).
+    Its blocks are ``blocks.<i>`` with branch end ``blocks.<i>.out``; :func:`~lightning_mup.parametrize` finds
+    them from the forward's ``h + W(...)``.
     """
 
     def __init__(self, in_dim: int = 8, width: int = 64, out_dim: int = 1, depth: int = 4) -> None:
         super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"width={width}, depth={depth}: a residual MLP needs at least one unit and one block")
         self.embed = nn.Linear(in_dim, width)
         self.blocks = nn.ModuleList(_ResidualBlock(width) for _ in range(depth))
         self.norm = nn.LayerNorm(width)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_mup.models._base import RecipeModule
-from lightning_mup.models.mlp import MLP
+from lightning_mup.models.mlp import MLP, ResidualMLP
 
 
 class MLPRegressor(RecipeModule):
@@ -18,6 +18,8 @@ class MLPRegressor(RecipeModule):
 
     Args:
         in_dim, width, out_dim, depth, activation, bias: the network (see ``MLP``).
+        residual: a pre-LN residual MLP instead (``ResidualMLP``: ``depth`` residual blocks, ReLU), the
+            model for depth scaling; ``activation`` and ``bias`` then do not apply.
         optimizer: e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``; from YAML a class_path/init_args.
         lr_scheduler: optional, built on the optimizer.
     """
@@ -32,11 +34,15 @@ class MLPRegressor(RecipeModule):
         bias: bool = True,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         # callables stay out of the checkpoint so it loads with weights_only=True
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = MLP(in_dim, width, out_dim, depth, activation, bias)
+        if residual:
+            self.model = ResidualMLP(in_dim, width, out_dim, depth)
+        else:
+            self.model = MLP(in_dim, width, out_dim, depth, activation, bias)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

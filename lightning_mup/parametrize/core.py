@@ -71,7 +71,9 @@ def parametrize(
             model has the base width itself (nothing differs, so nothing says which dims are width).
         parametrization: ``"mup"``, ``"mf"``, ``"sp"`` or ``"ntk"`` (see :mod:`.table`).
         gamma0: mean-field richness γ0 (``mf`` only): readout 1/(γ0·N), SGD lr η0·γ0²·N.
-        depth_alpha: scale residual branches by (L/L_base)^-α, α ∈ [½, 1] (Depth-μP ½, CompleteP 1).
+        depth_alpha: scale residual branches by (L/L_base)^-α, α ∈ [½, 1] (Depth-μP ½, CompleteP 1);
+            0: width-only μP on a model deeper than its base (blocks matched to the base's, nothing scaled
+            by depth) — the baseline a depth sweep compares the depth rules with.
         output_mult: readout multiplier α_out at the base width (``mup``).
         readout_zero_init: zero the readout weights (default: on for ``mup``, off otherwise).
         lr_mults: constant per-role learning-rate multipliers, e.g. ``{"input": 10.0}``.
@@ -110,12 +112,18 @@ def parametrize(
     if depth_alpha is None and blocks.depth != base_blocks.depth:
         raise ValueError(
             f"the base has {base_blocks.depth} residual blocks and the model {blocks.depth}, but depth_alpha "
-            "is None: pass depth_alpha=0.5 (Depth-μP) or 1.0 (CompleteP) to scale depth, or build the base "
-            "at the model's depth"
+            "is None: pass depth_alpha=0.5 (Depth-μP) or 1.0 (CompleteP) to scale depth (0: do not scale it), or "
+            "build the base at the model's depth"
         )
-    if depth_alpha is not None and blocks.depth == 0:
+    if depth_alpha and blocks.depth == 0:
+        candidates = (
+            f" Blocks that add to their input something that does not end in a Linear/Conv: {blocks.ambiguous[:6]}; "
+            "name their branch ends."
+            if blocks.ambiguous
+            else ""
+        )
         raise ValueError(
-            f"depth_alpha={depth_alpha} but no residual block was found in {type(model).__name__}. "
+            f"depth_alpha={depth_alpha} but no residual block was found in {type(model).__name__}.{candidates} "
             "Pass residual_blocks={'<block glob>': ['<module ending each branch>', ...]} "
             "(e.g. {'layers.*': ['mlp.fc2']}) or register the block type with "
             "lightning_mup.parametrize.adapters.register_block."
@@ -141,6 +149,11 @@ def parametrize(
         "keep_weights": keep_weights,
     }
     notes: list[str] = []
+    if blocks.names and blocks.found_by == "structure":
+        notes.append(
+            f"{blocks.depth} residual blocks read off the forward (h + W(...)): {_span(blocks.names)}, branches "
+            f"ending in {_span([e for b in blocks.names for e in blocks.branch_ends[b]])}"
+        )
     if any(p.is_meta for p in base_model.parameters()):
         notes.append("base built on the meta device: assumed the model's own init is SP (var ∝ 1/fan_in)")
 
@@ -150,7 +163,7 @@ def parametrize(
     native = _native_ratios(tensors, _rms_by_name(base_model), base_key, blocks, depth_mult, notes)
     params = {name: _scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
     hooks = _layer_hooks(tensors, params, chosen, settings)
-    hooks += _branch_hooks(blocks, depth_alpha, depth_mult)
+    hooks += _branch_hooks(blocks, depth_alpha or None, depth_mult)
     hooks += _attention_hooks(model, base_model, base_key, settings["attention"])
 
     _apply_init(tensors, params, settings)
@@ -271,10 +284,10 @@ def _unwrapped(scale: ParamScale) -> ParamScale:
 
 def check_options(chosen: Form, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
     """Refuse settings that cannot work, naming the fix (also at MuPStrategy's construction)."""
-    if depth_alpha is not None and not 0.5 <= depth_alpha <= 1.0:
+    if depth_alpha is not None and depth_alpha != 0 and not 0.5 <= depth_alpha <= 1.0:
         raise ValueError(
             f"depth_alpha={depth_alpha} is outside [0.5, 1]: use 0.5 (Depth-μP, branches × L^-1/2) or "
-            "1.0 (CompleteP, branches × L^-1), or None to leave depth unscaled"
+            "1.0 (CompleteP, branches × L^-1), or 0 / None to leave depth unscaled"
         )
     if weight_decay not in WEIGHT_DECAY_CONVENTIONS:
         raise ValueError(f"weight_decay={weight_decay!r}; choose one of {WEIGHT_DECAY_CONVENTIONS}")
@@ -432,7 +445,7 @@ def _scale_tensor(
     role, symbols = shape.role, {**shape.symbols, "gamma0": settings["gamma0"]}
     rule = chosen.rules[role]
     block = blocks.block_of(t.name)
-    alpha = settings["depth_alpha"]
+    alpha = settings["depth_alpha"] or None  # 0: blocks matched to the base, no depth rule applied
     in_depth = alpha is not None and block is not None
     d_lr = {
         "sgd": depth_mult ** DEPTH["lr_sgd"](alpha) if in_depth else 1.0,
@@ -562,3 +575,7 @@ def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], 
                 t.param.zero_()
             elif scale != 1.0:
                 t.param.mul_(scale)
+
+
+def _span(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, {names[1]} … {names[-1]}"

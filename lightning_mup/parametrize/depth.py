@@ -8,9 +8,11 @@ stay small in depth as well as width.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_mup._names import glob_match, join, nearest
@@ -21,6 +23,8 @@ from lightning_mup.parametrize.adapters import block_branch_ends
 class Blocks:
     names: list[str]  # residual block modules, in module order
     branch_ends: dict[str, list[str]]  # block name -> absolute names of the modules ending its branches
+    found_by: str = "adapters"  # "adapters", "residual_blocks" or "structure" (x + f(x) read off the forward)
+    ambiguous: list[str] = field(default_factory=list)  # x + f(x) blocks whose branch end could not be told
 
     @property
     def depth(self) -> int:
@@ -34,7 +38,92 @@ class Blocks:
 
 
 def find_blocks(model: nn.Module, residual_blocks: Mapping[str, Sequence[str]] | None = None) -> Blocks:
-    """Residual blocks from user patterns (``{"layers.*": ["fc2"]}``) or from the registered adapters."""
+    """Residual blocks from user patterns (``{"layers.*": ["fc2"]}``), from the registered adapters, or —
+    for a hand-written model neither knows — from the structure of the forward (:func:`structural_blocks`)."""
+    found = _declared_blocks(model, residual_blocks)
+    if found.names or residual_blocks is not None:
+        return found
+    return structural_blocks(model)
+
+
+_BRANCH_END_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPARENT = (nn.Dropout, nn.Identity)
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def structural_blocks(model: nn.Module) -> Blocks:
+    """Residual blocks read off the forward: an element of a ModuleList / Sequential whose traced forward
+    (torch.fx) adds to its input — or to an earlier residual sum — the output of a Linear or Conv (through
+    dropout; the last layer of a Sequential branch counts), i.e. ``h + W(...)``: pre-LN, post-LN
+    (``norm(h + W(...))``) and two-branch transformer blocks alike. Blocks whose ``h + f(h)`` ends in
+    something else are listed as ambiguous. Models that do not trace are left alone."""
+    modules = dict(model.named_modules())
+    names, ends, ambiguous = [], {}, []
+    for name, module in modules.items():
+        if not name or not name.rpartition(".")[2].isdigit() or any(name.startswith(b + ".") for b in names):
+            continue
+        parent = modules.get(name.rpartition(".")[0] if "." in name else "")
+        if not isinstance(parent, nn.ModuleList | nn.Sequential):
+            continue
+        found = _residual_branch_ends(module)
+        if found is None:
+            continue
+        if found:
+            names.append(name)
+            ends[name] = [join(name, r) for r in found]
+        else:
+            ambiguous.append(name)
+    return Blocks(names, ends, "structure", ambiguous)
+
+
+def _residual_branch_ends(block: nn.Module) -> list[str] | None:
+    """Branch ends of ``block`` if its forward is residual; [] if residual with an unclear branch end;
+    None if it is not residual (or does not trace)."""
+    try:
+        graph = torch.fx.symbolic_trace(block).graph
+    except Exception:
+        return None
+    submodules = dict(block.named_modules())
+    stream = {n for n in graph.nodes if n.op == "placeholder"}  # the residual stream: the input, then each sum
+    ends: list[str] = []
+    residual = False
+    for node in graph.nodes:
+        is_add = (node.op == "call_function" and node.target in _ADDS) or (
+            node.op == "call_method" and node.target in ("add", "add_", "__iadd__")
+        )
+        if not is_add or len(node.args) < 2:
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        if len(operands) != 2 or not any(a in stream for a in operands):
+            continue
+        branch = next(a for a in operands if a not in stream) if not all(a in stream for a in operands) else None
+        if branch is None:
+            continue
+        residual = True
+        stream.add(node)
+        end = _branch_end(branch, submodules)
+        if end is None:
+            return []
+        ends.append(end)
+    return ends if residual else None
+
+
+def _branch_end(node, submodules: Mapping[str, nn.Module]) -> str | None:
+    while node.op == "call_module" and isinstance(submodules.get(node.target), _TRANSPARENT):
+        node = node.args[0]
+    if node.op != "call_module":
+        return None
+    module = submodules.get(node.target)
+    if isinstance(module, _BRANCH_END_TYPES):
+        return node.target
+    if isinstance(module, nn.Sequential):
+        layers = [(n, m) for n, m in module.named_children() if not isinstance(m, _TRANSPARENT)]
+        if layers and isinstance(layers[-1][1], _BRANCH_END_TYPES):
+            return f"{node.target}.{layers[-1][0]}"
+    return None
+
+
+def _declared_blocks(model: nn.Module, residual_blocks: Mapping[str, Sequence[str]] | None) -> Blocks:
     modules = dict(model.named_modules())
     names: list[str] = []
     ends: dict[str, list[str]] = {}
@@ -61,7 +150,7 @@ def find_blocks(model: nn.Module, residual_blocks: Mapping[str, Sequence[str]] |
             f"residual_blocks patterns {list(residual_blocks)} match no module; module names look like "
             f"{[n for n in modules if n][:8]}"
         )
-    return Blocks(names, ends)
+    return Blocks(names, ends, "adapters" if residual_blocks is None else "residual_blocks")
 
 
 def base_name_mapper(model_blocks: Blocks, base_blocks: Blocks) -> Callable[[str], str] | None:

@@ -36,6 +36,8 @@ class Run:
     parametrization: str | None
     metrics: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # key -> (steps, values)
     problems: list[str] = field(default_factory=list)  # files of this run that were skipped, and why
+    depth: int | None = None  # sweep --depths
+    axes: dict[str, str] = field(default_factory=dict)  # sweep --grid: {short key: value}
 
     @property
     def log_dir(self) -> Path:
@@ -43,9 +45,14 @@ class Run:
         return self.log_dirs[-1]
 
     @property
+    def setting(self) -> tuple:
+        """The run's place on the axes besides width, seed, lr and parametrization: (("depth", 4), ...)."""
+        return ((("depth", self.depth),) if self.depth is not None else ()) + tuple(sorted(self.axes.items()))
+
+    @property
     def group(self) -> tuple:
         """Runs of one group differ only by width and seed."""
-        return (self.parametrization, self.lr)
+        return (self.parametrization, self.lr, self.setting)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         return self.metrics.get(key)
@@ -206,6 +213,8 @@ def _read_run(run_file: Path) -> Run | None:
             lr=state.get("lr"),
             parametrization=parametrization,
             metrics=metrics,
+            depth=None if state.get("depth") is None else int(state["depth"]),
+            axes={str(k).rsplit(".", 1)[-1]: str(v) for k, v in (state.get("axes") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptFile(f"{run_file}: {type(error).__name__}: {error} is missing or malformed") from None
@@ -238,12 +247,32 @@ def groups(runs: Iterable[Run]) -> dict[tuple, list[Run]]:
     out: dict[tuple, list[Run]] = {}
     for run in runs:
         out.setdefault(run.group, []).append(run)
-    return dict(sorted(out.items(), key=lambda item: (str(item[0][0]), item[0][1] or 0.0)))
+    return dict(sorted(out.items(), key=lambda item: (str(item[0][0]), _order(item[0][2:]), item[0][1] or 0.0)))
+
+
+def _order(setting: tuple) -> tuple:
+    """Settings in numeric order where values are numbers (depth 2 before 16)."""
+    flat = setting[0] if setting else ()
+    return tuple((name, float(v) if _is_number(v) else float("inf"), str(v)) for name, v in flat)
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def setting_label(setting: tuple) -> str:
+    return ", ".join(f"{name}={value}" for name, value in setting)
 
 
 def label(group: tuple) -> str:
-    parametrization, lr = group
+    parametrization, lr, *rest = group
     parts = [parametrization or "runs"]
+    if rest and rest[0]:
+        parts.append(setting_label(rest[0]))
     if lr is not None:
         parts.append(f"lr={lr:g}")
     return ", ".join(parts)

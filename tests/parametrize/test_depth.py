@@ -79,3 +79,51 @@ def test_depth_adapters_find_branch_ends(family):
     assert all(h.value == pytest.approx(1 / 3) for h in record.hooks if h.reason == "residual branch multiplier")
     if family == "gpt2":  # GPT-2's own c_proj init std/sqrt(2L) is replaced by the base's (depth 2) size
         assert record.params["transformer.h.5.attn.c_proj.weight"].init_scale == pytest.approx(2**-0.5 * 3**0.5)
+
+
+def test_hand_written_residual_blocks_are_found_from_the_forward():
+    """Pre-LN (the residual MLP) and post-LN blocks: the same record as naming the blocks by hand, and the
+    summary says where the blocks came from."""
+    automatic = parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), depth_alpha=1.0)
+    explicit = parametrize(
+        residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), depth_alpha=1.0, residual_blocks=RESIDUAL_MLP_BLOCKS
+    )
+    assert automatic.params == explicit.params and automatic.hooks == explicit.hooks
+    assert "8 residual blocks read off the forward" in automatic.summary()
+
+    class PostLN(torch.nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width)
+            )
+            self.norm = torch.nn.LayerNorm(width)
+
+        def forward(self, h):
+            return self.norm(h + self.mlp(h))
+
+    class Net(torch.nn.Module):
+        def __init__(self, width, depth):
+            super().__init__()
+            self.embed = torch.nn.Linear(8, width)
+            self.layers = torch.nn.Sequential(*(PostLN(width) for _ in range(depth)))
+            self.head = torch.nn.Linear(width, 1)
+
+        def forward(self, x):
+            return self.head(self.layers(self.embed(x)))
+
+    record = parametrize(Net(64, 6), base=lambda: Net(32, 2), depth_alpha=0.5)
+    ends = {h.module for h in record.hooks if "branch" in h.kind or h.module.endswith("mlp.2")}
+    assert ends == {f"layers.{i}.mlp.2" for i in range(6)}, record.hooks
+
+
+def test_depth_alpha_zero_is_width_only_mup_on_a_deeper_model():
+    record = parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), depth_alpha=0)
+    same_depth = parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 8))
+
+    def scales(r):
+        return {
+            n: (p.role, p.init_scale, p.forward_mult, p.lr_scale, p.weight_decay_scale) for n, p in r.params.items()
+        }
+
+    assert scales(record) == scales(same_depth) and record.hooks == same_depth.hooks

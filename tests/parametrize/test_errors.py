@@ -23,15 +23,40 @@ def test_unknown_parametrization():
         parametrize(mlp(64), base=lambda: mlp(32), parametrization="mu-p")
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.5])
+@pytest.mark.parametrize("alpha", [-0.5, 0.3, 1.5])  # 0 is allowed: no depth scaling
 def test_depth_alpha_outside_range(alpha):
     with pytest.raises(ValueError, match=r"outside \[0.5, 1\]"):
         parametrize(residual_mlp(64), base=lambda: residual_mlp(32), depth_alpha=alpha)
 
 
+class _SquashedBranch(nn.Module):
+    """h + tanh(W h): residual, but the branch does not end in a layer that depth scaling can scale."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + torch.tanh(self.fc(h))
+
+
+class _SquashedNet(nn.Module):
+    def __init__(self, width, depth):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.layers = nn.ModuleList(_SquashedBranch(width) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
 def test_depth_scaling_without_residual_blocks():
-    with pytest.raises(ValueError, match="no residual block.*residual_blocks="):
-        parametrize(residual_mlp(64, 8), base=lambda: residual_mlp(32, 2), depth_alpha=0.5)
+    with pytest.raises(ValueError, match=r"no residual block.*\['layers.0', 'layers.1'.*residual_blocks="):
+        parametrize(_SquashedNet(64, 8), base=lambda: _SquashedNet(32, 2), depth_alpha=0.5)
 
 
 def test_shallower_base_without_depth_alpha():

@@ -66,8 +66,8 @@ def test_best_lr_per_width_averages_seeds_and_feeds_the_width_fit(tmp_path):
         for seed in (0, 1)
     ]
     chosen = best_group_per_width(runs, "val_loss")
-    assert {g: {r.lr for r in m} for g, m in chosen.items()} == {("mup", "best"): {0.2}}
-    assert len(chosen["mup", "best"]) == 8  # 4 widths × 2 seeds
+    assert {g: {r.lr for r in m} for g, m in chosen.items()} == {("mup", "best", ()): {0.2}}
+    assert len(chosen["mup", "best", ()]) == 8  # 4 widths × 2 seeds
     (row,) = width_scaling(runs, tmp_path).rows
     assert row[1:4] == pytest.approx([2.0, 0.5, 0.105], rel=1e-3)  # C, β, D (D = 0.1 + mean seed offset)
 
