@@ -41,6 +41,7 @@ from lightning_mup.callbacks import (  # noqa: E402
     FeatureKernels,
     PreactivationHistograms,
     Sharpness,
+    UpdateSizes,
 )
 from lightning_mup.data.gegenbauer import GegenbauerDataModule  # noqa: E402
 from lightning_mup.models.regression import MLPRegressor  # noqa: E402
@@ -58,7 +59,7 @@ MODELS = {
 
 
 def _callbacks(name: str):
-    found = [Sharpness(), FeatureKernels(), PreactivationHistograms(), EnsembleLogits()]
+    found = [Sharpness(), FeatureKernels(), PreactivationHistograms(), EnsembleLogits(), UpdateSizes()]
     found.append(AfterNTK(output_fn=lambda out: out.logits[:, -1]) if "gpt2" in name else AfterNTK())
     return [*found, AttentionMaps()] if name != "mlp (recipe)" else found
 
@@ -74,6 +75,15 @@ def _timed(callback):
         callback.count += 1
 
     callback._safely_measure = timed
+    if isinstance(callback, UpdateSizes):  # half of its work is the state it keeps just before the step
+        before = callback.on_train_batch_start
+
+        def timed_before(*args, **kwargs):
+            start = time.perf_counter()
+            before(*args, **kwargs)
+            callback.seconds += time.perf_counter() - start
+
+        callback.on_train_batch_start = timed_before
     return callback
 
 
@@ -179,12 +189,14 @@ def recompiles() -> None:
         print(f"  {'μP' if parametrized else 'unmodified':10s} {counters['stats']['unique_graphs']}")
 
 
-def callback_costs(steps: int, measurements: int) -> None:
+def callback_costs(steps: int, measurements: int, only: str | None = None) -> None:
     print("\ncost of each callback (median over its measurements), against the training step")
     print(f"{'model':14s} {'callback':24s} {'s/measurement':>14s} {'= steps':>8s} {'cadence':>8s} {'share':>7s}")
     for name in MODELS:
         step_time = _fit(name, [], steps, True)
         for callback in _callbacks(name):
+            if only is not None and type(callback).__name__ != only:
+                continue
             cadence = callback.every_n_steps
             callback.every_n_steps = max(1, steps // measurements)  # measure a few times in this short fit
             timed = _timed(callback)
@@ -200,10 +212,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--measurements", type=int, default=3)
+    parser.add_argument("--only", default=None, help="one callback's cost only, e.g. --only UpdateSizes")
     args = parser.parse_args()
-    step_ratios()
-    recompiles()
-    callback_costs(args.steps, args.measurements)
+    if args.only is None:
+        step_ratios()
+        recompiles()
+    callback_costs(args.steps, args.measurements, args.only)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def _fast_recipe(tmp_path: Path) -> Path:
         {"class_path": "lightning_mup.callbacks.PreactivationHistograms", "init_args": {"every_n_steps": 20}},
         {"class_path": "lightning_mup.callbacks.Sharpness", "init_args": {"every_n_steps": 20}},
         {"class_path": "lightning_mup.callbacks.AfterNTK", "init_args": {"num_batches": 2}},
+        {"class_path": "lightning_mup.callbacks.UpdateSizes", "init_args": {"every_n_steps": 10}},
     ]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -59,7 +60,16 @@ def test_miniature_sweep_and_report(tmp_path, capsys):
     figures = {f.key: f for f in build_report(out)}
     report = out / "report"
     assert {"report.html", "report.md", "figures.json"} <= {p.name for p in report.iterdir()}
-    expected = ["loss_curves", "logit_rmse", "cka_to_widest", "preactivations", "sharpness", "ensembles", "after_ntk"]
+    expected = [
+        "loss_curves",
+        "logit_rmse",
+        "cka_to_widest",
+        "preactivations",
+        "sharpness",
+        "ensembles",
+        "after_ntk",
+        "update_sizes",
+    ]
     for key in expected:
         figure = figures[key]
         assert figure.skipped is None, (key, figure.skipped)
@@ -122,6 +132,32 @@ def test_a_one_seed_twenty_step_sweep_reports_what_it_cannot_show(tmp_path):
     drawn = [f for f in figures.values() if f.skipped is None]
     assert len(images) == len(drawn) and all(png.startswith(b"\x89PNG") for png in images)
     assert images == [f.path.read_bytes() for f in drawn]
+
+
+@pytest.mark.slow
+def test_a_miniature_depth_sweep_and_its_report(tmp_path):
+    """Depths × a --grid axis × learning rates at one width: folders named by their values, and the report
+    compares depths within each setting."""
+    out = tmp_path / "sweep"
+    recipe = Path(__file__).parents[1] / "recipes" / "residual_mlp.yaml"
+    args = ["--config", str(recipe), "--widths", "64", "--depths", "2,4", "--lrs", "0.002,0.008", "--steps", "20"]
+    sweep([*args, "--grid", "trainer.strategy.init_args.depth_alpha=0,1", "--jobs", "2", "--out", str(out)])
+    names = sorted(p.parent.name for p in out.glob("*/run.json"))
+    assert names == sorted(
+        f"w64_d{d}_s0_depth_alpha-{a}_lr{lr}" for d in (2, 4) for a in (0, 1) for lr in ("0.002", "0.008")
+    )
+    for name in names:  # each run was built at its depth, its branches scaled (α = 1) or not (α = 0)
+        role_map = json.loads(next((out / name).glob("*/mup.json")).read_text())
+        depth = int(name.split("_")[1][1:])
+        assert role_map["depth"] == depth and role_map["settings"]["depth_alpha"] == int(name.split("-")[1][0])
+        branch = [h for h in role_map["hooks"] if h["module"].endswith(".out")]
+        assert len(branch) == (depth if "alpha-1" in name and depth > 2 else 0)
+    figures = {f.key: f for f in build_report(out)}
+    rows = figures["depth_transfer"].rows
+    assert {(row[0], row[1]) for row in rows} == {(f"mup, depth_alpha={a}", d) for a in (0, 1) for d in (2, 4)}
+    assert all(row[2] in (0.002, 0.008) for row in rows)
+    assert "spread" in figures["depth_transfer"].note and figures["depth_transfer"].path.exists()
+    assert len(figures["loss_vs_depth"].rows) == 4 and "--widths" in figures["optima_grid"].skipped
 
 
 @pytest.mark.slow

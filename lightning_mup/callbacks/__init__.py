@@ -7,6 +7,7 @@ from lightning_mup.callbacks.ensemble_logits import EnsembleLogits, merge_runs
 from lightning_mup.callbacks.feature_kernels import FeatureKernels
 from lightning_mup.callbacks.preactivations import PreactivationHistograms
 from lightning_mup.callbacks.sharpness import Sharpness
+from lightning_mup.callbacks.update_sizes import UpdateSizes
 
 __all__ = [
     "AfterNTK",
@@ -16,5 +17,6 @@ __all__ = [
     "MeasurementError",
     "PreactivationHistograms",
     "Sharpness",
+    "UpdateSizes",
     "merge_runs",
 ]

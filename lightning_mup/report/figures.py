@@ -21,7 +21,7 @@ from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
 from lightning_mup.report.fit import BETA_BOUNDS, fit_power_law
 from lightning_mup.report.plotting import colors, pyplot, save, width_axis
-from lightning_mup.report.runs import Run, by_width, groups, label
+from lightning_mup.report.runs import Run, _order, by_width, groups, label
 
 
 @dataclass
@@ -568,6 +568,69 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
     return figure
 
 
+# ----------------------------------------------------------------------------------------- updates
+UPDATE_QUANTITIES = {
+    "dW_x": "RMS of ΔW·x (the weights moved)",
+    "W_dx": "RMS of W·Δx (the inputs moved)",
+    "spectral": "‖ΔW‖₂ / √(fan_out/fan_in)",
+}
+UPDATE_SLOPE_FLAG = 0.25  # |log-log slope in width| above which a layer's update is flagged
+
+
+def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
+    """Per layer, one step's update against width (mean over the measured steps and seeds), with the
+    log-log slope of each quantity: under μP all are flat; a layer whose slope is not is flagged."""
+    figure = Figure(
+        "update_sizes",
+        "One optimizer step's update per layer vs width: ΔW·x, W·Δx and the spectral size",
+        header=["group", "layer", "quantity", "slope in width", *[f"N={w}" for w in sorted(by_width(runs))]],
+    )
+    prefix = "update_sizes/"
+    for group, members in groups(runs).items():
+        widths = by_width(members)
+        keys = sorted({k for r in members for k in r.metrics if k.startswith(prefix)})
+        if len(widths) < 2 or not keys:
+            continue
+        layers = sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(UPDATE_QUANTITIES), figsize=(5 * len(UPDATE_QUANTITIES), 3.8), squeeze=False)
+        flagged = []
+        w = np.asarray(sorted(widths), dtype=float)
+        for ax, (quantity, ylabel) in zip(axes[0], UPDATE_QUANTITIES.items()):
+            for color, layer in zip(colors(len(layers)), layers):
+                key = f"{prefix}{layer}/{quantity}"
+                values = []
+                for width in sorted(widths):
+                    series = [r.series(key) for r in widths[width] if r.series(key) is not None]
+                    values.append(float(np.nanmean(np.concatenate([v for _, v in series]))) if series else np.nan)
+                y = np.asarray(values)
+                ok = np.isfinite(y) & (y > 0)
+                if ok.sum() < 2:
+                    continue
+                slope = float(np.polyfit(np.log(w[ok]), np.log(y[ok]), 1)[0])
+                ax.loglog(w[ok], y[ok], "o-", color=color, label=f"{layer} ({slope:+.2f})")
+                figure.rows.append([label(group), layer, quantity, slope, *values])
+                if abs(slope) > UPDATE_SLOPE_FLAG:
+                    flagged.append(f"{layer} {quantity} ∝ N^{slope:+.2f}")
+            ax.set(xlabel="width N", ylabel=ylabel, title=quantity)
+            width_axis(ax, w)
+            ax.legend(fontsize=6, frameon=False)
+        verdict = (
+            f"{len(flagged)} layer quantities scale with width (|slope| > {UPDATE_SLOPE_FLAG}): " + "; ".join(flagged)
+            if flagged
+            else f"every slope is within ±{UPDATE_SLOPE_FLAG}"
+        )
+        figure.note = (
+            "Each value: the mean over the measured steps and seeds of one step's update of that layer on the "
+            "probe points (legend: the log-log slope in width). Under μP every slope is ≈ 0. "
+            f"Measured ({label(group)}): {verdict}."
+        )
+        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
+        return figure
+    figure.skipped = no_data(runs, "UpdateSizes", "update_sizes")
+    return figure
+
+
 # ----------------------------------------------------------------------------------------- App. G
 MIN_R2 = 0.9  # below it a fitted exponent is not reported as a result
 
@@ -725,7 +788,7 @@ def _depth_panels(runs: Sequence[Run]) -> dict[tuple, dict[int, dict[int, list[R
             continue
         panel = panels.setdefault((run.parametrization, _without_depth(run.setting)), {})
         panel.setdefault(run.width, {}).setdefault(run.depth, []).append(run)
-    return panels
+    return dict(sorted(panels.items(), key=lambda item: (str(item[0][0]), _order((item[0][1],)))))
 
 
 def depth_transfer(runs: Sequence[Run], out: Path) -> Figure:
@@ -875,6 +938,7 @@ FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [
     sharpness,
     ensembles,
     after_ntk,
+    update_sizes,
     width_scaling,
     lr_transfer,
     depth_transfer,

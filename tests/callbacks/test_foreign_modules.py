@@ -42,6 +42,7 @@ from lightning_mup.callbacks import (
     MeasurementError,
     PreactivationHistograms,
     Sharpness,
+    UpdateSizes,
 )
 
 STEPS = 4
@@ -82,7 +83,7 @@ CASES = {
 
 
 def _default_callbacks(case: Case) -> list:
-    found = [Sharpness(), FeatureKernels(), PreactivationHistograms(), EnsembleLogits()]
+    found = [Sharpness(), FeatureKernels(), PreactivationHistograms(), EnsembleLogits(), UpdateSizes(every_n_steps=2)]
     # AfterNTK's defaults refuse [B, T, V] outputs (tested below); an LM says which outputs it means
     found.append(AfterNTK(output_fn=lambda out: out.logits[:, -1]) if case.language_model else AfterNTK())
     return [*found, AttentionMaps()] if case.attention else found

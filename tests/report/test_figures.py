@@ -147,3 +147,21 @@ def test_a_callback_in_the_recipe_whose_cadence_outlasts_the_runs_is_named(tmp_p
     assert "FeatureKernels is in the recipe" in message and "every_n_steps=500" in message and "20 steps" in message
     assert "add the AfterNTK callback" in no_data(runs, "AfterNTK", "after_ntk")
     assert "one width" in no_data(runs[:1], "FeatureKernels", "feature_kernels")
+
+
+def test_a_layer_whose_update_grows_with_width_is_flagged(tmp_path):
+    from lightning_mup.report.figures import update_sizes
+
+    runs = []
+    for w in (64, 128, 256):
+        run = _run(w, None, _curve(0.1))
+        steps = np.asarray([10.0, 20.0])
+        for quantity in ("dW_x", "W_dx", "spectral"):
+            run.metrics[f"update_sizes/net.0/{quantity}"] = (steps, np.full(2, 0.3))  # flat: μP
+            run.metrics[f"update_sizes/net.2/{quantity}"] = (steps, np.full(2, 0.3 * w / 64))  # grows ∝ N
+        runs.append(run)
+    figure = update_sizes(runs, tmp_path)
+    slopes = {(row[1], row[2]): row[3] for row in figure.rows}
+    assert slopes[("net.0", "dW_x")] == pytest.approx(0.0, abs=1e-9)
+    assert slopes[("net.2", "spectral")] == pytest.approx(1.0)
+    assert "3 layer quantities scale with width" in figure.note and "net.2 dW_x ∝ N^+1.00" in figure.note
