@@ -851,6 +851,7 @@ def loss_vs_depth(runs: Sequence[Run], out: Path) -> Figure:
     ax.set(xlabel="depth L (residual blocks)", ylabel=f"final {pretty(key)} at the best lr")
     depths_seen = sorted({d for per_depth in lines.values() for d in per_depth})
     ax.set_xticks(depths_seen, [str(d) for d in depths_seen])
+    ax.xaxis.set_minor_locator(pyplot().NullLocator())
     ax.legend(fontsize=7, frameon=False)
     figure.note = (
         f"For each depth, the {pretty(key)} at its own best learning rate (mean over seeds). Depth helps where "
