@@ -387,7 +387,7 @@ class _DeepRegressor(L.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        return torch.nn.functional.mse_loss(self.net(x), y)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -420,7 +420,7 @@ class _MuonUser(L.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
         muon, adamw = self.optimizers()
         muon.zero_grad()
         adamw.zero_grad()
