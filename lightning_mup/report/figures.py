@@ -608,9 +608,11 @@ def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
                 if ok.sum() < 2:
                     continue
                 slope = float(np.polyfit(np.log(w[ok]), np.log(y[ok]), 1)[0])
-                ax.loglog(w[ok], y[ok], "o-", color=color, label=f"{layer} ({slope:+.2f})")
+                scales = abs(slope) > UPDATE_SLOPE_FLAG
+                name = f"{layer} ({slope:+.2f})" + (" — scales with width" if scales else "")
+                ax.loglog(w[ok], y[ok], "o--" if scales else "o-", color=color, label=name, lw=2 if scales else 1)
                 figure.rows.append([label(group), layer, quantity, slope, *values])
-                if abs(slope) > UPDATE_SLOPE_FLAG:
+                if scales:
                     flagged.append(f"{layer} {quantity} ∝ N^{slope:+.2f}")
             ax.set(xlabel="width N", ylabel=ylabel, title=quantity)
             width_axis(ax, w)
