@@ -735,6 +735,8 @@ def _transfer_panels(
                 ax.plot(x[best], y[best], "*", color=color, ms=14, mec="k")
                 figure.rows.append([title, value, float(x[best]), float(y[best])])
         ax.set(xlabel="learning rate", title=title, yscale="log", ylim=(bottom, top * 1.03))
+        ax.set_xticks(x, [f"{v:g}" for v in x], rotation=45 if len(x) > 5 else 0, fontsize=8)
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.legend(fontsize=8, frameon=False)
     axes[0][0].set_ylabel(f"final {pretty(key)}")
     edge = sorted({f"{row[0]} {symbol}={row[1]}" for row in figure.rows if row[2] in (lrs[0], lrs[-1])})
