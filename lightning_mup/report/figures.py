@@ -579,24 +579,32 @@ UPDATE_SLOPE_FLAG = 0.25  # |log-log slope in width| above which a layer's updat
 
 def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
     """Per layer, one step's update against width (mean over the measured steps and seeds), with the
-    log-log slope of each quantity: under μP all are flat; a layer whose slope is not is flagged."""
+    log-log slope of each quantity, one row of panels per group (e.g. μP and SP): under μP all are flat; a
+    layer whose slope is not is flagged."""
     figure = Figure(
         "update_sizes",
         "One optimizer step's update per layer vs width: ΔW·x, W·Δx and the spectral size",
         header=["group", "layer", "quantity", "slope in width", *[f"N={w}" for w in sorted(by_width(runs))]],
     )
     prefix = "update_sizes/"
+    found = []
     for group, members in groups(runs).items():
-        widths = by_width(members)
         keys = sorted({k for r in members for k in r.metrics if k.startswith(prefix)})
-        if len(widths) < 2 or not keys:
-            continue
-        layers = sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})
-        plt = pyplot()
-        fig, axes = plt.subplots(1, len(UPDATE_QUANTITIES), figsize=(5 * len(UPDATE_QUANTITIES), 3.8), squeeze=False)
-        flagged = []
+        if len(by_width(members)) >= 2 and keys:
+            found.append((group, members, sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})))
+    if not found:
+        figure.skipped = no_data(runs, "UpdateSizes", "update_sizes")
+        return figure
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        len(found), len(UPDATE_QUANTITIES), figsize=(5 * len(UPDATE_QUANTITIES), 3.6 * len(found)), squeeze=False
+    )
+    verdicts = []
+    for row_axes, (group, members, layers) in zip(axes, found):
+        widths = by_width(members)
         w = np.asarray(sorted(widths), dtype=float)
-        for ax, (quantity, ylabel) in zip(axes[0], UPDATE_QUANTITIES.items()):
+        flagged = []
+        for ax, (quantity, ylabel) in zip(row_axes, UPDATE_QUANTITIES.items()):
             for color, layer in zip(colors(len(layers)), layers):
                 key = f"{prefix}{layer}/{quantity}"
                 values = []
@@ -614,22 +622,22 @@ def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
                 figure.rows.append([label(group), layer, quantity, slope, *values])
                 if scales:
                     flagged.append(f"{layer} {quantity} ∝ N^{slope:+.2f}")
-            ax.set(xlabel="width N", ylabel=ylabel, title=quantity)
+            ax.set(xlabel="width N", ylabel=ylabel, title=f"{label(group)}: {quantity}")
             width_axis(ax, w)
             ax.legend(fontsize=6, frameon=False)
-        verdict = (
-            f"{len(flagged)} layer quantities scale with width (|slope| > {UPDATE_SLOPE_FLAG}): " + "; ".join(flagged)
+        verdicts.append(
+            f"{label(group)}: {len(flagged)} layer quantities scale with width (|slope| > {UPDATE_SLOPE_FLAG}): "
+            + "; ".join(flagged)
             if flagged
-            else f"every slope is within ±{UPDATE_SLOPE_FLAG}"
+            else f"{label(group)}: every slope is within ±{UPDATE_SLOPE_FLAG}"
         )
-        figure.note = (
-            "Each value: the mean over the measured steps and seeds of one step's update of that layer on the "
-            "probe points (legend: the log-log slope in width). Under μP every slope is ≈ 0. "
-            f"Measured ({label(group)}): {verdict}."
-        )
-        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-        return figure
-    figure.skipped = no_data(runs, "UpdateSizes", "update_sizes")
+    figure.note = (
+        "Each value: the mean over the measured steps and seeds of one step's update of that layer on the "
+        "probe points (legend: the log-log slope in width). Under μP every slope is ≈ 0. Measured: "
+        + ". ".join(verdicts)
+        + "."
+    )
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
     return figure
 
 
