@@ -1,0 +1,12 @@
+"""The infinite-width limit as a reference: what a sweep's widest networks should approach.
+
+Pure numpy/scipy, in the conventions of ``parametrize``'s ``mf`` form (h¹ = W⁰x/√D, h^{ℓ+1} = W^ℓ φ(h^ℓ)/√N,
+f = w·φ(h^L)/(γ0 N), weights N(0, 1), SGD learning rate η0·γ0²·N, loss the mean squared error).
+
+* :mod:`.lazy` — γ0 → 0: the NNGP and NTK of bias-free MLPs (ReLU and erf in closed form, any elementwise φ by
+  Gauss–Hermite quadrature) and the gradient-flow / gradient-descent dynamics of the limiting kernel regression.
+"""
+
+from lightning_mup.theory.lazy import LazyLimit, kernel_dynamics, mlp_kernels
+
+__all__ = ["LazyLimit", "kernel_dynamics", "mlp_kernels"]
