@@ -5,8 +5,11 @@ f = w·φ(h^L)/(γ0 N), weights N(0, 1), SGD learning rate η0·γ0²·N, loss t
 
 * :mod:`.lazy` — γ0 → 0: the NNGP and NTK of bias-free MLPs (ReLU and erf in closed form, any elementwise φ by
   Gauss–Hermite quadrature) and the gradient-flow / gradient-descent dynamics of the limiting kernel regression.
+* :mod:`.depth` — residual networks with β/√L branches at initialisation: the kernel recursion over blocks and its
+  L → ∞ ODE in layer time τ = ℓ/L.
 """
 
+from lightning_mup.theory.depth import depth_limit, residual_kernels
 from lightning_mup.theory.lazy import LazyLimit, kernel_dynamics, mlp_kernels
 
-__all__ = ["LazyLimit", "kernel_dynamics", "mlp_kernels"]
+__all__ = ["LazyLimit", "depth_limit", "kernel_dynamics", "mlp_kernels", "residual_kernels"]

@@ -89,6 +89,7 @@ def _train_mean_field(x, y, train, eta0, steps, seed):
     return f0, seen
 
 
+@pytest.mark.slow
 def test_a_lazy_mean_field_network_follows_the_limiting_kernel_regression():
     """mf with γ0 = 0.02 at width 4096, SGD η0 through parametrize: what training adds to the outputs on training
     and test points, averaged over 4 initialisations, equals gradient descent under the limiting NTK (a single
