@@ -16,7 +16,10 @@ from lightning_mup.parametrize import (
 __version__ = "0.1.0"
 
 # The Lightning layer is imported on first use: `import lightning_mup` for the pure-torch core stays fast.
-_LAZY = {name: "lightning_mup.strategy" for name in ("MuPStrategy", "MuPFSDPStrategy", "EnsembleStrategy")}
+_LAZY = {
+    name: "lightning_mup.strategy"
+    for name in ("MuPStrategy", "MuPModelParallelStrategy", "MuPFSDPStrategy", "EnsembleStrategy")
+}
 
 
 def __getattr__(name: str):
@@ -31,6 +34,7 @@ __all__ = [
     "CoordCheck",
     "EnsembleStrategy",
     "MuPFSDPStrategy",
+    "MuPModelParallelStrategy",
     "MuPStrategy",
     "Parametrization",
     "coord_check",

@@ -32,7 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader, has_iterable_dataset
@@ -359,28 +359,50 @@ class MuPStrategy(_MuP, DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
 
-class MuPFSDPStrategy(_MuP, FSDPStrategy):
-    """Lightning's FSDP strategy with μP applied before the model is sharded.
+class MuPModelParallelStrategy(_MuP, ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (torch's FSDP2 ``fully_shard`` and tensor parallelism over a
+    DeviceMesh, applied by the module's ``configure_model``) with μP.
 
-    Takes :class:`MuPStrategy`'s μP arguments and everything
-    :class:`~lightning.pytorch.strategies.FSDPStrategy` takes. ``use_orig_params`` defaults to True: μP
-    puts parameters of one flattened unit into several optimizer groups. The role map is keyed by the
-    names parameters had before wrapping, so it survives FSDP (and activation checkpointing, compile).
-    torch's FSDP runs on CUDA devices only.
+    Takes :class:`MuPStrategy`'s μP arguments and ``data_parallel_size``, ``tensor_parallel_size``,
+    ``save_distributed_checkpoint`` and the rest of ModelParallelStrategy's. The module is reparameterized
+    right after the device mesh exists and *before* ``configure_model`` shards anything: roles come from the
+    unsharded names and shapes, rank 0's initial weights and role map are broadcast to every rank, and the
+    optimizers built afterwards (on DTensor parameters) get their μP groups by name. The role map travels in
+    the checkpoint's metadata and is restored on resume. CPU (gloo) and GPU (NCCL) alike.
+
+    Build the layers in ``__init__`` and only shard them in ``configure_model`` (layers created there did not
+    exist when the roles were read: refused). The measurement callbacks refuse sharded runs before training.
     """
 
-    strategy_name = "mup_fsdp"
-
-    def __init__(self, *args: Any, use_orig_params: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, use_orig_params=use_orig_params, **kwargs)
+    strategy_name = "mup_model_parallel"
 
     def setup_environment(self) -> None:
-        if self.root_device.type != "cuda":
-            raise RuntimeError(
-                f"MuPFSDPStrategy was asked to run on {self.root_device.type}, but torch's FSDP needs CUDA GPUs. "
-                "On CPU use MuPStrategy (DDP), which gives every rank the whole model."
+        super().setup_environment()  # the process group and the device mesh
+        module = self.lightning_module
+        assert module is not None and module.trainer is not None
+        if not any(True for _ in module.parameters()):
+            raise ValueError(
+                f"{type(module).__name__} has no parameters before configure_model: MuPModelParallelStrategy reads "
+                "the μP roles from the unsharded model. Build the layers in __init__ and only shard them "
+                "(fully_shard / parallelize_module) in configure_model."
             )
-        super().setup_environment()
+        if torch.distributed.is_initialized() and self.parametrize_kwargs["parametrization"] is not None:
+            with torch.no_grad():  # one initialisation for every rank, as DDP's broadcast gives
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
+        self._apply_mup(module.trainer)
+
+
+class MuPFSDPStrategy(MuPModelParallelStrategy):
+    """Retired: torch's FSDP1 wrapper is superseded by FSDP2 (``fully_shard``). Use
+    :class:`MuPModelParallelStrategy` and shard in ``configure_model``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "MuPFSDPStrategy (torch's FSDP1 wrapper) is retired: use lightning_mup.MuPModelParallelStrategy and "
+            "apply torch.distributed.fsdp.fully_shard to your layers in LightningModule.configure_model "
+            "(CPU and GPU; tested in CI on CPU with 2 processes)"
+        )
 
 
 StrategyRegistry.register(

@@ -389,7 +389,7 @@ def _check_recipe(config: Path) -> None:
         "trainer.strategy: {class_path: lightning_mup.MuPStrategy, init_args: {base: {width: 64}}} "
         "(or EnsembleStrategy for plain training)"
     )
-    if class_path.rpartition(".")[2] in ("MuPStrategy", "MuPFSDPStrategy", "EnsembleStrategy"):
+    if class_path.rpartition(".")[2] in ("MuPStrategy", "EnsembleStrategy"):
         return
     if "." not in class_path:
         raise SystemExit(fix + f"; found strategy {strategy!r}")

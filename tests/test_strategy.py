@@ -288,12 +288,11 @@ def test_role_map_survives_wrapping():
     assert hidden["mup"]["lr"] == 0.25
 
 
-def test_fsdp_without_gpus_is_refused_before_training(tmp_path):
+def test_the_fsdp1_strategy_is_retired_with_a_pointer():
     from lightning_mup import MuPFSDPStrategy
 
-    trainer = _trainer(tmp_path, strategy=MuPFSDPStrategy(base={"width": 32}))
-    with pytest.raises(RuntimeError, match="FSDP needs CUDA GPUs.*MuPStrategy"):
-        trainer.fit(_module(), GegenbauerDataModule(batches_per_epoch=2))
+    with pytest.raises(TypeError, match="retired.*MuPModelParallelStrategy.*fully_shard"):
+        MuPFSDPStrategy(base={"width": 32})
 
 
 class _Batches(Callback):

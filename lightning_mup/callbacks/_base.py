@@ -94,6 +94,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
     # --------------------------------------------------------------------------------- lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            _refuse_sharded(self, trainer)
             log_dir = trainer.log_dir  # a collective under DDP: every rank asks
             self.run_dir = Path(log_dir) / self.name if log_dir else None
             try:
@@ -392,6 +393,19 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         self.initial_done = bool(state_dict.get("initial_done", 0 in self.steps))
         if not self._given_probe and state_dict.get("probe"):
             self.probe = list(state_dict["probe"])  # the same probe after resume
+
+
+def _refuse_sharded(callback: MeasurementCallback, trainer: L.Trainer) -> None:
+    """Sharded parameters (FSDP, tensor parallel): every measurement here runs the whole model on one rank,
+    which would see shards — refused before training rather than measured wrong. Every rank raises alike."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+        raise MeasurementError(
+            f"{type(callback).__name__} does not measure sharded models ({type(trainer.strategy).__name__}): it "
+            "runs the whole model on the probe and would see parameter shards. Measure a DDP run of the same model "
+            "(MuPStrategy, devices=N) — the μP roles and scales are the same — or a smaller one on one device"
+        )
 
 
 class _Snapshot:

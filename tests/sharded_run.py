@@ -1,0 +1,90 @@
+"""Run by tests/test_sharded.py in a subprocess: one μP fit on Lightning's ModelParallelStrategy (FSDP2 over 2 CPU
+processes, gloo) or on MuPStrategy in one process, full batch; writes the full final weights and the role map to OUT
+(argv[2]). ``python sharded_run.py sharded OUT [resume]`` (6 steps and a distributed checkpoint, or resumed from it
+to 10), ``python sharded_run.py single OUT`` (6 and 10 steps in one process)."""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mup import MuPModelParallelStrategy, MuPStrategy
+from lightning_mup.models.mlp import MLP
+
+
+class Regressor(L.LightningModule):
+    """Layers built in __init__, sharded in configure_model: how FSDP2 modules are written."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MLP(in_dim=5, width=width, out_dim=1, depth=3)
+
+    def configure_model(self):
+        if self._device_mesh is None:  # one process: nothing to shard
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net.features:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, _):
+        return F.mse_loss(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def main(kind: str, out: Path, resume: bool, steps: int) -> None:
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 5, generator=g)
+    data = TensorDataset(x, torch.sin(x.sum(dim=1, keepdim=True)))
+    mup = {"base": {"width": 32}, "parametrization": "mup"}
+    if kind == "sharded":
+        strategy = MuPModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **mup)
+        loader, devices = DataLoader(data, batch_size=8), 2  # 2 ranks × 8 = the full batch
+    else:
+        strategy, loader, devices = MuPStrategy(**mup), DataLoader(data, batch_size=16), 1
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=out,
+    )
+    module = Regressor()
+    trainer.fit(module, loader, ckpt_path=str(out / "ckpt") if resume else None)
+    if kind == "sharded" and not resume:
+        trainer.save_checkpoint(out / "ckpt")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if kind == "sharded":
+        weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        weights = module.state_dict()
+    if trainer.global_rank == 0:
+        suffix = f"_{steps}"
+        torch.save({k: v.detach().cpu() for k, v in weights.items()}, out / f"{kind}{suffix}_weights.pt")
+        record = module._lightning_mup_record.to_dict()
+        (out / f"{kind}{suffix}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    kind, out, resume = sys.argv[1], Path(sys.argv[2]), sys.argv[3:] == ["resume"]
+    if kind == "sharded":
+        main(kind, out, resume, 10 if resume else 6)
+    else:
+        main(kind, out, False, 6)
+        main(kind, out, False, 10)
