@@ -27,6 +27,12 @@ class Regressor(L.LightningModule):
     def configure_model(self):
         if self._device_mesh is None:  # one process: nothing to shard
             return
+        if self.device_mesh["tensor_parallel"].size() > 1:  # Megatron-style: column- then row-parallel
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {"features.0": ColwiseParallel(), "features.2": RowwiseParallel()}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+            return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
@@ -51,6 +57,9 @@ def main(kind: str, out: Path, resume: bool, steps: int) -> None:
     if kind == "sharded":
         strategy = MuPModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **mup)
         loader, devices = DataLoader(data, batch_size=8), 2  # 2 ranks × 8 = the full batch
+    elif kind == "tensor_parallel":
+        strategy = MuPModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2, **mup)
+        loader, devices = DataLoader(data, batch_size=16), 2  # both ranks see the full batch
     else:
         strategy, loader, devices = MuPStrategy(**mup), DataLoader(data, batch_size=16), 1
     trainer = L.Trainer(
@@ -70,7 +79,7 @@ def main(kind: str, out: Path, resume: bool, steps: int) -> None:
         trainer.save_checkpoint(out / "ckpt")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if kind == "sharded":
+    if kind != "single":
         weights = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         weights = module.state_dict()
@@ -85,6 +94,8 @@ if __name__ == "__main__":
     kind, out, resume = sys.argv[1], Path(sys.argv[2]), sys.argv[3:] == ["resume"]
     if kind == "sharded":
         main(kind, out, resume, 10 if resume else 6)
+    elif kind == "tensor_parallel":
+        main(kind, out, False, 6)
     else:
         main(kind, out, False, 6)
         main(kind, out, False, 10)

@@ -1,5 +1,6 @@
-"""μP on Lightning's ModelParallelStrategy (torch's FSDP2) with 2 CPU processes: the same weights as one process,
-the same role map, a distributed checkpoint that resumes to the uninterrupted run; callbacks refuse sharded runs."""
+"""μP on Lightning's ModelParallelStrategy with 2 CPU processes — FSDP2 data parallel and tensor parallel: the
+same weights as one process, the same role map, a distributed checkpoint that resumes to the uninterrupted run;
+callbacks refuse sharded runs."""
 
 import json
 import os
@@ -39,6 +40,22 @@ def test_sharded_mup_equals_one_process_and_resumes(tmp_path):
         )
     role_map = json.loads((tmp_path / "sharded_6.json").read_text())
     assert role_map["params"]["net.features.2.weight"]["role"] == "hidden"  # roles from the unsharded names
+
+
+@pytest.mark.slow
+def test_tensor_parallel_mup_equals_one_process(tmp_path):
+    """Column- then row-parallel hidden layers (torch's parallelize_module plan in configure_model), 2 ranks."""
+    _run(tmp_path, "tensor_parallel", str(tmp_path))
+    _run(tmp_path, "single", str(tmp_path))
+    parallel, single = (
+        torch.load(tmp_path / "tensor_parallel_6_weights.pt"),
+        torch.load(tmp_path / "single_6_weights.pt"),
+    )
+    for name, value in single.items():
+        torch.testing.assert_close(parallel[name], value, rtol=0, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "tensor_parallel_6.json").read_text()) == json.loads(
+        (tmp_path / "single_6.json").read_text()
+    )
 
 
 def test_callbacks_refuse_sharded_runs_before_training(tmp_path):
