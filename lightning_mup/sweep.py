@@ -216,6 +216,10 @@ def sweep_command(
     depths: str | None = None,
     depth_key: str = "model.init_args.depth",
     grid_axes: list[str] | None = None,
+    launcher: str = "local",
+    devices: int | None = None,
+    nodes: int | None = None,
+    slurm: list[str] | None = None,
 ) -> None:
     """Run a grid of one recipe.
 
@@ -234,6 +238,10 @@ def sweep_command(
         depths, depth_key: comma-separated depths and where the depth lives (the base's depth stays the
             recipe's ``base``; scale depth with MuPStrategy's depth_alpha).
         grid_axes: more axes, ``KEY=v1,v2,...`` each (batch size, weight decay, γ0, depth_alpha, warm-up).
+        launcher: ``local`` (worker processes, the default), ``slurm`` (each run a SLURM job through submitit) or
+            ``submitit-local`` (submitit's local executor: the same path without a cluster).
+        devices, nodes: per run (``trainer.devices`` / ``trainer.num_nodes``; a SLURM job gets that many tasks).
+        slurm: submitit parameters ``KEY=VALUE`` for SLURM jobs, e.g. ``slurm_partition=gpu``, ``timeout_min=120``.
     """
     config = Path(config)
     if not config.exists():
@@ -246,11 +254,19 @@ def sweep_command(
             f"warning: --jobs {jobs} on {os.cpu_count()} cores: runs will share cores and each take longer",
             file=sys.stderr,
         )
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher {launcher!r}: choose one of {LAUNCHERS}")
+    if launcher != "local":
+        _check_submitit()
     out = Path(out) if out is not None else Path("sweeps") / config.stem
     out.mkdir(parents=True, exist_ok=True)
     axes = parse_grid(grid_axes or [])
     cells = grid(widths, seeds, lrs, parametrization, depths, axes)
     overrides = list(set or [])
+    if devices is not None:
+        overrides.append(f"trainer.devices={devices}")
+    if nodes is not None:
+        overrides.append(f"trainer.num_nodes={nodes}")
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     summary = {
         "config": str(config.resolve()),
@@ -265,10 +281,13 @@ def sweep_command(
     }
     _check_arguments(cell_args(cells[0], config, out, width_key, lr_key, steps, overrides, depth_key))
     with _locked(out):  # one sweep per folder
-        _run_grid(cells, config, out, jobs, threads, steps, retries, (width_key, lr_key, depth_key), overrides, summary)
+        pool = _pool_factory(launcher, out, jobs, devices or 1, nodes or 1, _parse_slurm(slurm or []))
+        _run_grid(
+            cells, config, out, jobs, threads, steps, retries, (width_key, lr_key, depth_key), overrides, summary, pool
+        )
 
 
-def _run_grid(cells, config, out, jobs, threads, steps, retries, where, overrides, summary) -> None:
+def _run_grid(cells, config, out, jobs, threads, steps, retries, where, overrides, summary, pool=None) -> None:
     width_key, lr_key, depth_key = where
     keys = {
         cell.name: _config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key))
@@ -300,12 +319,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
     while queue:
         batch, queue = queue, []
         try:
-            with ProcessPoolExecutor(
-                max_workers=max(1, jobs),
-                mp_context=get_context("spawn"),
-                initializer=_die_with_parent,
-                initargs=(os.getpid(),),
-            ) as pool:
+            with (pool or _local_pool)(jobs) as executor:
                 futures = {}
                 for cell in batch:
                     folder = out / cell.name
@@ -324,7 +338,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
                         },
                     )
                     attempts[cell.name] += 1
-                    futures[pool.submit(_run_cell, args, str(folder), threads)] = cell
+                    futures[executor.submit(_run_cell, args, str(folder), threads)] = cell
                 for future in as_completed(futures):
                     cell = futures[future]
                     result = future.result()
@@ -404,9 +418,65 @@ def _check_recipe(config: Path) -> None:
         raise SystemExit(fix + f"; found {class_path}")
 
 
+def sweep_status(out: Path) -> dict[str, list[str]]:
+    """Where a sweep folder stands: run names by state — ``done``, ``running`` (a sweep holds the folder's lock),
+    ``interrupted`` (marked running, but no sweep holds the lock: killed; the next sweep reruns them) and
+    ``failed`` — read from each run's ``run.json``."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} does not exist or is not a folder; give the folder a sweep wrote (--out)")
+    alive = _lock_held(out)
+    states: dict[str, list[str]] = {"done": [], "running": [], "interrupted": [], "failed": []}
+    for run_file in sorted(out.glob(f"*/{RUN_FILE}")):
+        status = _read(run_file).get("status", "unreadable")
+        if status == "running":
+            status = "running" if alive else "interrupted"
+        states.setdefault(status, []).append(run_file.parent.name)
+    return states
+
+
+def _lock_held(out: Path) -> bool:
+    import fcntl
+
+    path = out / ".sweep.lock"
+    if not path.exists():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def print_status(out: Path) -> None:
+    states = sweep_status(out)
+    total = sum(len(v) for v in states.values())
+    print(f"sweep {out}: {total} runs — " + ", ".join(f"{len(v)} {k}" for k, v in states.items() if v or k == "done"))
+    for name in states.get("failed", []):
+        error = str(_read(Path(out) / name / RUN_FILE).get("error", "")).strip().splitlines()
+        print(f"  failed       {name}: {error[-1] if error else '?'}  (log: {Path(out) / name / LOG_FILE})")
+    for kind in ("running", "interrupted"):
+        for name in states.get(kind, []):
+            print(f"  {kind:12s} {name}")
+    if states.get("interrupted"):
+        print("  interrupted runs start over when the same sweep command is run again")
+
+
 def main(argv: list[str]) -> None:
     """``lightning-mup sweep`` (argparse: ``--config`` is this command's own flag, not a config file of it)."""
     import argparse
+
+    if argv[:1] == ["--status"]:
+        status = argparse.ArgumentParser(prog="lightning-mup sweep --status", description="where a sweep stands")
+        status.add_argument("out", type=Path, help="the sweep folder")
+        folder = status.parse_args(argv[1:]).out
+        try:
+            print_status(folder)
+        except FileNotFoundError as error:
+            status.error(str(error))
+        return
 
     parser = argparse.ArgumentParser(
         prog="lightning-mup sweep",
@@ -414,6 +484,7 @@ def main(argv: list[str]) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (LightningCLI YAML using MuPStrategy)")
+    parser.epilog = "lightning-mup sweep --status SWEEP_DIR shows which runs are done, running, interrupted or failed."
     parser.add_argument("--widths", required=True, help="comma-separated widths, e.g. 64,128,256,512")
     parser.add_argument("--seeds", type=int, default=1, help="initialisation seeds per cell")
     parser.add_argument("--lrs", default=None, help="comma-separated learning rates")
@@ -437,11 +508,99 @@ def main(argv: list[str]) -> None:
         help="another axis of the grid (repeatable), e.g. --grid trainer.strategy.init_args.depth_alpha=null,0.5,1",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
+    parser.add_argument("--launcher", default="local", choices=LAUNCHERS, help="where runs run")
+    parser.add_argument("--devices", type=int, default=None, help="devices per run (trainer.devices)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes per run (trainer.num_nodes)")
+    parser.add_argument(
+        "--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit/SLURM parameter (repeatable)"
+    )
     args = parser.parse_args(argv)
     try:
         sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items()})
     except ValueError as error:  # bad flags: say which and how, before any run starts
         parser.error(str(error))
+
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+def _local_pool(jobs: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=max(1, jobs),
+        mp_context=get_context("spawn"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
+
+
+def _check_submitit() -> None:
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "--launcher slurm needs submitit: pip install 'lightning-mup[slurm]' (or pip install submitit)"
+        ) from None
+
+
+def _parse_slurm(entries: list[str]) -> dict[str, Any]:
+    import yaml
+
+    parsed = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--slurm {entry!r}: expected KEY=VALUE, e.g. --slurm slurm_partition=gpu")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+class _SubmititPool:
+    """The process pool's interface over submitit: each submitted run is one job (on SLURM, or local), and a
+    thread per job waits for its result, so the sweep's loop (retries, run.json, progress) stays the same."""
+
+    def __init__(self, cluster: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
+        import submitit
+
+        self.executor = submitit.AutoExecutor(folder=out / ".submitit", cluster=cluster)
+        parameters: dict[str, Any] = {"timeout_min": 60}
+        if cluster == "slurm":
+            parameters.update(nodes=nodes, tasks_per_node=devices, slurm_array_parallelism=jobs)
+            if devices > 1 or slurm.get("gpus_per_node"):
+                parameters.setdefault("gpus_per_node", devices)
+        parameters.update(slurm)
+        self.executor.update_parameters(**parameters)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.waiters = ThreadPoolExecutor(max_workers=64)
+
+    def __enter__(self) -> _SubmititPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.waiters.shutdown(wait=True)
+
+    def submit(self, fn, *args):
+        job = self.executor.submit(fn, *args)
+        return self.waiters.submit(_job_result, job)
+
+
+def _job_result(job) -> dict[str, Any]:
+    try:
+        result = job.result()
+    except Exception as error:  # the job itself died (preempted, out of memory, killed): retried, then reported
+        return {
+            "status": "failed",
+            "error": f"job {job.job_id} ended without a result: {type(error).__name__}: {error}",
+        }
+    # a multi-task job (one task per device) returns one result per task: rank 0's is the run's
+    return result[0] if isinstance(result, list) else result
+
+
+def _pool_factory(launcher: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
+    if launcher == "local":
+        return None
+    cluster = "slurm" if launcher == "slurm" else "local"
+    return lambda _jobs: _SubmititPool(cluster, out, jobs, devices, nodes, slurm)
 
 
 def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, summary: dict, progress) -> list[Cell]:

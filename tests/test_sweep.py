@@ -161,8 +161,10 @@ def test_a_miniature_depth_sweep_and_its_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_run_is_retried_then_reported(tmp_path):
-    """The "width" here is the data's input dimension: 5 matches the model, 7 fails inside the run."""
+@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
+def test_a_failing_run_is_retried_then_reported(tmp_path, launcher, capsys):
+    """The "width" here is the data's input dimension: 5 matches the model, 7 fails inside the run. The same
+    through submitit (its local executor: the SLURM path without a cluster)."""
     out = tmp_path / "sweep"
     with pytest.raises(SystemExit) as exit_info:
         sweep(
@@ -179,6 +181,8 @@ def test_a_failing_run_is_retried_then_reported(tmp_path):
                 str(out),
                 "--set",
                 "trainer.callbacks=[]",
+                "--launcher",
+                launcher,
             ]
         )
     assert exit_info.value.code == 1
@@ -189,6 +193,11 @@ def test_a_failing_run_is_retried_then_reported(tmp_path):
     # Each run's own output is kept beside it: the traceback of the failure, the μP summary of the success.
     assert "cannot be multiplied" in (out / "w7_s0" / "log.txt").read_text()
     assert "optimizer groups" in (out / "w5_s0" / "log.txt").read_text()
+    if launcher == "submitit-local":
+        assert list((out / ".submitit").glob("*")), "submitit's job folders"
+    capsys.readouterr()
+    sweep(["--status", str(out)])
+    assert "2 runs — 1 done, 1 failed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,31 @@ def test_runs_of_another_configuration_are_not_reused(tmp_path):
     with pytest.raises(SystemExit, match=r"already holds finished runs of another configuration \(w64_s0"):
         sweep([*args[:-4], "--steps", "20", "--out", str(out)])
     assert json.loads((out / "w64_s0" / "run.json").read_text())["status"] == "done"  # left as it was
+
+
+def test_status_tells_done_running_interrupted_and_failed(tmp_path, capsys):
+    import fcntl
+
+    from lightning_mup.sweep import main as sweep_main
+    from lightning_mup.sweep import sweep_status
+
+    for name, state in {
+        "w64_s0": {"status": "done"},
+        "w128_s0": {
+            "status": "failed",
+            "error": "Traceback ...\nRuntimeError: mat1 and mat2 shapes cannot be multiplied",
+        },
+        "w256_s0": {"status": "running"},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"name": name, **state}))
+    (tmp_path / ".sweep.lock").write_text("")
+    assert sweep_status(tmp_path)["interrupted"] == ["w256_s0"]  # marked running, no sweep holds the folder
+    with open(tmp_path / ".sweep.lock", "a+") as held:  # a live sweep holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        states = sweep_status(tmp_path)
+        assert states["running"] == ["w256_s0"] and states["done"] == ["w64_s0"] and states["failed"] == ["w128_s0"]
+    sweep_main(["--status", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "3 runs — 1 done, 1 interrupted, 1 failed" in out
+    assert "w128_s0: RuntimeError: mat1 and mat2 shapes cannot be multiplied" in out
