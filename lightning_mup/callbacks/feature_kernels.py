@@ -87,11 +87,12 @@ class FeatureKernels(MeasurementCallback):
         return next((mode for pattern, mode in self.spatial.items() if glob_match(pattern, layer)), "flatten")
 
     def check_module(self, pl_module: L.LightningModule) -> None:
-        resolve_layers(pl_module, self.layers, "stream")
+        # once, at setup: the default layers may be read off the forward (residual blocks), not per measurement
+        self._layer_names = resolve_layers(pl_module, self.layers, "stream")
 
     def kernels(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``phi/<layer>`` and ``grad/<layer>`` kernels on ``batch`` (runs in the caller's context)."""
-        names = resolve_layers(pl_module, self.layers, "stream")
+        names = getattr(self, "_layer_names", None) or resolve_layers(pl_module, self.layers, "stream")
         with torch.set_grad_enabled(self.gradient), capturing(pl_module, names) as seen:
             loss = self.training_loss(pl_module, batch)
         missing = [n for n in names if n not in seen]

@@ -60,11 +60,12 @@ class PreactivationHistograms(MeasurementCallback):
         self.edges = np.asarray(edges if edges is not None else np.linspace(-6, 6, 122), dtype=np.float64)
 
     def check_module(self, pl_module: L.LightningModule) -> None:
-        resolve_layers(pl_module, self.layers, "activations")
+        # once, at setup: the default layers may be read off the forward (residual blocks), not per measurement
+        self._layer_names = resolve_layers(pl_module, self.layers, "activations")
 
     def preactivations(self, pl_module: L.LightningModule, batch: Any) -> dict[str, np.ndarray]:
         """Per layer, [points, values over neurons] on the first probe points."""
-        names = resolve_layers(pl_module, self.layers, "activations")
+        names = getattr(self, "_layer_names", None) or resolve_layers(pl_module, self.layers, "activations")
         with torch.no_grad(), capturing(pl_module, names, inputs=True) as seen:
             self.training_loss(pl_module, batch)
         return {

@@ -110,7 +110,8 @@ class UpdateSizes(MeasurementCallback):
         if before is None or self._before_step != self.step:
             raise RuntimeError("no state from just before this step was kept (the measurement before it failed)")
         after = self._state(pl_module)
-        multipliers = _multipliers(pl_module)
+        record = getattr(pl_module, "_lightning_mup_record", None)  # left by MuPStrategy
+        multipliers = record.layer_multipliers() if record is not None else {}
         scalars: dict[str, float] = {}
         arrays: dict[str, Any] = {}
         for layer, (w0, x0) in before.items():
@@ -123,16 +124,3 @@ class UpdateSizes(MeasurementCallback):
 
     def nan_keys(self) -> list[str]:
         return [f"{self.name}/failed"]
-
-
-def _multipliers(pl_module: L.LightningModule) -> dict[str, tuple[float, float]]:
-    """{module: (input multiplier, output multiplier)} from the μP record MuPStrategy left on the module."""
-    record = getattr(pl_module, "_lightning_mup_record", None)
-    out: dict[str, tuple[float, float]] = {}
-    for hook in getattr(record, "hooks", []):
-        before_in, before_out = out.get(hook.module, (1.0, 1.0))
-        if hook.kind == "input":
-            out[hook.module] = (before_in * hook.value, before_out)
-        elif hook.kind == "output":
-            out[hook.module] = (before_in, before_out * hook.value)
-    return out

@@ -130,6 +130,18 @@ class Parametrization:
         _invalidate_compiled_code()
         return model
 
+    def layer_multipliers(self) -> dict[str, tuple[float, float]]:
+        """{module: (multiplier on its input, multiplier on its output)} of the forward hooks this record
+        installs (the readout's 1/m, mean-field's 1/√fan_in, residual branch and self-check factors)."""
+        out: dict[str, tuple[float, float]] = {}
+        for hook in self.hooks:
+            on_input, on_output = out.get(hook.module, (1.0, 1.0))
+            if hook.kind == "input":
+                out[hook.module] = (on_input * hook.value, on_output)
+            elif hook.kind == "output":
+                out[hook.module] = (on_input, on_output * hook.value)
+        return out
+
     def detach(self, model: nn.Module) -> None:
         """Remove the multipliers (attention ``scaling`` attributes keep their value)."""
         remove_hooks(model)

@@ -21,7 +21,7 @@ from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
 from lightning_mup.report.fit import BETA_BOUNDS, fit_power_law
 from lightning_mup.report.plotting import colors, pyplot, save, width_axis
-from lightning_mup.report.runs import Run, _order, by_width, groups, label
+from lightning_mup.report.runs import Run, by_width, groups, label, setting_order
 
 
 @dataclass
@@ -710,6 +710,11 @@ def _loss_by_lr(runs: Sequence[Run], lrs: Sequence[float], key: str) -> np.ndarr
     )
 
 
+def _best(losses: np.ndarray) -> int:
+    """Index of the lowest finite loss (diverged runs never win); the caller checks one is finite."""
+    return int(np.argmin(np.where(np.isfinite(losses), losses, np.inf)))
+
+
 def _transfer_panels(
     figure: Figure, panels: dict[str, dict[int, list[Run]]], lrs: Sequence[float], key: str, axis: str, out: Path
 ) -> bool:
@@ -739,7 +744,7 @@ def _transfer_panels(
             diverged = ~np.isfinite(y) & np.asarray(ran)
             ax.plot(x[diverged], np.full(diverged.sum(), top), "x", color=color, ms=9, mew=2)
             if np.isfinite(y).any():
-                best = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
+                best = _best(y)
                 ax.plot(x[best], y[best], "*", color=color, ms=14, mec="k")
                 figure.rows.append([title, value, float(x[best]), float(y[best])])
         ax.set(xlabel="learning rate", title=title, yscale="log", ylim=(bottom, top * 1.03))
@@ -800,7 +805,7 @@ def _depth_panels(runs: Sequence[Run]) -> dict[tuple, dict[int, dict[int, list[R
             continue
         panel = panels.setdefault((run.parametrization, _without_depth(run.setting)), {})
         panel.setdefault(run.width, {}).setdefault(run.depth, []).append(run)
-    return dict(sorted(panels.items(), key=lambda item: (str(item[0][0]), _order((item[0][1],)))))
+    return dict(sorted(panels.items(), key=lambda item: (str(item[0][0]), setting_order(item[0][1]))))
 
 
 def depth_transfer(runs: Sequence[Run], out: Path) -> Figure:
@@ -854,7 +859,7 @@ def loss_vs_depth(runs: Sequence[Run], out: Path) -> Figure:
             scores = _loss_by_lr(same, lrs, key) if lrs != [None] else np.asarray([mean_final(same, key)])
             if not np.isfinite(scores).any():
                 continue
-            best = int(np.nanargmin(np.where(np.isfinite(scores), scores, np.inf)))
+            best = _best(scores)
             depths.append(depth)
             best_losses.append(float(scores[best]))
             figure.rows.append([_panel_title(form, setting), width, depth, lrs[best], float(scores[best])])
@@ -903,7 +908,7 @@ def optima_grid(runs: Sequence[Run], out: Path) -> Figure:
                 same = per_width[width].get(depth, [])
                 scores = _loss_by_lr(same, lrs, key)
                 if np.isfinite(scores).any():
-                    best = int(np.nanargmin(np.where(np.isfinite(scores), scores, np.inf)))
+                    best = _best(scores)
                     steps[i, j] = best
                     figure.rows.append([_panel_title(form, setting), width, depth, lrs[best], float(scores[best])])
         image = ax.imshow(steps, cmap="viridis", vmin=0, vmax=len(lrs) - 1, origin="lower", aspect="auto")

@@ -14,6 +14,7 @@ import json
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,34 +94,27 @@ class Run:
         ends = [s[np.isfinite(s)].max() for s, _ in self.metrics.values() if np.isfinite(s).any()]
         return int(max(ends)) if ends else 0
 
-    def callback_settings(self, callback_class: str) -> dict | None:
-        """The arguments a callback was configured with in the run's ``config.yaml`` (its defaults filled
-        in), or None when the run was not configured with it."""
-        import inspect
-
+    @cached_property
+    def config(self) -> dict:
+        """The run's ``config.yaml`` as LightningCLI saved it (every init argument filled in); {} if absent
+        or unreadable."""
         import yaml
 
         path = self.log_dir / "config.yaml"
         try:
             config = yaml.safe_load(path.read_text()) if path.exists() else None
         except yaml.YAMLError:
-            return None
-        entries = ((config or {}).get("trainer") or {}).get("callbacks") or []
+            return {}
+        return config if isinstance(config, dict) else {}
+
+    def callback_settings(self, callback_class: str) -> dict | None:
+        """The arguments a callback was configured with in the run's ``config.yaml``, or None when the run
+        was not configured with it."""
+        entries = (self.config.get("trainer") or {}).get("callbacks") or []
         for entry in entries if isinstance(entries, list) else []:
             class_path = str(entry.get("class_path", "")) if isinstance(entry, dict) else ""
-            if class_path.rsplit(".", 1)[-1] != callback_class:
-                continue
-            settings = dict(entry.get("init_args") or {})
-            try:
-                import lightning_mup.callbacks as callbacks
-
-                signature = inspect.signature(getattr(callbacks, callback_class))
-                for name, parameter in signature.parameters.items():
-                    if parameter.default is not inspect.Parameter.empty:
-                        settings.setdefault(name, parameter.default)
-            except (AttributeError, TypeError, ValueError):
-                pass
-            return settings
+            if class_path.rsplit(".", 1)[-1] == callback_class:
+                return dict(entry.get("init_args") or {})
         return None
 
     def probe(self, callback: str, step: int) -> str | None:
@@ -247,13 +241,12 @@ def groups(runs: Iterable[Run]) -> dict[tuple, list[Run]]:
     out: dict[tuple, list[Run]] = {}
     for run in runs:
         out.setdefault(run.group, []).append(run)
-    return dict(sorted(out.items(), key=lambda item: (str(item[0][0]), _order(item[0][2:]), item[0][1] or 0.0)))
+    return dict(sorted(out.items(), key=lambda item: (str(item[0][0]), setting_order(item[0][2]), item[0][1] or 0.0)))
 
 
-def _order(setting: tuple) -> tuple:
-    """Settings in numeric order where values are numbers (depth 2 before 16)."""
-    flat = setting[0] if setting else ()
-    return tuple((name, float(v) if _is_number(v) else float("inf"), str(v)) for name, v in flat)
+def setting_order(setting: tuple) -> tuple:
+    """A sort key putting settings in numeric order where values are numbers (depth 2 before 16)."""
+    return tuple((name, float(v) if _is_number(v) else float("inf"), str(v)) for name, v in setting)
 
 
 def _is_number(value) -> bool:

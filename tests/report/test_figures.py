@@ -91,6 +91,20 @@ def test_a_fit_the_data_cannot_carry_is_drawn_with_its_caveats(tmp_path):
     assert width_scaling(clean, tmp_path).caveats == []
 
 
+def _folder_run(folder: Path, width: int) -> Run:
+    """A one-seed, 20-step run whose files live in ``folder`` (a version_* folder)."""
+    return Run(
+        f"w{width}_s0",
+        folder.parent,
+        [folder],
+        width,
+        0,
+        None,
+        "mup",
+        {"train_loss": (np.arange(1.0, 21), np.ones(20))},
+    )
+
+
 def test_an_ensemble_of_one_is_not_drawn(tmp_path):
     from lightning_mup.report.figures import ensembles
 
@@ -104,18 +118,7 @@ def test_an_ensemble_of_one_is_not_drawn(tmp_path):
             logits=rng.normal(size=(1, 8, 1)),
             targets=rng.normal(size=8),
         )
-        runs.append(
-            Run(
-                f"w{width}_s0",
-                folder.parent,
-                [folder],
-                width,
-                0,
-                None,
-                "mup",
-                {"train_loss": (np.arange(1.0, 21), np.ones(20))},
-            )
-        )
+        runs.append(_folder_run(folder, width))
     figure = ensembles(runs, tmp_path)
     assert figure.path is None and "--seeds 2" in figure.skipped and figure.rows == []
 
@@ -131,18 +134,7 @@ def test_a_callback_in_the_recipe_whose_cadence_outlasts_the_runs_is_named(tmp_p
             "trainer:\n  callbacks:\n  - class_path: lightning_mup.callbacks.FeatureKernels\n"
             "    init_args: {every_n_steps: 500}\n"
         )
-        runs.append(
-            Run(
-                f"w{width}_s0",
-                folder.parent,
-                [folder],
-                width,
-                0,
-                None,
-                "mup",
-                {"train_loss": (np.arange(1.0, 21), np.ones(20))},
-            )
-        )
+        runs.append(_folder_run(folder, width))
     message = no_data(runs, "FeatureKernels", "feature_kernels")
     assert "FeatureKernels is in the recipe" in message and "every_n_steps=500" in message and "20 steps" in message
     assert "add the AfterNTK callback" in no_data(runs, "AfterNTK", "after_ntk")
