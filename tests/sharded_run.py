@@ -88,6 +88,9 @@ def main(kind: str, out: Path, resume: bool, steps: int) -> None:
         torch.save({k: v.detach().cpu() for k, v in weights.items()}, out / f"{kind}{suffix}_weights.pt")
         record = module._lightning_mup_record.to_dict()
         (out / f"{kind}{suffix}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():  # gloo's threads can abort the interpreter's exit otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

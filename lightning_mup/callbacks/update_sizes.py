@@ -59,6 +59,7 @@ class UpdateSizes(MeasurementCallback):
         self.layers = layers
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._before_step: int | None = None
+        self._before_error: str | None = None
 
     @property
     def needs_initial(self) -> bool:
@@ -94,21 +95,26 @@ class UpdateSizes(MeasurementCallback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        upcoming = trainer.global_step + 1
-        if not (self.every_n_steps and upcoming % self.every_n_steps == 0 and self._probe_ready):
+        if not (self.every_n_steps and self._probe_ready) or (self.gather_probe and trainer.global_rank != 0):
             return
-        if self.gather_probe and trainer.global_rank != 0:
+        # The global step this batch ends at: +1 per optimizer stepped through Lightning (two under manual
+        # optimization), +0 for a micro-batch of gradient accumulation — whose last start is still before the step.
+        ahead = range(trainer.global_step + 1, trainer.global_step + 1 + max(1, len(trainer.optimizers)))
+        target = next((s for s in ahead if s % self.every_n_steps == 0), None)
+        if target is None:
             return
         try:
             with self.observation(pl_module):
-                self._before, self._before_step = self._state(pl_module), upcoming
-        except Exception:
-            self._before, self._before_step = None, None
+                self._before, self._before_step, self._before_error = self._state(pl_module), target, None
+        except Exception as error:  # reported by the measurement after the step; training goes on
+            self._before, self._before_step, self._before_error = None, target, f"{type(error).__name__}: {error}"
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         before, self._before = self._before, None
-        if before is None or self._before_step != self.step:
-            raise RuntimeError("no state from just before this step was kept (the measurement before it failed)")
+        if self._before_step != self.step:
+            return {}  # no update ends here (step 0, a micro-batch of accumulation): nothing to measure
+        if before is None:
+            raise RuntimeError(f"the state just before step {self.step} could not be kept: {self._before_error}")
         after = self._state(pl_module)
         record = getattr(pl_module, "_lightning_mup_record", None)  # left by MuPStrategy
         multipliers = record.layer_multipliers() if record is not None else {}
