@@ -302,6 +302,8 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
             foreign.append(cell.name)
         else:
             pending.append(cell)
+    if getattr(pool, "cluster", None) == "slurm":
+        pending = _adopt_slurm_leftovers(out, pending, summary)
     if foreign:
         raise SystemExit(
             f"{out} already holds finished runs of another configuration ({', '.join(foreign[:4])}"
@@ -561,6 +563,7 @@ class _SubmititPool:
     def __init__(self, cluster: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
         import submitit
 
+        self.cluster = cluster
         self.executor = submitit.AutoExecutor(folder=out / ".submitit", cluster=cluster)
         parameters: dict[str, Any] = {"timeout_min": 60}
         if cluster == "slurm":
@@ -580,8 +583,74 @@ class _SubmititPool:
         self.waiters.shutdown(wait=True)
 
     def submit(self, fn, *args):
-        job = self.executor.submit(fn, *args)
+        if self.cluster == "local":  # a local job ends with its sweep, as the process pool's workers do
+            job = self.executor.submit(_watched, os.getpid(), fn, *args)
+        else:
+            job = self.executor.submit(fn, *args)
+        if fn is _run_cell:  # a later sweep must know this run's job is out there (see _live_jobs)
+            folder = Path(args[1])
+            _write(folder / RUN_FILE, {**_read(folder / RUN_FILE), "job_id": str(job.job_id)})
         return self.waiters.submit(_job_result, job)
+
+
+def _watched(sweep_pid: int, fn, *args):
+    """A submitit-local job: exit when the sweep that sent it is gone (killed with -9, say), so that a rerun,
+    which redoes unfinished runs, never shares a folder with an orphan still writing to it."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(sweep_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="watch-sweep").start()
+    return fn(*args)
+
+
+def _adopt_slurm_leftovers(out: Path, pending: list[Cell], summary: dict) -> list[Cell]:
+    """Before a SLURM sweep reruns what an earlier one left "running": refuse while those jobs live, keep the
+    runs whose job finished after its sweep died. Returns what is left to run."""
+    left = [cell.name for cell in pending if _read(out / cell.name / RUN_FILE).get("status") == "running"]
+    live, finished = _slurm_leftovers(out, left)
+    if live:
+        listed = ", ".join(f"{name} (job {job})" for name, job in list(live.items())[:4])
+        raise SystemExit(
+            f"{len(live)} runs of an earlier sweep of {out} are still queued or running on SLURM: {listed}"
+            f"{' ...' if len(live) > 4 else ''}. Rerunning them now would run them twice; wait for them "
+            "(squeue) or cancel them (scancel), then rerun"
+        )
+    for name, result in finished.items():
+        if result.get("status") == "done":  # finished after its sweep died: kept
+            state = {**_read(out / name / RUN_FILE), **result}
+            _write(out / name / RUN_FILE, state)
+            summary["runs"][name] = state
+    return [cell for cell in pending if cell.name not in summary["runs"]]
+
+
+def _slurm_leftovers(out: Path, names: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Runs left "running" by an earlier SLURM sweep that died before its jobs did: those whose job is still
+    queued or running ({run: job id}; rerunning them would run them twice, into the same folder), and those
+    whose job has since finished ({run: its result}, kept rather than redone)."""
+    import submitit
+
+    live, finished = {}, {}
+    for name in names:
+        job_id = _read(out / name / RUN_FILE).get("job_id")
+        if job_id is None:
+            continue
+        job = submitit.SlurmJob(folder=out / ".submitit", job_id=job_id)
+        state = job.state.split()[0]
+        if state in _SLURM_ALIVE:
+            live[name] = job_id
+        elif state == "COMPLETED":
+            finished[name] = _job_result(job)
+    return live, finished
+
+
+_SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING"}
 
 
 def _job_result(job) -> dict[str, Any]:
@@ -600,7 +669,12 @@ def _pool_factory(launcher: str, out: Path, jobs: int, devices: int, nodes: int,
     if launcher == "local":
         return None
     cluster = "slurm" if launcher == "slurm" else "local"
-    return lambda _jobs: _SubmititPool(cluster, out, jobs, devices, nodes, slurm)
+
+    def factory(_jobs: int) -> _SubmititPool:
+        return _SubmititPool(cluster, out, jobs, devices, nodes, slurm)
+
+    factory.cluster = cluster  # type: ignore[attr-defined]
+    return factory
 
 
 def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, summary: dict, progress) -> list[Cell]:

@@ -61,10 +61,21 @@ def _rows(out: Path) -> dict[str, list]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_kill_9_leaves_no_process_behind_and_a_rerun_gives_the_uninterrupted_report(tmp_path):
+@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
+def test_kill_9_leaves_no_process_behind_and_a_rerun_gives_the_uninterrupted_report(tmp_path, launcher):
+    """Also through submitit (its local executor: the SLURM path without a cluster): its jobs end with the
+    sweep, the rerun keeps what finished, and the report equals an uninterrupted process-pool sweep's."""
     recipe = _fast_recipe(tmp_path)
     out = tmp_path / "killed"
-    command = [sys.executable, "-c", "from lightning_mup.cli import main; main()", "sweep", *_args(recipe, out)]
+    chosen = ["--launcher", launcher]
+    command = [
+        sys.executable,
+        "-c",
+        "from lightning_mup.cli import main; main()",
+        "sweep",
+        *_args(recipe, out),
+        *chosen,
+    ]
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill it mid-sweep: one run finished, another under way
@@ -84,14 +95,14 @@ def test_kill_9_leaves_no_process_behind_and_a_rerun_gives_the_uninterrupted_rep
         time.sleep(0.1)
     assert workers and not any(_alive(p) for p in workers), "sweep workers outlived their sweep"
 
-    sweep(_args(recipe, out))  # resumes: the finished runs are kept, the rest run from scratch
+    sweep([*_args(recipe, out), *chosen])  # resumes: the finished runs are kept, the rest run from scratch
     for name, text in finished.items():
         assert (out / name / "run.json").read_text() == text, f"{name} was run again"
     assert not list(out.glob("*/*/version_1")), "a run wrote a second version folder"
     assert set(_states(out).values()) == {"done"}
 
     reference = tmp_path / "uninterrupted"
-    sweep(_args(recipe, reference))
+    sweep(_args(recipe, reference))  # the default process pool
     build_report(out)
     build_report(reference)
     assert _rows(out) == _rows(reference)
@@ -146,3 +157,40 @@ def test_status_tells_done_running_interrupted_and_failed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 runs — 1 done, 1 interrupted, 1 failed" in out
     assert "w128_s0: RuntimeError: mat1 and mat2 shapes cannot be multiplied" in out
+
+
+def test_a_slurm_rerun_waits_for_live_jobs_and_keeps_finished_ones(tmp_path, monkeypatch):
+    """A SLURM sweep killed before its jobs: a rerun refuses while a job of a run it left "running" is queued
+    or running (it would run twice, into one folder), and keeps a run whose job finished since."""
+    import submitit
+
+    import lightning_mup.sweep as sweep_module
+
+    recipe, out = _fast_recipe(tmp_path), tmp_path / "sweep"
+    args = ["--config", str(recipe), "--widths", "64", "--steps", "5", "--out", str(out), "--launcher", "slurm"]
+    sweep(["--config", str(recipe), "--widths", "64", "--steps", "5", "--out", str(out)])  # the run itself
+    finished = json.loads((out / "w64_s0" / "run.json").read_text())
+    (out / "w64_s0" / "run.json").write_text(json.dumps({**finished, "status": "running", "job_id": "77"}))
+    states = {"77": "RUNNING"}
+
+    class FakeJob:  # what submitit reads from sacct / the job's result pickle
+        def __init__(self, folder, job_id):
+            self.job_id = job_id
+
+        @property
+        def state(self):
+            return states[self.job_id]
+
+        def result(self):
+            return {"status": "done", "seconds": 1.0}
+
+    monkeypatch.setattr(submitit, "SlurmJob", FakeJob)
+    submitted = []
+    monkeypatch.setattr(sweep_module._SubmititPool, "submit", lambda self, *a: submitted.append(a))
+    with pytest.raises(SystemExit, match=r"w64_s0 \(job 77\).*run them twice.*scancel"):
+        sweep(args)
+    states["77"] = "COMPLETED"
+    sweep(args)
+    kept = json.loads((out / "w64_s0" / "run.json").read_text())
+    assert kept["status"] == "done" and kept["job_id"] == "77" and not submitted
+    assert (out / "w64_s0" / "log.txt").exists()  # the folder was kept, not redone
