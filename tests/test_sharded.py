@@ -1,5 +1,6 @@
-"""μP on Lightning's ModelParallelStrategy with 2 CPU processes — FSDP2 data parallel and tensor parallel: the
-same weights as one process, the same role map, a distributed checkpoint that resumes to the uninterrupted run;
+"""μP on Lightning's ModelParallelStrategy with 2 CPU processes — FSDP2 data parallel and tensor parallel on a
+small transformer: the same weights as one process and as MuPStrategy's DDP, the same role map, the same
+coordinate check measured inside the run, a distributed checkpoint that resumes to the uninterrupted run;
 callbacks refuse sharded runs."""
 
 import json
@@ -38,24 +39,38 @@ def test_sharded_mup_equals_one_process_and_resumes(tmp_path):
         assert json.loads((tmp_path / f"sharded_{steps}.json").read_text()) == json.loads(
             (tmp_path / f"single_{steps}.json").read_text()
         )
+    _run(tmp_path, "ddp", str(tmp_path))  # MuPStrategy over 2 processes, the same global batch
+    ddp = torch.load(tmp_path / "ddp_6_weights.pt")
+    for name, value in torch.load(tmp_path / "sharded_6_weights.pt").items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5, msg=f"{name}: DDP against FSDP2")
+    # the coordinate check (each layer's output RMS at the first step and after the last) measured in the run
+    single = json.loads((tmp_path / "single_6_coordinates.json").read_text())
+    for kind in ("sharded", "ddp"):
+        measured = json.loads((tmp_path / f"{kind}_6_coordinates.json").read_text())
+        assert measured.keys() == single.keys() == {"init", "trained"}
+        for when, sizes in single.items():
+            assert measured[when].keys() == sizes.keys() and len(sizes) == 3
+            for layer, size in sizes.items():
+                assert measured[when][layer] == pytest.approx(size, rel=1e-5), (kind, when, layer)
+    assert single["trained"] != single["init"]
     role_map = json.loads((tmp_path / "sharded_6.json").read_text())
     assert role_map["params"]["net.features.2.weight"]["role"] == "hidden"  # roles from the unsharded names
 
 
 @pytest.mark.slow
-def test_tensor_parallel_mup_equals_one_process(tmp_path):
-    """Column- then row-parallel hidden layers (torch's parallelize_module plan in configure_model), 2 ranks."""
-    _run(tmp_path, "tensor_parallel", str(tmp_path))
-    _run(tmp_path, "single", str(tmp_path))
-    parallel, single = (
-        torch.load(tmp_path / "tensor_parallel_6_weights.pt"),
-        torch.load(tmp_path / "single_6_weights.pt"),
-    )
+def test_tensor_parallel_mup_on_a_transformer_equals_one_process(tmp_path):
+    """A Llama-style LanguageModel whose configure_model applies Megatron's plan (q/k/v and the gated MLP's
+    up-projections column-parallel, o_proj and down_proj row-parallel: 2 heads per rank), 2 ranks."""
+    _run(tmp_path, "tensor_parallel_transformer", str(tmp_path))
+    _run(tmp_path, "single_transformer", str(tmp_path))
+    parallel = torch.load(tmp_path / "tensor_parallel_transformer_6_weights.pt")
+    single = torch.load(tmp_path / "single_transformer_6_weights.pt")
+    assert parallel.keys() == single.keys()
     for name, value in single.items():
         torch.testing.assert_close(parallel[name], value, rtol=0, atol=1e-5, msg=name)
-    assert json.loads((tmp_path / "tensor_parallel_6.json").read_text()) == json.loads(
-        (tmp_path / "single_6.json").read_text()
-    )
+    record = json.loads((tmp_path / "single_transformer_6.json").read_text())
+    assert json.loads((tmp_path / "tensor_parallel_transformer_6.json").read_text()) == record
+    assert record["params"]["model.model.layers.0.self_attn.q_proj.weight"]["role"] == "hidden"
 
 
 def test_callbacks_refuse_sharded_runs_before_training(tmp_path):
@@ -67,3 +82,14 @@ def test_callbacks_refuse_sharded_runs_before_training(tmp_path):
     trainer = SimpleNamespace(strategy=MuPModelParallelStrategy(base={"width": 32}), log_dir=str(tmp_path))
     with pytest.raises(MeasurementError, match="does not measure sharded models.*MuPStrategy"):
         FeatureKernels().setup(trainer, None, "fit")
+
+
+def test_tensor_parallel_gpt2_is_refused_with_the_fix():
+    from types import SimpleNamespace
+
+    from lightning_mup.models.language import LanguageModel
+
+    module = LanguageModel(architecture="gpt2", width=32, depth=1, heads=2, max_len=8)
+    module._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}
+    with pytest.raises(ValueError, match="fused q/k/v.*architecture='llama', or tensor_parallel_size=1"):
+        module.configure_model()

@@ -10,13 +10,20 @@ from lightning_mup.models._base import RecipeModule
 
 
 class LanguageModel(RecipeModule):
-    """A GPT-2-style causal LM (``architecture="gpt2"``) or a BERT-style masked LM (``"bert"``).
+    """A GPT-2-style causal LM (``architecture="gpt2"``), a Llama-style one (``"llama"``: RMSNorm, rotary
+    positions, gated MLP, bias-free ``nn.Linear`` layers) or a BERT-style masked LM (``"bert"``).
+
+    Under :class:`~lightning_mup.MuPModelParallelStrategy` ``configure_model`` shards it: tensor parallel
+    (Megatron's plan: attention heads and the MLP's hidden units split column- then row-wise) where the
+    device mesh has a tensor-parallel dimension, then FSDP2 (``fully_shard``) per block and at the root over
+    the data-parallel one. Tensor parallelism needs ``"llama"``: GPT-2's fused ``Conv1D`` q/k/v projection is
+    not an ``nn.Linear`` that torch's parallel styles can split.
 
     Vyas et al. App. A.3: depth 4, d_model = N, d_ffn = 4N, a fixed number of heads (head dim grows with
     N, so μP's 1/d_head attention scale matters), Adam 1e-4, batch 32.
 
     Args:
-        architecture: ``"gpt2"`` or ``"bert"``.
+        architecture: ``"gpt2"``, ``"llama"`` or ``"bert"``.
         width: d_model (N).
         depth: transformer blocks.
         heads: attention heads (fixed across widths).
@@ -56,6 +63,23 @@ class LanguageModel(RecipeModule):
                 eos_token_id=0,
             )
             self.model = GPT2LMHeadModel(config)
+        elif architecture == "llama":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            config = LlamaConfig(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=width,
+                intermediate_size=4 * width,
+                num_hidden_layers=depth,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                max_position_embeddings=max_len,
+                tie_word_embeddings=tie_embeddings,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=None,
+            )
+            self.model = LlamaForCausalLM(config)
         elif architecture == "bert":
             from transformers import BertConfig, BertForMaskedLM
 
@@ -71,8 +95,48 @@ class LanguageModel(RecipeModule):
             )
             self.model = BertForMaskedLM(config)
         else:
-            raise ValueError(f"architecture={architecture!r}; use 'gpt2' or 'bert'")
+            raise ValueError(f"architecture={architecture!r}; use 'gpt2', 'llama' or 'bert'")
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+
+    def configure_model(self) -> None:
+        mesh = self._device_mesh  # set by ModelParallelStrategy only
+        if mesh is None:
+            return
+        blocks = self._blocks()
+        tensor_parallel = mesh["tensor_parallel"]
+        if tensor_parallel.size() > 1:
+            if self.hparams.architecture != "llama":
+                raise ValueError(
+                    f"tensor_parallel_size={tensor_parallel.size()} with architecture={self.hparams.architecture!r}: "
+                    "its attention's fused q/k/v projection cannot be split by torch's parallel styles. Use "
+                    "architecture='llama', or tensor_parallel_size=1 (FSDP2 only)"
+                )
+            if self.hparams.heads % tensor_parallel.size():
+                raise ValueError(f"heads={self.hparams.heads} do not split over {tensor_parallel.size()} ranks")
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {
+                **{f"self_attn.{name}": ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")},
+                "self_attn.o_proj": RowwiseParallel(),
+                **{f"mlp.{name}": ColwiseParallel() for name in ("gate_proj", "up_proj")},
+                "mlp.down_proj": RowwiseParallel(),
+            }
+            for block in blocks:
+                parallelize_module(block, tensor_parallel, plan)
+        data_parallel = mesh["data_parallel"]
+        if data_parallel.size() > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in blocks:
+                fully_shard(block, mesh=data_parallel)
+            fully_shard(self.model, mesh=data_parallel)
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        body = getattr(self.model, self.model.base_model_prefix)
+        layers = body.h if self.hparams.architecture == "gpt2" else body.layers if hasattr(body, "layers") else None
+        if layers is None:  # BERT
+            layers = body.encoder.layer
+        return list(layers)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
