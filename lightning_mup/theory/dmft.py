@@ -1,0 +1,557 @@
+"""The rich (feature-learning) infinite-width limit of a mean-field MLP under full-batch gradient descent: the
+dynamical mean-field theory (DMFT) of Bordelon & Pehlevan (2022, arXiv 2205.09653), in discrete time.
+
+Network (the ``mf`` form): h¹ = W⁰x/√D, h^{ℓ+1} = W^ℓ φ(h^ℓ)/√N (ℓ = 1 … L−1), f = w·φ(h^L)/(γ0 N), weights
+N(0, 1), every layer trained by SGD at rate η0·γ0²·N on the mean squared error over the training points
+(c = 2/P_train below). As N → ∞ every neuron of layer ℓ is an independent draw of a *single-site* process,
+driven by Gaussian fields whose covariances are the layer kernels, and the kernels are averages over that
+process. With Δ(t) = y − f(t) on training points (0 on test points), g^ℓ = φ'(h^ℓ)·z^ℓ, and every quantity a
+(time × point) array::
+
+    h^ℓ(t) = u^ℓ(t) + Σ_{s<t} A^{ℓ−1}(t,s) g^ℓ(s) + η0γ0c Σ_{s<t} Σ_ν Δ_ν(s) Φ^{ℓ−1}_ν·(s,t) g^ℓ_ν(s)
+    z^ℓ(t) = r^ℓ(t) + Σ_{s≤t} B^ℓ(t,s) φ(h^ℓ(s)) + η0γ0c Σ_{s<t} Σ_ν Δ_ν(s) G^{ℓ+1}_ν·(s,t) φ(h^ℓ_ν(s))
+
+    u^ℓ ~ GP(0, Φ^{ℓ−1}),  r^ℓ ~ GP(0, G^{ℓ+1}),  Φ^ℓ = ⟨φ(h^ℓ) φ(h^ℓ)⟩,  G^ℓ = ⟨g^ℓ g^ℓ⟩,
+    A^ℓ = ⟨∂φ(h^ℓ)/∂r^ℓ⟩,  B^ℓ = ⟨∂g^{ℓ+1}/∂u^{ℓ+1}⟩            (the response functions)
+
+with Φ⁰ = XXᵀ/D at every time, u¹ constant in time, G^{L+1} = 1, r^L = w(0) ~ N(0, 1) constant, A⁰ = B^L = 0.
+The response terms are what a finite network's forward and backward use of the same W(0) leave in the limit.
+The output needs no 1/γ0-amplified Monte Carlo average: by Gaussian integration by parts on w(0),
+
+    f(t) = γ0⁻¹ ⟨∂φ(h^L(t))/∂w(0)⟩ + η0c Σ_{s<t} Φ^L(t,s) Δ(s).
+
+Everything is causal in discrete time, so the fixed point is unique; it is found by damped iteration
+(Bordelon & Pehlevan's algorithm): from the kernels, sample each layer's fields, solve each sample's
+equations forward in time together with its exact sensitivities to its own fields (forward mode: the
+response functions, never a noisy Stein estimate), average, damp, repeat until nothing moves. The Gaussian
+draws are fixed across iterations (the map is deterministic, so it converges to rounding), and independent
+replicas give Monte Carlo error bars.
+
+Scope: bias-free MLPs of depth ≥ 2 (≥ 1 hidden layer), any elementwise φ, full-batch GD on the MSE, SGD (no
+momentum), discrete time. Cost and memory: the kernels and responses are (T·P)² per layer and each sample
+carries its sensitivities to its T·P fields, so time ∝ samples·(T·P)³ — T·P up to a few hundred (e.g. P = 8,
+T = 40) runs in seconds to minutes; :func:`dmft_memory` says what a problem needs and the solver refuses what
+exceeds its budget. Deep *linear* networks have a closed form (:func:`linear_dmft`): the same equations with
+every average Gaussian, solved exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_mup.theory.lazy import kernel_dynamics, mlp_kernels
+
+ActivationArg = str | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DMFTSolution:
+    """The limit's dynamics on the P = P_train + P_test points of a full-batch run.
+
+    Arrays are means over replicas; ``*_error`` the standard error of that mean (NaN with one replica). Kernels
+    are [layer][T, P, T, P] (layer ℓ = 1 … L), ``preactivations`` [layer] of [samples, T, P] (replica 0)."""
+
+    outputs: np.ndarray  # [T + 1, P]: f at steps 0 … T (f before each step, and after the last)
+    loss: np.ndarray  # [T + 1]: training mean squared error at each of those steps
+    feature_kernels: list[np.ndarray]  # Φ^ℓ(t, s) over steps 0 … T−1
+    gradient_kernels: list[np.ndarray]  # G^ℓ(t, s)
+    preactivations: list[np.ndarray]  # single-site samples of h^ℓ(t) on each point
+    outputs_error: np.ndarray
+    loss_error: np.ndarray
+    feature_kernels_error: list[np.ndarray]
+    converged: bool
+    iterations: list[int]  # per replica
+    residuals: list[list[float]]  # per replica: the relative change at each iteration
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        worst = max(r[-1] for r in self.residuals)
+        state = "converged" if self.converged else "NOT CONVERGED"
+        replicas = len(self.iterations)
+        return (
+            f"DMFT {state}: {replicas} replica{'s' * (replicas > 1)} × {self.settings['samples']} samples, "
+            f"iterations {self.iterations}, last relative change {worst:.1e} (tolerance {self.settings['tol']:.0e}); "
+            f"final loss {self.loss[-1]:.4g} ± {self.loss_error[-1]:.1g}"
+        )
+
+
+def dmft_memory(points: int, steps: int, depth: int, samples: int, chunk: int = 256) -> int:
+    """Bytes the solver needs (float64): kernels and responses, (T·P)² each, four per hidden layer, and a chunk of
+    samples carrying their sensitivities to 2·T·P fields over T steps (four such arrays)."""
+    tp = points * steps
+    hidden = depth - 1
+    kernels = 4 * hidden * tp * tp * 8 * 2  # the current and the previous iterate
+    sensitivities = 4 * min(chunk, samples) * (2 * tp + 1) * tp * 8
+    stored = hidden * samples * tp * 8
+    return kernels + sensitivities + stored
+
+
+def solve_dmft(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray | None = None,
+    *,
+    depth: int = 3,
+    activation: ActivationArg = "tanh",
+    gamma0: float = 1.0,
+    lr: float = 1.0,
+    steps: int = 20,
+    samples: int = 2000,
+    replicas: int = 1,
+    damping: float = 0.7,
+    tol: float = 1e-9,
+    max_iter: int = 200,
+    seed: int = 0,
+    lazy_reference: bool = False,
+    memory_budget: float = 4 * 2**30,
+    chunk: int = 256,
+    progress: bool = False,
+) -> DMFTSolution:
+    """Solve the DMFT of ``depth``-layer mf MLPs trained for ``steps`` full-batch GD steps at rate ``lr`` (η0) and
+    richness ``gamma0`` on (``x_train``, ``y_train``); outputs also on ``x_test``.
+
+    ``damping``: the weight of each new iterate (1 = none). ``tol``: stop when the relative change of the outputs
+    and kernels falls below it; not reached in ``max_iter`` iterations → ``converged=False`` and a warning.
+    ``lazy_reference``: a control variate for small γ0 — subtract the same Monte Carlo solution at γ0 → 0 (the
+    same draws) and add the exact lazy limit (:mod:`.lazy`), so what remains of the sampling error scales with
+    the distance from the lazy regime. ``memory_budget``: bytes (see :func:`dmft_memory`); larger problems are
+    refused with what would fit."""
+    x_all, y, train = _points(x_train, y_train, x_test)
+    if depth < 2:
+        raise ValueError(f"depth={depth}: an MLP has at least an input layer and a readout")
+    if gamma0 <= 0 or lr <= 0 or steps < 1 or samples < 2 or replicas < 1:
+        raise ValueError("gamma0 and lr must be positive, steps ≥ 1, samples ≥ 2, replicas ≥ 1")
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping={damping}: the new iterate's weight, in (0, 1]")
+    need = dmft_memory(len(x_all), steps, depth, samples, chunk)
+    if need > memory_budget:
+        fits = _steps_that_fit(len(x_all), depth, samples, chunk, memory_budget)
+        raise MemoryError(
+            f"DMFT with P = {len(x_all)} points × T = {steps} steps needs {need / 2**30:.1f} GiB "
+            f"(memory_budget {memory_budget / 2**30:.1f} GiB): the kernels are (T·P)² per layer and each sample "
+            f"carries T·P sensitivities. At P = {len(x_all)}, T ≤ {fits} fits; or fewer points, or a larger budget"
+        )
+    phi = _activation(activation)
+    settings = dict(
+        depth=depth,
+        activation=activation if isinstance(activation, str) else getattr(activation, "__name__", "φ"),
+        gamma0=gamma0,
+        lr=lr,
+        steps=steps,
+        samples=samples,
+        replicas=replicas,
+        damping=damping,
+        tol=tol,
+        lazy_reference=lazy_reference,
+        train_points=int(train.sum()),
+        test_points=int((~train).sum()),
+    )
+    runs = []
+    iterator = range(replicas)
+    bar = _bar(replicas * (2 if lazy_reference else 1), progress)
+    for replica in iterator:
+        generator_seed = seed * 1000 + replica
+        run = _solve_once(
+            x_all, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, generator_seed, chunk, bar
+        )
+        if lazy_reference:
+            reference = _solve_once(
+                x_all,
+                y,
+                train,
+                depth,
+                phi,
+                gamma0 * 1e-6,
+                lr,
+                steps,
+                samples,
+                damping,
+                tol,
+                max_iter,
+                generator_seed,
+                chunk,
+                bar,
+            )
+            exact = _exact_lazy(x_all, y, train, depth, activation, lr, steps)
+            run = _corrected(run, reference, exact, y, train)
+        runs.append(run)
+    if bar is not None:
+        bar.close()
+    return _combine(runs, settings)
+
+
+# ----------------------------------------------------------------------------------------------- the iteration
+@dataclass
+class _Run:
+    outputs: np.ndarray
+    loss: np.ndarray
+    phi: list[np.ndarray]
+    grad: list[np.ndarray]
+    preactivations: list[np.ndarray]
+    converged: bool
+    iterations: int
+    residuals: list[float]
+
+
+def _solve_once(x, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, seed, chunk, bar):
+    dtype = torch.float64
+    # times 0 … steps: the forward pass after the last step is solved too (its Δ drives nothing later)
+    P, T, L = len(x), steps + 1, depth - 1
+    xt = torch.as_tensor(x, dtype=dtype)
+    kx = xt @ xt.T / x.shape[1]
+    y_t = torch.as_tensor(y, dtype=dtype)
+    mask = torch.as_tensor(train, dtype=dtype)
+    c = 2.0 / float(train.sum())
+    generator = torch.Generator().manual_seed(seed)
+    # the Gaussian draws of every layer's fields, fixed across iterations: u (input-side) and r (output-side)
+    eps_u = [torch.randn(samples, P if layer == 0 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
+    eps_r = [
+        torch.randn(samples, 1 if layer == L - 1 else T * P, generator=generator, dtype=dtype) for layer in range(L)
+    ]
+    zeros = torch.zeros(T, P, T, P, dtype=dtype)
+    state = {
+        "phi": [zeros.clone() for _ in range(L)],
+        "grad": [zeros.clone() for _ in range(L)],
+        "A": [zeros.clone() for _ in range(L)],  # A^ℓ for ℓ < L; A^L is the readout's vector a below
+        "B": [zeros.clone() for _ in range(L)],  # B^ℓ for ℓ < L
+        "a": torch.zeros(T, P, dtype=dtype),
+    }
+    delta = torch.zeros(T, P, dtype=dtype)
+    residuals: list[float] = []
+    converged = False
+    preactivations: list[torch.Tensor] = []
+    first = True
+    for _iteration in range(max_iter):
+        # causality: a pass settles one more step, so the k-th solves steps < k + 2 only (then all of them)
+        horizon = min(T, _iteration + 2)
+        new, preactivations = _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, lr * c, T, P, L, chunk, horizon)
+        if first:  # the first pass (Δ = 0) is the initialisation: no damping towards the zero start
+            blended, first = new, False
+        else:
+            blended = _blend(state, new, damping)
+        delta_new = (y_t - _outputs(blended, delta, gamma0, lr * c, T)) * mask
+        change = _change(state, blended) + float((delta_new - delta).norm() / (y_t.norm() + 1e-300))
+        state, delta = blended, delta_new
+        residuals.append(change)
+        if bar is not None:
+            bar.set_postfix_str(f"change {change:.1e}")
+        if change < tol and horizon == T and _iteration > 0:
+            converged = True
+            break
+    if bar is not None:
+        bar.update(1)
+    outputs = _outputs(state, delta, gamma0, lr * c, T).numpy()
+    return _Run(
+        outputs=outputs,
+        loss=_train_loss(outputs, y, train),
+        phi=[k.numpy() for k in state["phi"]],
+        grad=[k.numpy() for k in state["grad"]],
+        preactivations=[h.numpy() for h in preactivations],
+        converged=converged,
+        iterations=len(residuals),
+        residuals=residuals,
+    )
+
+
+def _outputs(state, delta, gamma0, rate, T):
+    """f(t) = γ0⁻¹ a(t) + η0 c Σ_{s<t} Φ^L(t,s) Δ(s) at every solved time."""
+    causal = torch.tril(torch.ones(T, T, dtype=delta.dtype), diagonal=-1)  # s < t
+    return state["a"] / gamma0 + rate * torch.einsum("ts,tmsn,sn->tm", causal, state["phi"][-1], delta)
+
+
+def _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, rate, T, P, L, chunk, horizon):
+    """One pass over the layers (upwards, each from the previous iterate's kernels above and this pass's below):
+    new kernels and responses at times < ``horizon`` (zero after: causal, they cannot matter before)."""
+    new = {"phi": [], "grad": [], "A": [], "B": [None] * L, "a": None}
+    causal = torch.tril(torch.ones(T, T, dtype=delta.dtype), diagonal=-1)
+    stored = []
+    for layer in range(L):
+        # operator of the forward field: h(t) = u(t) + Σ_s C[t, :, s, :] g(s)
+        if layer == 0:
+            phi_below = kx[None, :, None, :].expand(T, P, T, P)  # Φ⁰(t,s) = XXᵀ/D
+            response_below = torch.zeros(T, P, T, P, dtype=delta.dtype)
+        else:  # Gauss–Seidel upwards: this pass's kernel and response of the layer below
+            phi_below, response_below = new["phi"][layer - 1], new["A"][layer - 1]
+        # Φ^{ℓ−1}_{νμ}(s,t) Δ_ν(s) for s < t, as C[t, μ, s, ν]
+        update_h = gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, phi_below, delta)
+        C = response_below + update_h
+        # operator of the backward field: z(t) = r(t) + Σ_{s≤t} D[t, :, s, :] φ(s)
+        if layer == L - 1:
+            grad_above = torch.ones(T, P, T, P, dtype=delta.dtype)  # G^{L+1} = 1
+            response_here = torch.zeros(T, P, T, P, dtype=delta.dtype)
+        else:
+            grad_above, response_here = state["grad"][layer + 1], state["B"][layer]
+        update_z = gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, grad_above, delta)
+        D = response_here + update_z
+        # the fields: u ~ GP(0, Φ^{ℓ−1}) (u¹ constant in time), r ~ GP(0, G^{ℓ+1}) (r^L = w(0) constant)
+        n = horizon * P
+        if layer == 0:
+            u = (eps_u[0] @ _sqrt(kx).T)[:, None, :].expand(-1, T, P)
+        else:
+            u = torch.zeros(eps_u[layer].shape[0], T, P, dtype=delta.dtype)
+            u[:, :horizon] = (eps_u[layer][:, :n] @ _sqrt(phi_below.reshape(T * P, T * P)[:n, :n]).T).reshape(
+                -1, horizon, P
+            )
+        if layer == L - 1:
+            r = eps_r[layer][:, :, None].expand(-1, T, P)
+        else:
+            r = torch.zeros(eps_r[layer].shape[0], T, P, dtype=delta.dtype)
+            r[:, :horizon] = (eps_r[layer][:, :n] @ _sqrt(grad_above.reshape(T * P, T * P)[:n, :n]).T).reshape(
+                -1, horizon, P
+            )
+        want_r = layer < L - 1  # A^ℓ feeds layer ℓ+1
+        want_u = layer > 0  # B^{ℓ−1} feeds layer ℓ−1
+        sums = _single_site(u, r, C, D, phi, T, P, want_u, want_r, layer == L - 1, chunk, horizon)
+        samples = u.shape[0]
+        new["phi"].append(sums["phi"] / samples)
+        new["grad"].append(sums["grad"] / samples)
+        new["A"].append(sums["A"] / samples if want_r else torch.zeros(T, P, T, P, dtype=delta.dtype))
+        if want_u:
+            new["B"][layer - 1] = sums["B"] / samples
+        if layer == L - 1:
+            new["a"] = sums["a"] / samples
+        stored.append(sums["h"])
+    new["B"] = [b if b is not None else torch.zeros(T, P, T, P, dtype=delta.dtype) for b in new["B"]]
+    return new, stored
+
+
+def _single_site(u, r, C, D, phi, T, P, want_u, want_r, last, chunk, horizon):
+    """Solve h, z of each sample forward in time (to ``horizon``), with forward-mode sensitivities to the sample's
+    own fields (unit directions in u for B, in r for A, and w(0) for the readout); return the sums over samples."""
+    dtype = u.dtype
+    n = horizon * P
+    directions_u = n if want_u else 0
+    directions_r = n if want_r else 0
+    directions = directions_u + directions_r + (1 if last else 0)
+    # each direction's field perturbation at each time, [d, T, P]
+    du = torch.zeros(directions, T, P, dtype=dtype)
+    dr = torch.zeros(directions, T, P, dtype=dtype)
+    unit = torch.eye(n, dtype=dtype).reshape(n, horizon, P)
+    if want_u:
+        du[:directions_u, :horizon] = unit
+    if want_r:
+        dr[directions_u : directions_u + directions_r, :horizon] = unit
+    if last:
+        dr[-1] = 1.0  # r^L(t) = w(0) at every time and point
+    sums = {
+        "phi": torch.zeros(T, P, T, P, dtype=dtype),
+        "grad": torch.zeros(T, P, T, P, dtype=dtype),
+        "A": torch.zeros(T, P, T, P, dtype=dtype),
+        "B": torch.zeros(T, P, T, P, dtype=dtype),
+        "a": torch.zeros(T, P, dtype=dtype),
+    }
+    kept = []
+    for start in range(0, u.shape[0], chunk):
+        ub, rb = u[start : start + chunk], r[start : start + chunk]
+        b = ub.shape[0]
+        h = torch.zeros(b, T, P, dtype=dtype)
+        z = torch.zeros(b, T, P, dtype=dtype)
+        f = torch.zeros(b, T, P, dtype=dtype)  # φ(h)
+        g = torch.zeros(b, T, P, dtype=dtype)
+        dh = torch.zeros(b, directions, T, P, dtype=dtype)
+        dphi = torch.zeros(b, directions, T, P, dtype=dtype)
+        dg = torch.zeros(b, directions, T, P, dtype=dtype)
+        for t in range(horizon):
+            Ct, Dt = C[t, :, : t + 1], D[t, :, : t + 1]  # [P, s ≤ t, P]; C's s = t block is zero (causal)
+            h[:, t] = ub[:, t] + torch.einsum("msn,bsn->bm", Ct[:, :t], g[:, :t])
+            value, slope, curve = phi(h[:, t])
+            f[:, t] = value
+            dh[:, :, t] = du[None, :, t] + torch.einsum("msn,bdsn->bdm", Ct[:, :t], dg[:, :, :t])
+            dphi[:, :, t] = slope[:, None] * dh[:, :, t]
+            z[:, t] = rb[:, t] + torch.einsum("msn,bsn->bm", Dt, f[:, : t + 1])
+            dz = dr[None, :, t] + torch.einsum("msn,bdsn->bdm", Dt, dphi[:, :, : t + 1])
+            g[:, t] = slope * z[:, t]
+            dg[:, :, t] = (curve * z[:, t])[:, None] * dh[:, :, t] + slope[:, None] * dz
+        sums["phi"] += torch.einsum("btm,bsn->tmsn", f, f)
+        sums["grad"] += torch.einsum("btm,bsn->tmsn", g, g)
+        if want_r:  # A[t, μ, s, ν] = Σ_b ∂φ_b(t)_μ / ∂r_b(s)_ν
+            block = dphi[:, directions_u : directions_u + directions_r].sum(0)  # [(s,ν), t, μ]
+            sums["A"][:, :, :horizon] += block.reshape(horizon, P, T, P).permute(2, 3, 0, 1)
+        if want_u:  # B[t, μ, s, ν] = Σ_b ∂g_b(t)_μ / ∂u_b(s)_ν
+            block = dg[:, :directions_u].sum(0)
+            sums["B"][:, :, :horizon] += block.reshape(horizon, P, T, P).permute(2, 3, 0, 1)
+        if last:
+            sums["a"] += dphi[:, -1].sum(0)
+        kept.append(h)
+    sums["h"] = torch.cat(kept)
+    return sums
+
+
+def _blend(old, new, damping):
+    out = {}
+    for key in ("phi", "grad", "A", "B"):
+        out[key] = [(1 - damping) * o + damping * n for o, n in zip(old[key], new[key])]
+    out["a"] = (1 - damping) * old["a"] + damping * new["a"]
+    return out
+
+
+def _change(old, new) -> float:
+    worst = 0.0
+    for key in ("phi", "grad", "A", "B"):
+        for o, n in zip(old[key], new[key]):
+            scale = float(n.abs().max()) + 1e-300
+            worst = max(worst, float((n - o).abs().max()) / scale)
+    scale = float(new["a"].abs().max())
+    if scale > 0:
+        worst = max(worst, float((new["a"] - old["a"]).abs().max()) / scale)
+    return worst
+
+
+def _sqrt(kernel: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor S (S Sᵀ = K) of a PSD kernel over (time, point), time-major: *causal*, so the field
+    at time t depends on the kernel up to t only and the iteration settles time by time. A jitter of 1e-12 of
+    the mean diagonal (raised until it factors) for kernels that barely move in time (rank ≈ P at small γ0)."""
+    kernel = (kernel + kernel.T) / 2
+    jitter = 1e-12 * float(kernel.diagonal().mean().clamp(min=1e-300))
+    eye = torch.eye(len(kernel), dtype=kernel.dtype)
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(kernel + jitter * eye)
+        if int(info) == 0:
+            return factor
+        jitter *= 100
+    raise FloatingPointError("a DMFT kernel is not positive semi-definite (diverging dynamics: lower lr)")
+
+
+# ------------------------------------------------------------------------------------------------ activations
+def _activation(activation: ActivationArg) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """φ ↦ (φ(h), φ'(h), φ''(h))."""
+    if activation == "tanh":
+
+        def tanh(h):
+            t = torch.tanh(h)
+            return t, 1 - t * t, -2 * t * (1 - t * t)
+
+        return tanh
+    if activation == "relu":
+        return lambda h: (h.clamp(min=0), (h > 0).to(h.dtype), torch.zeros_like(h))
+    if activation == "erf":
+
+        def erf(h):
+            slope = 2 / math.sqrt(math.pi) * torch.exp(-h * h)
+            return torch.erf(h), slope, -2 * h * slope
+
+        return erf
+    if activation == "identity":
+        return lambda h: (h, torch.ones_like(h), torch.zeros_like(h))
+    if callable(activation):
+        from torch.func import grad, vmap
+
+        first = vmap(grad(lambda v: activation(v)))
+        second = vmap(grad(grad(lambda v: activation(v))))
+
+        def general(h):
+            flat = h.reshape(-1)
+            return activation(h), first(flat).reshape(h.shape), second(flat).reshape(h.shape)
+
+        return general
+    raise ValueError(f"activation={activation!r}: 'tanh', 'relu', 'erf', 'identity' or an elementwise torch function")
+
+
+# -------------------------------------------------------------------------------------------------- utilities
+def _points(x_train, y_train, x_test):
+    x_train = np.asarray(x_train, dtype=np.float64)
+    y_train = np.asarray(y_train, dtype=np.float64).reshape(-1)
+    if x_train.ndim != 2 or len(y_train) != len(x_train):
+        raise ValueError(f"x_train {x_train.shape} and y_train {y_train.shape}: give [P, D] inputs and P targets")
+    x_test = np.zeros((0, x_train.shape[1])) if x_test is None else np.asarray(x_test, dtype=np.float64)
+    x_all = np.concatenate([x_train, x_test])
+    y = np.concatenate([y_train, np.zeros(len(x_test))])
+    train = np.concatenate([np.ones(len(x_train), bool), np.zeros(len(x_test), bool)])
+    return x_all, y, train
+
+
+def _steps_that_fit(points, depth, samples, chunk, budget) -> int:
+    steps = 1
+    while dmft_memory(points, steps + 1, depth, samples, chunk) <= budget:
+        steps += 1
+    return steps
+
+
+def _exact_lazy(x, y, train, depth, activation, lr, steps):
+    """The γ0 → 0 limit exactly: the NTK regression's outputs, and the kernels at initialisation (constant)."""
+    name = activation if isinstance(activation, str) else None
+    if name is None:
+        return None
+    limit = mlp_kernels(x, depth, name)
+    outputs = kernel_dynamics(limit.ntk, y[train], train, lr, list(range(steps + 1)))
+    # Φ^ℓ = E φ(h^ℓ)φ(h^ℓ) is the next layer's preactivation covariance; the last one the readout's NNGP
+    phi = [*limit.layers[1:], limit.nngp]
+    return outputs, phi
+
+
+def _train_loss(outputs: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
+    return (((outputs - y) ** 2) * train).sum(axis=1) / train.sum()
+
+
+def _corrected(run: _Run, reference: _Run, exact, y, train) -> _Run:
+    """The control variate: run − (the same draws at γ0 → 0) + (the exact lazy limit)."""
+    if exact is None:
+        raise ValueError("lazy_reference needs a named activation ('tanh', 'relu', 'erf', 'identity')")
+    lazy_outputs, lazy_phi = exact
+    outputs = run.outputs - reference.outputs + lazy_outputs
+    phi = [k - kr + np.broadcast_to(e[None, :, None, :], k.shape) for k, kr, e in zip(run.phi, reference.phi, lazy_phi)]
+    return _Run(
+        outputs=outputs,
+        loss=_train_loss(outputs, y, train),
+        phi=phi,
+        grad=run.grad,
+        preactivations=run.preactivations,
+        converged=run.converged and reference.converged,
+        iterations=run.iterations,
+        residuals=run.residuals,
+    )
+
+
+def _combine(runs: list[_Run], settings: dict) -> DMFTSolution:
+    def mean_error(values):
+        stacked = np.stack(values)
+        error = (
+            stacked.std(axis=0, ddof=1) / math.sqrt(len(values))
+            if len(values) > 1
+            else np.full_like(stacked[0], np.nan)
+        )
+        return stacked.mean(axis=0), error
+
+    outputs, outputs_error = mean_error([r.outputs for r in runs])
+    loss, loss_error = mean_error([r.loss for r in runs])
+    layers = len(runs[0].phi)
+    phi = [mean_error([r.phi[i] for r in runs]) for i in range(layers)]
+    grad = [np.mean([r.grad[i] for r in runs], axis=0) for i in range(layers)]
+    converged = all(r.converged for r in runs)
+    if not converged:
+        import warnings
+
+        warnings.warn(
+            "the DMFT iteration did not reach its tolerance: its numbers are not the limit (raise max_iter, or "
+            "lower damping)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return DMFTSolution(
+        outputs=outputs,
+        loss=loss,
+        feature_kernels=[p[0] for p in phi],
+        gradient_kernels=grad,
+        preactivations=runs[0].preactivations,
+        outputs_error=outputs_error,
+        loss_error=loss_error,
+        feature_kernels_error=[p[1] for p in phi],
+        converged=converged,
+        iterations=[r.iterations for r in runs],
+        residuals=[r.residuals for r in runs],
+        settings=settings,
+    )
+
+
+def _bar(total: int, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="DMFT replicas", unit="solve")
