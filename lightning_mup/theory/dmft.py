@@ -104,7 +104,7 @@ def solve_dmft(
     steps: int = 20,
     samples: int = 2000,
     replicas: int = 1,
-    damping: float = 0.7,
+    damping: float = 1.0,
     tol: float = 1e-9,
     max_iter: int = 200,
     seed: int = 0,
@@ -186,6 +186,62 @@ def solve_dmft(
     return _combine(runs, settings)
 
 
+def linear_dmft(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray | None = None,
+    *,
+    depth: int = 3,
+    gamma0: float = 1.0,
+    lr: float = 1.0,
+    steps: int = 20,
+    tol: float = 1e-11,
+    max_iter: int = 500,
+) -> DMFTSolution:
+    """The DMFT of deep *linear* mf networks in closed form: the same fixed point with every average exact
+    (no sampling; ``outputs_error`` is 0). The reference the Monte Carlo solver is tested against."""
+    x_all, y, train = _points(x_train, y_train, x_test)
+    if depth < 2:
+        raise ValueError(f"depth={depth}: an MLP has at least an input layer and a readout")
+    settings = dict(
+        depth=depth,
+        activation="identity",
+        gamma0=gamma0,
+        lr=lr,
+        steps=steps,
+        samples=0,
+        replicas=1,
+        damping=1.0,
+        tol=tol,
+        lazy_reference=False,
+        train_points=int(train.sum()),
+        test_points=int((~train).sum()),
+    )
+    run = _solve_once(
+        x_all,
+        y,
+        train,
+        depth,
+        _activation("identity"),
+        gamma0,
+        lr,
+        steps,
+        2,
+        1.0,
+        tol,
+        max_iter,
+        0,
+        1,
+        None,
+        exact_linear=True,
+    )
+    solution = _combine([run], settings)
+    solution.outputs_error = np.zeros_like(solution.outputs)
+    solution.loss_error = np.zeros_like(solution.loss)
+    solution.feature_kernels_error = [np.zeros_like(k) for k in solution.feature_kernels]
+    return solution
+
+
 # ----------------------------------------------------------------------------------------------- the iteration
 @dataclass
 class _Run:
@@ -199,7 +255,9 @@ class _Run:
     residuals: list[float]
 
 
-def _solve_once(x, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, seed, chunk, bar):
+def _solve_once(
+    x, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, seed, chunk, bar, exact_linear=False
+):
     dtype = torch.float64
     # times 0 … steps: the forward pass after the last step is solved too (its Δ drives nothing later)
     P, T, L = len(x), steps + 1, depth - 1
@@ -230,7 +288,8 @@ def _solve_once(x, y, train, depth, phi, gamma0, lr, steps, samples, damping, to
     for _iteration in range(max_iter):
         # causality: a pass settles one more step, so the k-th solves steps < k + 2 only (then all of them)
         horizon = min(T, _iteration + 2)
-        new, preactivations = _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, lr * c, T, P, L, chunk, horizon)
+        step = _iterate_linear if exact_linear else _iterate
+        new, preactivations = step(state, delta, kx, eps_u, eps_r, phi, gamma0, lr * c, T, P, L, chunk, horizon)
         if first:  # the first pass (Δ = 0) is the initialisation: no damping towards the zero start
             blended, first = new, False
         else:
@@ -269,26 +328,9 @@ def _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, rate, T, P, L, chunk, 
     """One pass over the layers (upwards, each from the previous iterate's kernels above and this pass's below):
     new kernels and responses at times < ``horizon`` (zero after: causal, they cannot matter before)."""
     new = {"phi": [], "grad": [], "A": [], "B": [None] * L, "a": None}
-    causal = torch.tril(torch.ones(T, T, dtype=delta.dtype), diagonal=-1)
     stored = []
     for layer in range(L):
-        # operator of the forward field: h(t) = u(t) + Σ_s C[t, :, s, :] g(s)
-        if layer == 0:
-            phi_below = kx[None, :, None, :].expand(T, P, T, P)  # Φ⁰(t,s) = XXᵀ/D
-            response_below = torch.zeros(T, P, T, P, dtype=delta.dtype)
-        else:  # Gauss–Seidel upwards: this pass's kernel and response of the layer below
-            phi_below, response_below = new["phi"][layer - 1], new["A"][layer - 1]
-        # Φ^{ℓ−1}_{νμ}(s,t) Δ_ν(s) for s < t, as C[t, μ, s, ν]
-        update_h = gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, phi_below, delta)
-        C = response_below + update_h
-        # operator of the backward field: z(t) = r(t) + Σ_{s≤t} D[t, :, s, :] φ(s)
-        if layer == L - 1:
-            grad_above = torch.ones(T, P, T, P, dtype=delta.dtype)  # G^{L+1} = 1
-            response_here = torch.zeros(T, P, T, P, dtype=delta.dtype)
-        else:
-            grad_above, response_here = state["grad"][layer + 1], state["B"][layer]
-        update_z = gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, grad_above, delta)
-        D = response_here + update_z
+        phi_below, grad_above, C, D = _operators(state, new, layer, L, kx, delta, gamma0, rate, T, P)
         # the fields: u ~ GP(0, Φ^{ℓ−1}) (u¹ constant in time), r ~ GP(0, G^{ℓ+1}) (r^L = w(0) constant)
         n = horizon * P
         if layer == 0:
@@ -319,6 +361,60 @@ def _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, rate, T, P, L, chunk, 
         stored.append(sums["h"])
     new["B"] = [b if b is not None else torch.zeros(T, P, T, P, dtype=delta.dtype) for b in new["B"]]
     return new, stored
+
+
+def _operators(state, new, layer, L, kx, delta, gamma0, rate, T, P):
+    """The kernels feeding layer ℓ's fields and the operators of its equations, as [t, μ, s, ν] arrays:
+    h(t) = u(t) + Σ_{s<t} C[t, :, s, :] g(s) and z(t) = r(t) + Σ_{s≤t} D[t, :, s, :] φ(s)."""
+    causal = torch.tril(torch.ones(T, T, dtype=delta.dtype), diagonal=-1)
+    if layer == 0:
+        phi_below = kx[None, :, None, :].expand(T, P, T, P)  # Φ⁰(t,s) = XXᵀ/D
+        response_below = torch.zeros(T, P, T, P, dtype=delta.dtype)
+    else:  # Gauss–Seidel upwards: this pass's kernel and response of the layer below
+        phi_below, response_below = new["phi"][layer - 1], new["A"][layer - 1]
+    # Φ^{ℓ−1}_{νμ}(s,t) Δ_ν(s) for s < t, as C[t, μ, s, ν]
+    C = response_below + gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, phi_below, delta)
+    if layer == L - 1:
+        grad_above = torch.ones(T, P, T, P, dtype=delta.dtype)  # G^{L+1} = 1
+        response_here = torch.zeros(T, P, T, P, dtype=delta.dtype)
+    else:
+        grad_above, response_here = state["grad"][layer + 1], state["B"][layer]
+    D = response_here + gamma0 * rate * torch.einsum("ts,sntm,sn->tmsn", causal, grad_above, delta)
+    return phi_below, grad_above, C, D
+
+
+def _iterate_linear(state, delta, kx, eps_u, eps_r, phi, gamma0, rate, T, P, L, chunk, horizon):
+    """The same pass for φ = identity, every average exact: the fields are Gaussian and the equations linear,
+    h = u + C z, z = r + D h, so h = (I − CD)⁻¹(u + C r) and z = (I − DC)⁻¹(r + D u)."""
+    new = {"phi": [], "grad": [], "A": [], "B": [None] * L, "a": None}
+    n = horizon * P  # the settled steps only: beyond them Δ is not yet known and would only blow up
+    eye = torch.eye(n, dtype=delta.dtype)
+
+    def padded(block: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(T, P, T, P, dtype=delta.dtype)
+        full[:horizon, :, :horizon] = block.reshape(horizon, P, horizon, P)
+        return full
+
+    for layer in range(L):
+        phi_below, grad_above, C, D = _operators(state, new, layer, L, kx, delta, gamma0, rate, T, P)
+        c = C[:horizon, :, :horizon].reshape(n, n)
+        d = D[:horizon, :, :horizon].reshape(n, n)
+        k_below = phi_below[:horizon, :, :horizon].reshape(n, n)
+        k_above = grad_above[:horizon, :, :horizon].reshape(n, n)
+        forward = torch.linalg.solve(eye - c @ d, eye)  # (I − CD)⁻¹: unit block-lower-triangular, invertible
+        backward = torch.linalg.solve(eye - d @ c, eye)  # (I − DC)⁻¹
+        new["phi"].append(padded(forward @ (k_below + c @ k_above @ c.T) @ forward.T))
+        new["grad"].append(padded(backward @ (k_above + d @ k_below @ d.T) @ backward.T))
+        response = forward @ c  # ∂h/∂r = ∂φ/∂r
+        new["A"].append(padded(response) if layer < L - 1 else torch.zeros(T, P, T, P, dtype=delta.dtype))
+        if layer > 0:
+            new["B"][layer - 1] = padded(backward @ d)  # ∂z/∂u = ∂g/∂u
+        if layer == L - 1:
+            a = torch.zeros(T, P, dtype=delta.dtype)
+            a[:horizon] = (response @ torch.ones(n, dtype=delta.dtype)).reshape(horizon, P)  # r^L = w(0)·1
+            new["a"] = a
+    new["B"] = [b if b is not None else torch.zeros(T, P, T, P, dtype=delta.dtype) for b in new["B"]]
+    return new, []
 
 
 def _single_site(u, r, C, D, phi, T, P, want_u, want_r, last, chunk, horizon):
@@ -405,12 +501,13 @@ def _change(old, new) -> float:
 
 def _sqrt(kernel: torch.Tensor) -> torch.Tensor:
     """The lower Cholesky factor S (S Sᵀ = K) of a PSD kernel over (time, point), time-major: *causal*, so the field
-    at time t depends on the kernel up to t only and the iteration settles time by time. A jitter of 1e-12 of
-    the mean diagonal (raised until it factors) for kernels that barely move in time (rank ≈ P at small γ0)."""
+    at time t depends on the kernel up to t only and the iteration settles step by step. Kernels that barely move
+    in time have rank ≈ P: a fixed jitter of 1e-10 of the mean diagonal (the same at every iteration, so the map
+    stays deterministic), raised only where that does not factor."""
     kernel = (kernel + kernel.T) / 2
-    jitter = 1e-12 * float(kernel.diagonal().mean().clamp(min=1e-300))
+    jitter = 1e-10 * float(kernel.diagonal().mean().clamp(min=1e-300))
     eye = torch.eye(len(kernel), dtype=kernel.dtype)
-    for _ in range(12):
+    for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(kernel + jitter * eye)
         if int(info) == 0:
             return factor
