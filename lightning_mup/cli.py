@@ -4,6 +4,7 @@
     lightning-mup sweep --config ... --widths 64,128,256        a grid of runs
     lightning-mup report sweeps/gegenbauer                       figures and a report of a sweep
     lightning-mup coord-check --parametrization mup,sp           a coordinate check of a small MLP
+    lightning-mup limit --config recipes/gegenbauer_limit.yaml   the infinite-width limit of a recipe
 
 A mistake in what you ask for (an unknown option, a missing file, a setting lightning_mup refuses) ends in
 one line naming it, before any training; ``LIGHTNING_MUP_DEBUG=1`` shows the traceback as well.
@@ -27,6 +28,7 @@ COMMANDS = {
     "sweep": "a grid of runs of one recipe over widths, seeds, learning rates, parametrizations, resumable",
     "report": "turn a sweep folder into figures, report.html and report.md",
     "coord-check": "coordinate check of a 3-layer tanh MLP: activation sizes against width, per parametrization",
+    "limit": "the infinite-width (DMFT) limit of a full-batch recipe, for the report to compare widths with",
 }
 
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_mup.report.page import main as report_main
 
             report_main(rest)
+        elif command == "limit":
+            from lightning_mup.limit import main as limit_main
+
+            limit_main(rest)
         else:
             coord_check_main(rest)
     except _user_errors() as error:
@@ -189,7 +195,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lightning_mup.callbacks._base import MeasurementError
     from lightning_mup.parametrize.verify import SelfCheckError
 
-    return (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MeasurementError, SelfCheckError)
+    return (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MemoryError, MeasurementError, SelfCheckError)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ class GegenbauerTask:
 
 
 class GegenbauerDataModule(L.LightningDataModule):
-    """Online Gegenbauer regression: a fresh batch every step, a fixed held-out set for validation.
+    """Online Gegenbauer regression: a fresh batch every step, a fixed held-out set for validation. With
+    ``train_size`` instead: a fixed training set of that many points, the same for every width and seed, trained
+    on in full at every step (full-batch gradient descent — the setting of the infinite-width limit,
+    ``lightning-mup limit``).
 
     Args:
         dim: input dimension D (paper: 5 for Fig. 9, 25 for Fig. 14).
@@ -62,6 +65,7 @@ class GegenbauerDataModule(L.LightningDataModule):
         val_size: size of the fixed held-out set (the test loss of online learning).
         seed: data stream seed — the same for every width and model seed, so runs see identical data.
         task_seed: seed of the direction β.
+        train_size: a fixed training set of this many points, one full batch per step (``batch_size`` unused).
     """
 
     def __init__(
@@ -73,13 +77,30 @@ class GegenbauerDataModule(L.LightningDataModule):
         val_size: int = 1024,
         seed: int = 0,
         task_seed: int = 0,
+        train_size: int | None = None,
     ) -> None:
         super().__init__()
+        if train_size is not None and train_size < 1:
+            raise ValueError(f"train_size={train_size}: a training set needs at least one point")
         self.save_hyperparameters()
         self.task = GegenbauerTask(dim, degree, task_seed)
         self._train: OnlineBatches | None = None
 
-    def train_dataloader(self) -> OnlineBatches:
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed training set of ``train_size`` points (full-batch mode)."""
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self.task.sample(self.hparams.train_size, generator)
+
+    def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_000)
+        return self.task.sample(self.hparams.val_size, generator)
+
+    def train_dataloader(self) -> OnlineBatches | DataLoader:
+        if self.hparams.train_size is not None:
+            if _data_rank(self.trainer)[1] > 1:
+                raise ValueError("train_size (full-batch) runs on one process per member (independent members)")
+            x, y = self.training_set()
+            return DataLoader(TensorDataset(x, y), batch_size=len(x))
         rank, world = _data_rank(self.trainer)
         self._train = OnlineBatches(
             self.task.sample, self.hparams.batch_size, self.hparams.batches_per_epoch, self.hparams.seed, rank, world
@@ -87,8 +108,7 @@ class GegenbauerDataModule(L.LightningDataModule):
         return self._train
 
     def val_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed + 1_000_000)
-        x, y = self.task.sample(self.hparams.val_size, generator)
+        x, y = self.validation_set()
         return DataLoader(TensorDataset(x, y), batch_size=min(self.hparams.val_size, 1024))
 
 

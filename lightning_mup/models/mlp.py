@@ -10,7 +10,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn
 class MLP(nn.Module):
     """``depth`` linear layers of width ``width``: input (in_dim→width), hidden, readout (width→out_dim).
 
-    The paper's Gegenbauer experiments use ``depth=3`` (two hidden representations) with ReLU.
+    The paper's Gegenbauer experiments use ``depth=3`` (two hidden representations) with ReLU. ``init="normal"``:
+    weights N(0, 1/fan_in) and zero biases, the convention of the infinite-width theory (:mod:`lightning_mup.theory`;
+    torch's default uniform init has a third of that variance and is not Gaussian in the first layer).
     """
 
     def __init__(
@@ -21,8 +23,11 @@ class MLP(nn.Module):
         depth: int = 3,
         activation: str = "relu",
         bias: bool = True,
+        init: str = "default",
     ) -> None:
         super().__init__()
+        if init not in ("default", "normal"):
+            raise ValueError(f"init={init!r}: 'default' (torch's) or 'normal' (N(0, 1/fan_in))")
         if width < 1:
             raise ValueError(f"width={width}: an MLP needs at least one hidden unit")
         if depth < 2:
@@ -35,6 +40,11 @@ class MLP(nn.Module):
             layers += [nn.Linear(d_in, d_out, bias=bias), ACTIVATIONS[activation]()]
         self.features = nn.Sequential(*layers)
         self.readout = nn.Linear(width, out_dim, bias=bias)
+        if init == "normal":
+            for layer in (m for m in self.modules() if isinstance(m, nn.Linear)):
+                nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x):
         return self.readout(self.features(x))

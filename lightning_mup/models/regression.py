@@ -22,6 +22,7 @@ class MLPRegressor(RecipeModule):
             model for depth scaling; ``activation`` and ``bias`` then do not apply.
         optimizer: e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``; from YAML a class_path/init_args.
         lr_scheduler: optional, built on the optimizer.
+        init: ``"normal"`` for N(0, 1/fan_in) weights (the infinite-width theory's convention), else torch's.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class MLPRegressor(RecipeModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
         residual: bool = False,
+        init: str = "default",
     ) -> None:
         super().__init__()
         # callables stay out of the checkpoint so it loads with weights_only=True
@@ -42,7 +44,7 @@ class MLPRegressor(RecipeModule):
         if residual:
             self.model = ResidualMLP(in_dim, width, out_dim, depth)
         else:
-            self.model = MLP(in_dim, width, out_dim, depth, activation, bias)
+            self.model = MLP(in_dim, width, out_dim, depth, activation, bias, init)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

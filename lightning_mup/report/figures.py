@@ -7,6 +7,7 @@ initialisation measured) is a caveat printed on the figure and beside it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -948,6 +949,91 @@ def transfer_verdict(rows: Sequence[list], lrs: Sequence[float], axis: str = "wi
     return sentences
 
 
+# ------------------------------------------------------------------------------ the infinite-width limit
+def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
+    """Every width against the computed limit (``lightning-mup limit`` wrote ``limit.npz`` into the sweep):
+    training and validation loss curves with the limit drawn in, and the distance of each width's seed-mean
+    final loss to the limit against N with its fitted slope (theory: ∝ 1/N), next to the limit's own error."""
+    figure = Figure(
+        "limit_comparison",
+        "Finite widths against the infinite-width limit (DMFT)",
+        header=["width", "seeds", "final training loss", "limit", "|mean − limit|"],
+    )
+    sweep = runs[0].folder.parent if runs else None
+    path = sweep / "limit.npz" if sweep is not None else None
+    if path is None or not path.exists():
+        figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
+        return figure
+    limit = np.load(path)
+    settings = json.loads(str(limit["settings"]))
+    widths = by_width([r for r in runs if r.lr in (None, settings["lr"])])
+    if not widths:
+        figure.skipped = f"no run at the limit's learning rate {settings['lr']:g}"
+        return figure
+    plt = pyplot()
+    fig, (train_ax, test_ax, distance_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    steps = np.arange(len(limit["loss"]))
+    deviations, sizes = [], []
+    for color, (width, same) in zip(colors(len(widths)), widths.items()):
+        for ax, key in ((train_ax, "train_loss"), (test_ax, "val_loss")):
+            curve = _mean_curve(same, key)
+            if curve is not None:
+                # train_loss at step k is the loss before update k; Lightning logs the validation that follows
+                # update k at step k too, so it is the limit's step k + 1
+                shift = 1 if key == "val_loss" else 0
+                ax.plot(curve[0] + shift, curve[1], color=color, label=f"N={width} ({len(same)} seeds)")
+        curve = _mean_curve(same, "train_loss")
+        if curve is None:
+            continue
+        final_step = int(curve[0][-1])
+        if final_step < len(limit["loss"]):
+            deviation = abs(float(curve[1][-1]) - float(limit["loss"][final_step]))
+            deviations.append(deviation)
+            sizes.append(width)
+            figure.rows.append([width, len(same), float(curve[1][-1]), float(limit["loss"][final_step]), deviation])
+    band = 2 * limit["loss_error"]
+    train_ax.plot(steps, limit["loss"], "k--", lw=2, label="limit (DMFT)")
+    train_ax.fill_between(steps, limit["loss"] - band, limit["loss"] + band, color="grey", alpha=0.3)
+    test_ax.plot(steps, limit["test_loss"], "k--", lw=2, label="limit (DMFT)")
+    for ax, key in ((train_ax, "train_loss"), (test_ax, "val_loss")):
+        ax.set(xlabel="gradient-descent step", ylabel=pretty(key), yscale="log", title=pretty(key).capitalize())
+        ax.legend(fontsize=7, frameon=False)
+    error = float(2 * limit["loss_error"][min(len(steps) - 1, final_step)]) if sizes else float("nan")
+    if len(sizes) >= 2:
+        distance_ax.loglog(sizes, deviations, "o-", label="|seed-mean final loss − limit|")
+        distance_ax.axhline(error, color="grey", ls=":", label=f"the limit's error (2σ = {error:.1e})")
+        slope = float(np.polyfit(np.log(sizes), np.log(np.maximum(deviations, 1e-300)), 1)[0])
+        distance_ax.set(xlabel="width N", ylabel="distance to the limit", title=f"fitted slope {slope:.2f} (theory −1)")
+        distance_ax.legend(fontsize=7, frameon=False)
+        width_axis(distance_ax, sizes)
+        figure.note = (
+            f"The limit of {settings['config']} (depth {settings['depth']}, {settings['activation']}, γ0 = "
+            f"{settings['gamma0']:g}, η0 = {settings['lr']:g}, {settings['replicas']} replicas × {settings['samples']} "
+            f"samples) against the sweep's seed means. Distance of the final training loss to the limit against width: "
+            f"fitted slope {slope:.2f} (theory: −1 for seed-averaged quantities)."
+        )
+        below = [n for n, d in zip(sizes, deviations) if d <= error]
+        if below:
+            figure.caveats.append(
+                f"at N = {', '.join(map(str, below))} the distance is within the limit's own Monte Carlo error: the "
+                "slope there measures that error, not the width — more samples/replicas for the limit"
+            )
+        if len(sizes) < 4:
+            figure.caveats.append(f"{len(sizes)} widths: a slope over so few is not a measurement of the scaling law")
+        seeds = min(len(same) for same in widths.values())
+        if seeds < 8:
+            figure.caveats.append(
+                f"{seeds} seed(s) per width: the seed mean's own spread (∝ 1/√(seeds·N)) can hide the 1/N bias"
+            )
+    else:
+        distance_ax.set_visible(False)
+        figure.caveats.append("one width: no distance against width")
+    if not settings.get("converged", True):
+        figure.caveats.append("the limit's DMFT iteration did not converge: it is not the limit")
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
+    return figure
+
+
 FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [
     loss_curves,
     logit_rmse,
@@ -962,4 +1048,5 @@ FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [
     depth_transfer,
     loss_vs_depth,
     optima_grid,
+    limit_comparison,
 ]

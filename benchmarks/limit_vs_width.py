@@ -1,0 +1,109 @@
+"""Networks of growing width against the computed infinite-width limit (the README figure).
+
+    python benchmarks/limit_vs_width.py [--seeds 32] [--samples 4000] [--replicas 4] [--out docs/limit_vs_width.png]
+
+A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-batch gradient descent
+(η0 = 1, 10 steps) on 6 fixed points of a smooth target in D = 5, outputs also on 2 held-out points; widths
+64 … 4096, ``--seeds`` initialisations each, trained through ``parametrize``. The limit is
+:func:`lightning_mup.theory.solve_dmft`. Printed and drawn: the loss curves with the limit, and against width
+the ensemble-averaged deviation from the limit (final loss, predictions on all 8 points; theory ∝ 1/N) and a
+single network's RMS deviation (theory ∝ 1/√N), with fitted slopes and the limit's own Monte Carlo error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "theory"))
+from test_dmft import _task, _train_network
+
+from lightning_mup.theory import solve_dmft
+
+WIDTHS = [64, 128, 256, 512, 1024, 2048, 4096]
+SETTINGS = dict(activation="tanh", gamma0=1.0, lr=1.0, steps=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("docs/limit_vs_width.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    x_train, y_train, x_test = _task()
+    start = time.perf_counter()
+    limit = solve_dmft(
+        x_train, y_train, x_test, depth=3, samples=args.samples, replicas=args.replicas, progress=True, **SETTINGS
+    )
+    print(limit.summary(), f"({time.perf_counter() - start:.0f} s)")
+    curves, final_loss, bias, spread = {}, [], [], []
+    for width in WIDTHS:
+        outputs = np.array(
+            [_train_network(x_train, y_train, x_test, width, s, **SETTINGS)[0] for s in range(args.seeds)]
+        )
+        losses = ((outputs[:, :, :6] - y_train) ** 2).mean(axis=2)  # [seed, step]
+        curves[width] = losses.mean(axis=0)
+        final_loss.append(abs(losses[:, -1].mean() - limit.loss[-1]))
+        bias.append(np.sqrt(((outputs[:, -1].mean(axis=0) - limit.outputs[-1]) ** 2).mean()))
+        spread.append(np.sqrt(((outputs[:, -1] - limit.outputs[-1]) ** 2).mean()))
+        print(
+            f"N = {width:5d}: final loss {losses[:, -1].mean():.5f} (limit {limit.loss[-1]:.5f} ± "
+            f"{limit.loss_error[-1]:.5f}), |ensemble − limit|: loss {final_loss[-1]:.2e}, predictions {bias[-1]:.2e}; "
+            f"one network's RMS deviation {spread[-1]:.2e}"
+        )
+    noise = float(np.sqrt((limit.outputs_error[-1] ** 2).mean()))
+    slopes = {
+        name: float(np.polyfit(np.log(WIDTHS), np.log(values), 1)[0])
+        for name, values in (("loss", final_loss), ("predictions", bias), ("single", spread))
+    }
+    print(
+        f"fitted slopes over N = {WIDTHS[0]} … {WIDTHS[-1]}: ensemble loss {slopes['loss']:.2f}, ensemble predictions "
+        f"{slopes['predictions']:.2f} (theory −1), one network {slopes['single']:.2f} (theory −0.5); the limit's "
+        f"own Monte Carlo error on the predictions {noise:.1e}, its loss error {limit.loss_error[-1]:.1e}"
+    )
+    _plot(args.out, limit, curves, final_loss, bias, spread, slopes, noise, args.seeds)
+    print(f"figure: {args.out}")
+
+
+def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(curves)))
+    steps = np.arange(len(limit.loss))
+    for colour, (width, curve) in zip(colours, curves.items()):
+        left.plot(steps, curve, color=colour, lw=1.2, label=f"N = {width} ({seeds}-seed mean)")
+    left.errorbar(steps, limit.loss, yerr=2 * limit.loss_error, color="black", lw=2, ls="--", label="limit (DMFT, ±2σ)")
+    left.set(
+        yscale="log",
+        xlabel="gradient-descent step",
+        ylabel="training loss (MSE)",
+        title="Training loss: finite widths and the infinite-width limit",
+    )
+    left.legend(fontsize=7)
+    right.loglog(WIDTHS, bias, "o-", label=f"ensemble-mean predictions (slope {slopes['predictions']:.2f})")
+    right.loglog(WIDTHS, final_loss, "s-", label=f"ensemble-mean final loss (slope {slopes['loss']:.2f})")
+    right.loglog(WIDTHS, spread, "^-", label=f"one network's predictions, RMS (slope {slopes['single']:.2f})")
+    right.axhline(noise, color="grey", ls=":", label=f"the limit's Monte Carlo error ({noise:.1e})")
+    right.set(
+        xlabel="width N", ylabel="distance to the limit at the last step", title="Distance to the limit against width"
+    )
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

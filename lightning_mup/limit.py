@@ -1,0 +1,162 @@
+"""``lightning-mup limit``: the infinite-width limit of a recipe, where the recipe is in the solver's scope.
+
+Reads the recipe as ``fit`` would (nothing is trained), checks that it is what :func:`~lightning_mup.theory.solve_dmft`
+describes — a bias-free MLP with N(0, 1/fan_in) weights in the ``mf`` parametrization, plain SGD, full-batch
+gradient descent on a fixed training set with the mean squared error — and says which setting is not where it
+is not. Then solves the DMFT on the recipe's own training and validation points and writes ``limit.npz``; put
+it in a sweep folder and ``lightning-mup report`` draws every width against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LIMIT_FILE = "limit.npz"
+
+
+class OutOfScope(ValueError):
+    """The recipe is not one the infinite-width solver describes."""
+
+
+def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
+    """The solver's arguments read from a recipe, or :class:`OutOfScope` naming every setting that is not."""
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_mup.strategy  # noqa: F401  (registers the strategies)
+    from lightning_mup.data.gegenbauer import GegenbauerDataModule
+    from lightning_mup.models.regression import MLPRegressor
+    from lightning_mup.strategy import MuPStrategy
+
+    cli = LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=[f"--config={config}", "--trainer.logger=false", *overrides],
+        save_config_kwargs={"overwrite": True},
+    )
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    problems = []
+    strategy = trainer.strategy
+    kwargs = getattr(strategy, "parametrize_kwargs", {}) if isinstance(strategy, MuPStrategy) else {}
+    if kwargs.get("parametrization") != "mf":
+        problems.append(
+            f"parametrization={kwargs.get('parametrization')!r}: the limit is computed in the mean-field form — "
+            "trainer.strategy.init_args.parametrization=mf (richness: gamma0)"
+        )
+    hp = getattr(model, "hparams", {})
+    if not isinstance(model, MLPRegressor) or hp.get("residual"):
+        problems.append(f"model {type(model).__name__}: the solver covers MLPRegressor's plain MLP (residual=false)")
+    else:
+        if hp.get("bias", True):
+            problems.append("bias=true: the solver's MLPs are bias-free (model.init_args.bias=false)")
+        if hp.get("init") != "normal":
+            problems.append("init: the theory's weights are N(0, 1/fan_in) (model.init_args.init=normal)")
+        if hp.get("out_dim", 1) != 1:
+            problems.append(f"out_dim={hp.get('out_dim')}: one output")
+    optimizer = model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    defaults = optimizer.defaults
+    if type(optimizer) is not torch.optim.SGD:
+        problems.append(f"optimizer {type(optimizer).__name__}: the solver's dynamics are plain gradient descent (SGD)")
+    elif defaults.get("momentum") or defaults.get("weight_decay") or defaults.get("nesterov"):
+        problems.append("SGD with momentum or weight decay: the solver's dynamics are plain gradient descent")
+    if getattr(model, "lr_scheduler", None) is not None:
+        problems.append("an lr_scheduler: the solver's learning rate is constant")
+    if not isinstance(data, GegenbauerDataModule) or data.hparams.train_size is None:
+        problems.append(
+            "data: the limit is of full-batch gradient descent on a fixed training set — GegenbauerDataModule with "
+            "data.init_args.train_size=P (an online stream has no such limit here)"
+        )
+    steps = trainer.max_steps
+    if steps is None or steps < 1:
+        problems.append("trainer.max_steps: the number of gradient-descent steps")
+    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+        problems.append("gradient accumulation or clipping: not plain gradient descent")
+    if problems:
+        raise OutOfScope(f"{config} is outside the infinite-width solver's scope: " + "; ".join(problems))
+    x_train, y_train = data.training_set()
+    x_test, y_test = data.validation_set()
+    return dict(
+        x_train=x_train.double().numpy(),
+        y_train=y_train.double().numpy().reshape(-1),
+        x_test=x_test.double().numpy(),
+        y_test=y_test.double().numpy().reshape(-1),
+        depth=hp["depth"],
+        activation=_activation(hp["activation"]),
+        gamma0=float(kwargs.get("gamma0") or 1.0),
+        lr=float(defaults["lr"]),
+        steps=int(steps),
+    )
+
+
+def _activation(name: str):
+    if name in ("tanh", "relu", "identity"):
+        return name
+    if name == "gelu":
+        return torch.nn.functional.gelu
+    raise OutOfScope(f"activation={name!r}")
+
+
+def compute_limit(config: Path, out: Path, samples: int, replicas: int, overrides: list[str]) -> Path:
+    from lightning_mup.theory import solve_dmft
+
+    inputs = limit_inputs(config, overrides)
+    y_test = inputs.pop("y_test")
+    name = inputs["activation"] if isinstance(inputs["activation"], str) else "gelu"
+    print(
+        f"limit of {config}: depth {inputs['depth']}, {name}, γ0 = {inputs['gamma0']:g}, η0 = {inputs['lr']:g}, "
+        f"{inputs['steps']} steps, {len(inputs['x_train'])} training + {len(inputs['x_test'])} validation points; "
+        f"{replicas} replicas × {samples} samples",
+        flush=True,
+    )
+    solution = solve_dmft(**inputs, samples=samples, replicas=replicas, progress=True)
+    print(solution.summary())
+    p_train = len(inputs["x_train"])
+    test = solution.outputs[:, p_train:]
+    settings = {**solution.settings, "config": str(config), "converged": solution.converged}
+    settings["activation"] = settings["activation"] if isinstance(settings["activation"], str) else "gelu"
+    rng = np.random.default_rng(0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        outputs=solution.outputs,
+        outputs_error=solution.outputs_error,
+        loss=solution.loss,
+        loss_error=solution.loss_error,
+        test_loss=((test - y_test) ** 2).mean(axis=1),
+        y_train=inputs["y_train"],
+        y_test=y_test,
+        feature_kernels_final=np.stack([k[-1, :, -1, :] for k in solution.feature_kernels]),
+        preactivations_final=np.stack(
+            [
+                rng.choice(h[:, -1].reshape(-1), size=min(20000, h[:, -1].size), replace=False)
+                for h in solution.preactivations
+            ]
+        ),
+        settings=json.dumps(settings),
+    )
+    print(f"wrote {out}{'' if solution.converged else ' — NOT CONVERGED: not the limit'}")
+    return out
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightning-mup limit",
+        description="the infinite-width (DMFT) limit of a recipe in the solver's scope, written to limit.npz",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, required=True, help="the recipe (e.g. recipes/gegenbauer_limit.yaml)")
+    parser.add_argument("--out", type=Path, default=Path(LIMIT_FILE), help="where limit.npz goes (a sweep folder)")
+    parser.add_argument("--samples", type=int, default=2000, help="single-site samples per replica")
+    parser.add_argument("--replicas", type=int, default=2, help="independent replicas (error bars)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
+    args = parser.parse_args(argv)
+    if not args.config.exists():
+        raise FileNotFoundError(f"--config {args.config} does not exist")
+    out = args.out / LIMIT_FILE if args.out.is_dir() else args.out
+    compute_limit(args.config, out, args.samples, args.replicas, [f"--{s}" for s in args.set])

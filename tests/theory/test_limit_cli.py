@@ -1,0 +1,49 @@
+"""``lightning-mup limit`` on a recipe: refused with every reason where the recipe is outside the solver's scope,
+computed on the recipe's own points where it is inside, and drawn by the report against a sweep's widths."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lightning_mup.cli import main
+from lightning_mup.limit import OutOfScope, limit_inputs
+from lightning_mup.report.page import build_report
+from lightning_mup.sweep import main as sweep
+from lightning_mup.theory import solve_dmft
+
+RECIPES = __import__("pathlib").Path(__file__).parents[2] / "recipes"
+
+
+def test_a_recipe_outside_the_solvers_scope_is_refused_with_every_reason():
+    with pytest.raises(OutOfScope) as error:
+        limit_inputs(RECIPES / "gegenbauer.yaml", [])
+    message = str(error.value)
+    for reason in ("parametrization=mf", "bias=false", "init=normal", "train_size"):
+        assert reason in message, reason
+    with pytest.raises(OutOfScope, match="SGD with momentum"):
+        limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--model.init_args.optimizer.init_args.momentum=0.9"])
+
+
+@pytest.mark.slow
+def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    recipe = RECIPES / "gegenbauer_limit.yaml"
+    sweep(["--config", str(recipe), "--widths", "64,256", "--seeds", "2", "--out", str(out), "--jobs", "2"])
+    main(["limit", "--config", str(recipe), "--out", str(out), "--samples", "200", "--replicas", "2"])
+    saved = np.load(out / "limit.npz")
+    settings = json.loads(str(saved["settings"]))
+    assert settings["converged"] and settings["lr"] == 0.5 and settings["gamma0"] == 1.0 and settings["steps"] == 10
+    # the recipe's own points and settings: the same numbers as calling the solver directly
+    inputs = limit_inputs(recipe, [])
+    inputs.pop("y_test")
+    direct = solve_dmft(**inputs, samples=200, replicas=2)
+    np.testing.assert_allclose(saved["loss"], direct.loss, rtol=1e-12)
+    assert saved["loss"][-1] < 0.5 * saved["loss"][0]  # it trained
+    figures = {f.key: f for f in build_report(out)}
+    comparison = figures["limit_comparison"]
+    assert comparison.skipped is None and [row[0] for row in comparison.rows] == [64, 256]
+    for width, _seeds, final, limit, deviation in comparison.rows:
+        assert abs(final - limit) == pytest.approx(deviation)
+        assert deviation < 0.2 * limit, width  # near the limit (the loss fell 5× from 1.67)
+    assert any("within the limit's own Monte Carlo error" in c or "widths" in c for c in comparison.caveats)
