@@ -70,6 +70,7 @@ def main() -> None:
     )
     _plot(args.out, limit, curves, final_loss, bias, spread, slopes, noise, args.seeds)
     print(f"figure: {args.out}")
+    print("a distance at or below the grey or dotted lines measures noise, not width")
 
 
 def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -> None:
@@ -94,7 +95,21 @@ def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -
     right.loglog(WIDTHS, bias, "o-", label=f"ensemble-mean predictions (slope {slopes['predictions']:.2f})")
     right.loglog(WIDTHS, final_loss, "s-", label=f"ensemble-mean final loss (slope {slopes['loss']:.2f})")
     right.loglog(WIDTHS, spread, "^-", label=f"one network's predictions, RMS (slope {slopes['single']:.2f})")
-    right.axhline(noise, color="grey", ls=":", label=f"the limit's Monte Carlo error ({noise:.1e})")
+    right.loglog(
+        WIDTHS,
+        np.asarray(spread) / np.sqrt(seeds),
+        color="grey",
+        ls="--",
+        lw=1,
+        label=f"the {seeds}-seed mean's own spread (one network's / √{seeds})",
+    )
+    right.axhline(noise, color="tab:blue", ls=":", label=f"the limit's Monte Carlo error, predictions ({noise:.1e})")
+    right.axhline(
+        float(limit.loss_error[-1]),
+        color="tab:orange",
+        ls=":",
+        label=f"the limit's Monte Carlo error, loss ({float(limit.loss_error[-1]):.1e})",
+    )
     right.set(
         xlabel="width N", ylabel="distance to the limit at the last step", title="Distance to the limit against width"
     )

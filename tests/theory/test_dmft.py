@@ -94,7 +94,8 @@ def _train_network(x, y, train, width, seed, activation, gamma0, lr, steps):
     step each hidden layer's preactivations [N, P] and feature kernel φφᵀ/N."""
     torch.manual_seed(seed)
     model = _mlp(width, activation).double()
-    record = parametrize(model, base=lambda: _mlp(64, activation), parametrization="mf", gamma0=gamma0, check=False)
+    # mf is absolute (no base-relative multipliers): the base only tells parametrize which dimension is the width
+    record = parametrize(model, base=lambda: _mlp(32, activation), parametrization="mf", gamma0=gamma0, check=False)
     optimizer = scale_optimizer(torch.optim.SGD(model.parameters(), lr=lr), record, model)
     inputs, targets = torch.as_tensor(np.concatenate([x, train])), torch.as_tensor(y)
     captured = []
