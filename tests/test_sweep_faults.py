@@ -86,7 +86,11 @@ def test_kill_9_leaves_no_process_behind_and_a_rerun_gives_the_uninterrupted_rep
     else:
         parent.kill()
         pytest.fail(f"the sweep never had a finished and a running run: {_states(out)}")
-    workers = _descendants(parent.pid)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 30
+    while not workers and time.monotonic() < deadline:  # submitit starts its job a moment after run.json says so
+        workers = _descendants(parent.pid)
+        time.sleep(0.1)
     finished = {name: (out / name / "run.json").read_text() for name, s in _states(out).items() if s == "done"}
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()

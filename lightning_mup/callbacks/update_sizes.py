@@ -84,6 +84,19 @@ class UpdateSizes(MeasurementCallback):
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         self.linear_layers(pl_module)
+        if self.layers is None:  # what the default leaves out is said, not silently skipped
+            others = [
+                unwrap_name(n)
+                for n, m in pl_module.named_modules()
+                if isinstance(m, nn.modules.conv._ConvNd) and m.weight.requires_grad
+            ]
+            if others:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"UpdateSizes measures nn.Linear layers only: {len(others)} convolution(s) are not measured "
+                    f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''})"
+                )
 
     def _state(self, pl_module: L.LightningModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (weight, its inputs on the probe)} now."""

@@ -114,3 +114,14 @@ def test_mup_multipliers_enter_the_update_of_the_readout(tmp_path):
 def _logged(root, step: int) -> dict:
     with np.load(next(root.glob(f"**/update_sizes/step_{step:08d}.npz"))) as data:
         return {k: data[k] for k in data.files}
+
+
+def test_the_layers_it_does_not_measure_are_named():
+    class ConvThenLinear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 4, 3)
+            self.head = nn.Linear(4, 1)
+
+    with pytest.warns(UserWarning, match=r"nn.Linear layers only: 1 convolution\(s\) are not measured \(conv\)"):
+        UpdateSizes().check_module(ConvThenLinear())
