@@ -557,40 +557,47 @@ def _parse_slurm(entries: list[str]) -> dict[str, Any]:
 
 
 class _SubmititPool:
-    """The process pool's interface over submitit: each submitted run is one job (on SLURM, or local), and a
-    thread per job waits for its result, so the sweep's loop (retries, run.json, progress) stays the same."""
+    """The process pool's interface over submitit: each run is one job (on SLURM, or local), at most ``jobs`` at a
+    time like the process pool's workers — a thread per slot submits a run's job, records its id and waits for its
+    result — so the sweep's loop (retries, run.json, progress) stays the same."""
 
     def __init__(self, cluster: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
         import submitit
 
         self.cluster = cluster
         self.executor = submitit.AutoExecutor(folder=out / ".submitit", cluster=cluster)
         parameters: dict[str, Any] = {"timeout_min": 60}
         if cluster == "slurm":
-            parameters.update(nodes=nodes, tasks_per_node=devices, slurm_array_parallelism=jobs)
+            parameters.update(nodes=nodes, tasks_per_node=devices)
             if devices > 1 or slurm.get("gpus_per_node"):
                 parameters.setdefault("gpus_per_node", devices)
         parameters.update(slurm)
         self.executor.update_parameters(**parameters)
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.waiters = ThreadPoolExecutor(max_workers=64)
+        self.slots = ThreadPoolExecutor(max_workers=max(1, jobs))
+        self.lock = threading.Lock()  # one submission at a time through the executor
 
     def __enter__(self) -> _SubmititPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.waiters.shutdown(wait=True)
+        self.slots.shutdown(wait=True)
 
     def submit(self, fn, *args):
-        if self.cluster == "local":  # a local job ends with its sweep, as the process pool's workers do
-            job = self.executor.submit(_watched, os.getpid(), fn, *args)
-        else:
-            job = self.executor.submit(fn, *args)
-        if fn is _run_cell:  # a later sweep must know this run's job is out there (see _live_jobs)
+        return self.slots.submit(self._run, fn, args)
+
+    def _run(self, fn, args) -> dict[str, Any]:
+        with self.lock:
+            if self.cluster == "local":  # a local job ends with its sweep, as the process pool's workers do
+                job = self.executor.submit(_watched, os.getpid(), fn, *args)
+            else:
+                job = self.executor.submit(fn, *args)
+        if fn is _run_cell:  # a later sweep must know this run's job is out there (see _slurm_leftovers)
             folder = Path(args[1])
             _write(folder / RUN_FILE, {**_read(folder / RUN_FILE), "job_id": str(job.job_id)})
-        return self.waiters.submit(_job_result, job)
+        return _job_result(job)
 
 
 def _watched(sweep_pid: int, fn, *args):

@@ -78,19 +78,14 @@ def test_kill_9_leaves_no_process_behind_and_a_rerun_gives_the_uninterrupted_rep
     ]
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill it mid-sweep: one run finished, another under way
-        states = _states(out)
-        if "done" in states.values() and "running" in states.values():
+    while time.monotonic() < deadline:  # kill it mid-sweep: one run finished, another one's worker alive
+        states, workers = _states(out), _descendants(parent.pid)
+        if "done" in states.values() and "running" in states.values() and workers:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     else:
         parent.kill()
         pytest.fail(f"the sweep never had a finished and a running run: {_states(out)}")
-    workers: set[int] = set()
-    deadline = time.monotonic() + 30
-    while not workers and time.monotonic() < deadline:  # submitit starts its job a moment after run.json says so
-        workers = _descendants(parent.pid)
-        time.sleep(0.1)
     finished = {name: (out / name / "run.json").read_text() for name, s in _states(out).items() if s == "done"}
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
