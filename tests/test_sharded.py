@@ -35,7 +35,8 @@ def test_sharded_mup_equals_one_process_and_resumes(tmp_path):
         single = torch.load(tmp_path / f"single_{steps}_weights.pt")
         assert sharded.keys() == single.keys()
         for name, value in single.items():
-            torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-5, msg=f"{name} after {steps} steps")
+            # measured 3.3e-7 after 6 steps and 3.4e-7 after the resume to 10: only reduction order differs
+            torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-6, msg=f"{name} after {steps} steps")
         assert json.loads((tmp_path / f"sharded_{steps}.json").read_text()) == json.loads(
             (tmp_path / f"single_{steps}.json").read_text()
         )
