@@ -112,11 +112,12 @@ def coord_check_command(
     print(f"figure: {path}")
 
 
-def lightning_cli(args: list[str], threads: int | None = None):
+def lightning_cli(args: list[str], threads: int | None = None, run: bool = True):
     """LightningCLI over any LightningModule / LightningDataModule given by class_path in the config.
 
     ``threads``: torch's intra-op threads (default: one per process on CPU — the recipes' small models run
-    fastest so, and a loaded machine far faster: 67 s against 174 s for 300 steps on 2 busy cores)."""
+    fastest so, and a loaded machine far faster: 67 s against 174 s for 300 steps on 2 busy cores).
+    ``run=False``: parse and build model, data and trainer without a subcommand (``args`` then has none)."""
     import torch
     from lightning.pytorch.cli import LightningCLI
 
@@ -145,6 +146,7 @@ def lightning_cli(args: list[str], threads: int | None = None):
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

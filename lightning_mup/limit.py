@@ -26,19 +26,14 @@ class OutOfScope(ValueError):
 
 def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     """The solver's arguments read from a recipe, or :class:`OutOfScope` naming every setting that is not."""
-    from lightning.pytorch.cli import LightningCLI
-
-    import lightning_mup.strategy  # noqa: F401  (registers the strategies)
+    from lightning_mup.cli import lightning_cli
     from lightning_mup.data.gegenbauer import GegenbauerDataModule
     from lightning_mup.models.regression import MLPRegressor
     from lightning_mup.strategy import MuPStrategy
 
-    cli = LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=[f"--config={config}", "--trainer.logger=false", *overrides],
-        save_config_kwargs={"overwrite": True},
+    # the solve that follows keeps this process's threads (lightning_cli's default is one, for runs)
+    cli = lightning_cli(
+        [f"--config={config}", "--trainer.logger=false", *overrides], threads=torch.get_num_threads(), run=False
     )
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     problems = []
@@ -49,6 +44,10 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
             f"parametrization={kwargs.get('parametrization')!r}: the limit is computed in the mean-field form — "
             "trainer.strategy.init_args.parametrization=mf (richness: gamma0)"
         )
+    if kwargs.get("readout_zero_init"):
+        problems.append("readout_zero_init=true: the theory's readout starts from w(0) ~ N(0, 1)")
+    if kwargs.get("output_mult", 1.0) != 1.0 or kwargs.get("lr_mults"):
+        problems.append("output_mult / lr_mults: the solver has the mf form's own multipliers and learning rates only")
     hp = getattr(model, "hparams", {})
     if not isinstance(model, MLPRegressor) or hp.get("residual"):
         problems.append(f"model {type(model).__name__}: the solver covers MLPRegressor's plain MLP (residual=false)")
@@ -91,7 +90,29 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         gamma0=float(kwargs.get("gamma0") or 1.0),
         lr=float(defaults["lr"]),
         steps=int(steps),
+        fingerprint=recipe_fingerprint(cli.config.as_dict()),
     )
+
+
+def recipe_fingerprint(config: dict) -> str:
+    """What the limit depends on in a run's configuration (LightningCLI's, as each run saves it): the data, the
+    model but its width, the optimizer, μP's form and multipliers, the steps — not the width or member seed. The
+    report compares a sweep's runs with their limit by it."""
+    trainer = config.get("trainer") or {}
+    strategy = (trainer.get("strategy") or {}) if isinstance(trainer.get("strategy"), dict) else {}
+    strategy_args = strategy.get("init_args") or {}
+    model = config.get("model") or {}
+    model_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "width"}
+    kept = {
+        "model": [model.get("class_path"), model_args],
+        "data": config.get("data"),
+        "strategy": {
+            key: strategy_args.get(key)
+            for key in ("parametrization", "gamma0", "output_mult", "readout_zero_init", "lr_mults", "depth_alpha")
+        },
+        "trainer": {key: trainer.get(key) for key in ("max_steps", "accumulate_grad_batches", "gradient_clip_val")},
+    }
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def _activation(name: str):
@@ -106,7 +127,7 @@ def compute_limit(config: Path, out: Path, samples: int, replicas: int, override
     from lightning_mup.theory import solve_dmft
 
     inputs = limit_inputs(config, overrides)
-    y_test = inputs.pop("y_test")
+    y_test, fingerprint = inputs.pop("y_test"), inputs.pop("fingerprint")
     name = inputs["activation"] if isinstance(inputs["activation"], str) else "gelu"
     print(
         f"limit of {config}: depth {inputs['depth']}, {name}, γ0 = {inputs['gamma0']:g}, η0 = {inputs['lr']:g}, "
@@ -118,7 +139,7 @@ def compute_limit(config: Path, out: Path, samples: int, replicas: int, override
     print(solution.summary())
     p_train = len(inputs["x_train"])
     test = solution.outputs[:, p_train:]
-    settings = {**solution.settings, "config": str(config), "converged": solution.converged}
+    settings = {**solution.settings, "config": str(config), "converged": solution.converged, "fingerprint": fingerprint}
     settings["activation"] = settings["activation"] if isinstance(settings["activation"], str) else "gelu"
     rng = np.random.default_rng(0)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -133,10 +133,8 @@ class LanguageModel(RecipeModule):
 
     def _blocks(self) -> list[torch.nn.Module]:
         body = getattr(self.model, self.model.base_model_prefix)
-        layers = body.h if self.hparams.architecture == "gpt2" else body.layers if hasattr(body, "layers") else None
-        if layers is None:  # BERT
-            layers = body.encoder.layer
-        return list(layers)
+        where = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}[self.hparams.architecture]
+        return list(body.get_submodule(where))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

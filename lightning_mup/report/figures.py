@@ -964,16 +964,28 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
     if path is None or not path.exists():
         figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
         return figure
+    from lightning_mup.limit import recipe_fingerprint
+
     limit = np.load(path)
     settings = json.loads(str(limit["settings"]))
-    widths = by_width([r for r in runs if r.lr in (None, settings["lr"])])
-    if not widths:
-        figure.skipped = f"no run at the limit's learning rate {settings['lr']:g}"
+    # only runs of the limit's own recipe (data points, depth, φ, lr, γ0, steps; any width): a sweep over other
+    # axes, parametrizations or learning rates holds runs the limit does not describe
+    matching = [r for r in runs if recipe_fingerprint(r.config) == settings["fingerprint"]]
+    if not matching:
+        figure.skipped = (
+            f"no run of the sweep has the configuration limit.npz was computed for ({settings['config']}: its "
+            "data, model but the width, optimizer, μP form and steps) — rerun lightning-mup limit on the sweep's recipe"
+        )
         return figure
+    if len(matching) < len(runs):
+        figure.caveats.append(
+            f"{len(runs) - len(matching)} of {len(runs)} runs have another configuration than the limit's: left out"
+        )
+    widths = by_width(matching)
     plt = pyplot()
     fig, (train_ax, test_ax, distance_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
     steps = np.arange(len(limit["loss"]))
-    deviations, sizes = [], []
+    deviations, sizes, errors = [], [], []
     for color, (width, same) in zip(colors(len(widths)), widths.items()):
         for ax, key in ((train_ax, "train_loss"), (test_ax, "val_loss")):
             curve = _mean_curve(same, key)
@@ -990,6 +1002,7 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
             deviation = abs(float(curve[1][-1]) - float(limit["loss"][final_step]))
             deviations.append(deviation)
             sizes.append(width)
+            errors.append(float(2 * limit["loss_error"][final_step]))
             figure.rows.append([width, len(same), float(curve[1][-1]), float(limit["loss"][final_step]), deviation])
     band = 2 * limit["loss_error"]
     train_ax.plot(steps, limit["loss"], "k--", lw=2, label="limit (DMFT)")
@@ -998,7 +1011,7 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
     for ax, key in ((train_ax, "train_loss"), (test_ax, "val_loss")):
         ax.set(xlabel="gradient-descent step", ylabel=pretty(key), yscale="log", title=pretty(key).capitalize())
         ax.legend(fontsize=7, frameon=False)
-    error = float(2 * limit["loss_error"][min(len(steps) - 1, final_step)]) if sizes else float("nan")
+    error = max(errors) if errors else float("nan")  # the limit's 2σ at the steps compared
     if len(sizes) >= 2:
         distance_ax.loglog(sizes, deviations, "o-", label="|seed-mean final loss − limit|")
         distance_ax.axhline(error, color="grey", ls=":", label=f"the limit's error (2σ = {error:.1e})")

@@ -74,10 +74,12 @@ class DMFTSolution:
         worst = max(r[-1] for r in self.residuals)
         state = "converged" if self.converged else "NOT CONVERGED"
         replicas = len(self.iterations)
+        error = self.loss_error[-1]
+        spread = f"± {error:.1g}" if np.isfinite(error) else "(one replica: no Monte Carlo error bar)"
         return (
             f"DMFT {state}: {replicas} replica{'s' * (replicas > 1)} × {self.settings['samples']} samples, "
             f"iterations {self.iterations}, last relative change {worst:.1e} (tolerance {self.settings['tol']:.0e}); "
-            f"final loss {self.loss[-1]:.4g} ± {self.loss_error[-1]:.1g}"
+            f"final loss {self.loss[-1]:.4g} {spread}"
         )
 
 
@@ -129,7 +131,11 @@ def solve_dmft(
         raise ValueError("gamma0 and lr must be positive, steps ≥ 1, samples ≥ 2, replicas ≥ 1")
     if not 0 < damping <= 1:
         raise ValueError(f"damping={damping}: the new iterate's weight, in (0, 1]")
-    need = dmft_memory(len(x_all), steps, depth, samples, chunk)
+    if lazy_reference and not isinstance(activation, str):
+        raise ValueError(
+            "lazy_reference needs a named activation ('tanh', 'relu', 'erf', 'identity'): its exact lazy limit"
+        )
+    need = dmft_memory(len(x_all), steps + 1, depth, samples, chunk)  # times 0 … steps
     if need > memory_budget:
         fits = _steps_that_fit(len(x_all), depth, samples, chunk, memory_budget)
         raise MemoryError(
@@ -153,9 +159,8 @@ def solve_dmft(
         test_points=int((~train).sum()),
     )
     runs = []
-    iterator = range(replicas)
     bar = _bar(replicas * (2 if lazy_reference else 1), progress)
-    for replica in iterator:
+    for replica in range(replicas):
         generator_seed = seed * 1000 + replica
         run = _solve_once(
             x_all, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, generator_seed, chunk, bar
@@ -178,8 +183,7 @@ def solve_dmft(
                 chunk,
                 bar,
             )
-            exact = _exact_lazy(x_all, y, train, depth, activation, lr, steps)
-            run = _corrected(run, reference, exact, y, train)
+            run = _corrected(run, reference, _exact_lazy(x_all, depth, activation, y, train, lr, steps), y, train)
         runs.append(run)
     if bar is not None:
         bar.close()
@@ -284,23 +288,20 @@ def _solve_once(
     residuals: list[float] = []
     converged = False
     preactivations: list[torch.Tensor] = []
-    first = True
-    for _iteration in range(max_iter):
+    step = _iterate_linear if exact_linear else _iterate
+    for iteration in range(max_iter):
         # causality: a pass settles one more step, so the k-th solves steps < k + 2 only (then all of them)
-        horizon = min(T, _iteration + 2)
-        step = _iterate_linear if exact_linear else _iterate
+        horizon = min(T, iteration + 2)
         new, preactivations = step(state, delta, kx, eps_u, eps_r, phi, gamma0, lr * c, T, P, L, chunk, horizon)
-        if first:  # the first pass (Δ = 0) is the initialisation: no damping towards the zero start
-            blended, first = new, False
-        else:
-            blended = _blend(state, new, damping)
+        # the first pass (Δ = 0) is the initialisation: no damping towards the zero start
+        blended = new if iteration == 0 else _blend(state, new, damping)
         delta_new = (y_t - _outputs(blended, delta, gamma0, lr * c, T)) * mask
         change = _change(state, blended) + float((delta_new - delta).norm() / (y_t.norm() + 1e-300))
         state, delta = blended, delta_new
         residuals.append(change)
         if bar is not None:
             bar.set_postfix_str(f"change {change:.1e}")
-        if change < tol and horizon == T and _iteration > 0:
+        if change < tol and horizon == T and iteration > 0:
             converged = True
             break
     if bar is not None:
@@ -564,18 +565,16 @@ def _points(x_train, y_train, x_test):
 
 
 def _steps_that_fit(points, depth, samples, chunk, budget) -> int:
+    """The most steps whose times 0 … steps fit the budget."""
     steps = 1
-    while dmft_memory(points, steps + 1, depth, samples, chunk) <= budget:
+    while dmft_memory(points, steps + 2, depth, samples, chunk) <= budget:
         steps += 1
     return steps
 
 
-def _exact_lazy(x, y, train, depth, activation, lr, steps):
+def _exact_lazy(x, depth, activation: str, y, train, lr, steps):
     """The γ0 → 0 limit exactly: the NTK regression's outputs, and the kernels at initialisation (constant)."""
-    name = activation if isinstance(activation, str) else None
-    if name is None:
-        return None
-    limit = mlp_kernels(x, depth, name)
+    limit = mlp_kernels(x, depth, activation)
     outputs = kernel_dynamics(limit.ntk, y[train], train, lr, list(range(steps + 1)))
     # Φ^ℓ = E φ(h^ℓ)φ(h^ℓ) is the next layer's preactivation covariance; the last one the readout's NNGP
     phi = [*limit.layers[1:], limit.nngp]
@@ -587,9 +586,8 @@ def _train_loss(outputs: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.nda
 
 
 def _corrected(run: _Run, reference: _Run, exact, y, train) -> _Run:
-    """The control variate: run − (the same draws at γ0 → 0) + (the exact lazy limit)."""
-    if exact is None:
-        raise ValueError("lazy_reference needs a named activation ('tanh', 'relu', 'erf', 'identity')")
+    """The control variate: run − (the same draws at γ0 → 0) + (the exact lazy limit), for the outputs, the loss
+    and the feature kernels; the gradient kernels and samples stay the run's own (no exact lazy G is computed)."""
     lazy_outputs, lazy_phi = exact
     outputs = run.outputs - reference.outputs + lazy_outputs
     phi = [k - kr + np.broadcast_to(e[None, :, None, :], k.shape) for k, kr, e in zip(run.phi, reference.phi, lazy_phi)]

@@ -23,6 +23,8 @@ def test_a_recipe_outside_the_solvers_scope_is_refused_with_every_reason():
         assert reason in message, reason
     with pytest.raises(OutOfScope, match="SGD with momentum"):
         limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--model.init_args.optimizer.init_args.momentum=0.9"])
+    with pytest.raises(OutOfScope, match="readout_zero_init=true"):  # the readout's w(0) would not be N(0, 1)
+        limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--trainer.strategy.init_args.readout_zero_init=true"])
 
 
 @pytest.mark.slow
@@ -36,7 +38,7 @@ def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
     assert settings["converged"] and settings["lr"] == 0.5 and settings["gamma0"] == 1.0 and settings["steps"] == 10
     # the recipe's own points and settings: the same numbers as calling the solver directly
     inputs = limit_inputs(recipe, [])
-    inputs.pop("y_test")
+    inputs.pop("y_test"), inputs.pop("fingerprint")
     direct = solve_dmft(**inputs, samples=200, replicas=2)
     np.testing.assert_allclose(saved["loss"], direct.loss, rtol=1e-12)
     assert saved["loss"][-1] < 0.5 * saved["loss"][0]  # it trained
@@ -47,3 +49,9 @@ def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
         assert abs(final - limit) == pytest.approx(deviation)
         assert deviation < 0.2 * limit, width  # near the limit (the loss fell 5× from 1.67)
     assert any("within the limit's own Monte Carlo error" in c or "widths" in c for c in comparison.caveats)
+    # a run of another configuration (here γ0) in the sweep folder is left out, and said
+    (config,) = (out / "w256_s0").glob("**/config.yaml")
+    config.write_text(config.read_text().replace("gamma0: 1.0", "gamma0: 0.5"))
+    comparison = {f.key: f for f in build_report(out)}["limit_comparison"]
+    assert [row[:2] for row in comparison.rows] == [[64, 2], [256, 1]]
+    assert any("1 of 4 runs have another configuration" in c for c in comparison.caveats)
