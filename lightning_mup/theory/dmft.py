@@ -71,23 +71,53 @@ class DMFTSolution:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        worst = max(r[-1] for r in self.residuals)
-        state = "converged" if self.converged else "NOT CONVERGED"
         replicas = len(self.iterations)
         error = self.loss_error[-1]
         spread = f"± {error:.1g}" if np.isfinite(error) else "(one replica: no Monte Carlo error bar)"
-        return (
-            f"DMFT {state}: {replicas} replica{'s' * (replicas > 1)} × {self.settings['samples']} samples, "
-            f"iterations {self.iterations}, last relative change {worst:.1e} (tolerance {self.settings['tol']:.0e}); "
-            f"final loss {self.loss[-1]:.4g} {spread}"
-        )
+        draws = f"{replicas} replica{'s' * (replicas > 1)} × {self.settings['samples']} samples"
+        if self.settings.get("method") == "march":
+            how = (
+                f"DMFT solved forward in time (exact causal sweep, no iteration): {draws}, responses from "
+                f"{self.settings['response_samples']} of them"
+            )
+        else:
+            worst = max(r[-1] for r in self.residuals)
+            state = "converged" if self.converged else "NOT CONVERGED"
+            how = (
+                f"DMFT {state}: {draws}, iterations {self.iterations}, last relative change {worst:.1e} "
+                f"(tolerance {self.settings['tol']:.0e})"
+            )
+        return f"{how}; final loss {self.loss[-1]:.4g} {spread}"
 
 
-def dmft_memory(points: int, steps: int, depth: int, samples: int, chunk: int = 256) -> int:
-    """Bytes the solver needs (float64): kernels and responses, (T·P)² each, four per hidden layer, and a chunk of
-    samples carrying their sensitivities to 2·T·P fields over T steps (four such arrays)."""
+def dmft_memory(
+    points: int,
+    steps: int,
+    depth: int,
+    samples: int,
+    chunk: int = 256,
+    *,
+    method: str = "iterate",
+    train_points: int | None = None,
+    response_samples: int | None = None,
+) -> int:
+    """Bytes the solver needs (float64) for ``points`` points over ``steps`` times.
+
+    ``"iterate"``: kernels and responses, (T·P)² each, four per hidden layer, and a chunk of samples carrying
+    their sensitivities to 2·T·P fields over T steps (four such arrays). ``"march"``: per hidden layer Φ, G and
+    their causal square roots ((T·P)² each), A and B (T·P × T·P_train), every sample's h, φ(h), g and draws, and
+    each response sample's histories of ∂g and ∂φ on training points, (T·P_train)² per direction group."""
     tp = points * steps
     hidden = depth - 1
+    if method == "march":
+        tq = (points if train_points is None else train_points) * steps
+        carriers = samples if response_samples is None else response_samples
+        groups = max(0, 2 * hidden - 2)  # the first layer's r, the last's u, both in between
+        kernels = hidden * (4 * tp * tp + 2 * tp * tq) * 8
+        fields = hidden * 5 * samples * tp * 8 + 2 * samples * tq * 8
+        histories = carriers * groups * (2 * tq * tq + tq * points) * 8
+        temporary = 2 * carriers * tq * tq * 8  # one contraction's gathered history
+        return kernels + fields + histories + temporary
     kernels = 4 * hidden * tp * tp * 8 * 2  # the current and the previous iterate
     sensitivities = 4 * min(chunk, samples) * (2 * tp + 1) * tp * 8
     stored = hidden * samples * tp * 8
@@ -112,6 +142,8 @@ def solve_dmft(
     seed: int = 0,
     lazy_reference: bool = False,
     memory_budget: float = 4 * 2**30,
+    method: str = "march",
+    response_samples: int | None = None,
     chunk: int = 256,
     progress: bool = False,
 ) -> DMFTSolution:
@@ -123,7 +155,14 @@ def solve_dmft(
     ``lazy_reference``: a control variate for small γ0 — subtract the same Monte Carlo solution at γ0 → 0 (the
     same draws) and add the exact lazy limit (:mod:`.lazy`), so what remains of the sampling error scales with
     the distance from the lazy regime. ``memory_budget``: bytes (see :func:`dmft_memory`); larger problems are
-    refused with what would fit."""
+    refused with what would fit.
+
+    ``method``: ``"march"`` (default) solves the causal equations forward in time in one sweep — exact, no
+    iteration; ``"iterate"`` is the damped fixed-point iteration over whole trajectories (``damping``, ``tol``,
+    ``max_iter``, ``chunk`` apply to it only), kept as the independent check. ``response_samples`` (march only):
+    how many of the samples carry the exact sensitivities that give the response functions A, B (the costly part,
+    ∝ (T·P_train)² memory and T³·P_train²·P time each); the kernels always average all ``samples``. Default: all.
+    Fewer make larger problems fit; their sampling error is in the replicas' error bars."""
     x_all, y, train = _points(x_train, y_train, x_test)
     if depth < 2:
         raise ValueError(f"depth={depth}: an MLP has at least an input layer and a readout")
@@ -135,13 +174,28 @@ def solve_dmft(
         raise ValueError(
             "lazy_reference needs a named activation ('tanh', 'relu', 'erf', 'identity'): its exact lazy limit"
         )
-    need = dmft_memory(len(x_all), steps + 1, depth, samples, chunk)  # times 0 … steps
+    if method not in ("march", "iterate"):
+        raise ValueError(f"method={method!r}: 'march' (forward in time, exact) or 'iterate' (damped fixed point)")
+    if response_samples is None:
+        response_samples = samples
+    if method == "march" and not 1 <= response_samples <= samples:
+        raise ValueError(f"response_samples={response_samples}: between 1 and samples={samples}")
+    if method == "iterate" and response_samples != samples:
+        raise ValueError("response_samples is the marching solver's: the iteration uses every sample's sensitivities")
+    train_points = int(train.sum())
+    memory = dict(method=method, train_points=train_points, response_samples=response_samples)
+    need = dmft_memory(len(x_all), steps + 1, depth, samples, chunk, **memory)  # times 0 … steps
     if need > memory_budget:
-        fits = _steps_that_fit(len(x_all), depth, samples, chunk, memory_budget)
+        fits = _steps_that_fit(len(x_all), depth, samples, chunk, memory_budget, memory)
+        carried = (
+            "the first response_samples carry (T·P_train)² sensitivities"
+            if method == "march"
+            else ("each sample carries T·P sensitivities")
+        )
         raise MemoryError(
             f"DMFT with P = {len(x_all)} points × T = {steps} steps needs {need / 2**30:.1f} GiB "
-            f"(memory_budget {memory_budget / 2**30:.1f} GiB): the kernels are (T·P)² per layer and each sample "
-            f"carries T·P sensitivities. At P = {len(x_all)}, T ≤ {fits} fits; or fewer points, or a larger budget"
+            f"(memory_budget {memory_budget / 2**30:.1f} GiB): the kernels are (T·P)² per layer and {carried}. "
+            f"At P = {len(x_all)}, T ≤ {fits} fits; or fewer points or response_samples, or a larger budget"
         )
     phi = _activation(activation)
     settings = dict(
@@ -155,34 +209,29 @@ def solve_dmft(
         damping=damping,
         tol=tol,
         lazy_reference=lazy_reference,
-        train_points=int(train.sum()),
+        method=method,
+        response_samples=response_samples if method == "march" else samples,
+        train_points=train_points,
         test_points=int((~train).sum()),
     )
     runs = []
-    bar = _bar(replicas * (2 if lazy_reference else 1), progress)
+    solves = replicas * (2 if lazy_reference else 1)
+    bar = _bar(solves * (steps + 1) if method == "march" else solves, progress, method)
+
+    def solve(gamma, generator_seed):
+        if method == "march":
+            return _march_once(
+                x_all, y, train, depth, phi, gamma, lr, steps, samples, response_samples, generator_seed, bar
+            )
+        return _solve_once(
+            x_all, y, train, depth, phi, gamma, lr, steps, samples, damping, tol, max_iter, generator_seed, chunk, bar
+        )
+
     for replica in range(replicas):
         generator_seed = seed * 1000 + replica
-        run = _solve_once(
-            x_all, y, train, depth, phi, gamma0, lr, steps, samples, damping, tol, max_iter, generator_seed, chunk, bar
-        )
+        run = solve(gamma0, generator_seed)
         if lazy_reference:
-            reference = _solve_once(
-                x_all,
-                y,
-                train,
-                depth,
-                phi,
-                gamma0 * 1e-6,
-                lr,
-                steps,
-                samples,
-                damping,
-                tol,
-                max_iter,
-                generator_seed,
-                chunk,
-                bar,
-            )
+            reference = solve(gamma0 * 1e-6, generator_seed)
             run = _corrected(run, reference, _exact_lazy(x_all, depth, activation, y, train, lr, steps), y, train)
         runs.append(run)
     if bar is not None:
@@ -338,14 +387,14 @@ def _iterate(state, delta, kx, eps_u, eps_r, phi, gamma0, rate, T, P, L, chunk, 
             u = (eps_u[0] @ _sqrt(kx).T)[:, None, :].expand(-1, T, P)
         else:
             u = torch.zeros(eps_u[layer].shape[0], T, P, dtype=delta.dtype)
-            u[:, :horizon] = (eps_u[layer][:, :n] @ _sqrt(phi_below.reshape(T * P, T * P)[:n, :n]).T).reshape(
+            u[:, :horizon] = (eps_u[layer][:, :n] @ _sqrt(phi_below.reshape(T * P, T * P)[:n, :n], P).T).reshape(
                 -1, horizon, P
             )
         if layer == L - 1:
             r = eps_r[layer][:, :, None].expand(-1, T, P)
         else:
             r = torch.zeros(eps_r[layer].shape[0], T, P, dtype=delta.dtype)
-            r[:, :horizon] = (eps_r[layer][:, :n] @ _sqrt(grad_above.reshape(T * P, T * P)[:n, :n]).T).reshape(
+            r[:, :horizon] = (eps_r[layer][:, :n] @ _sqrt(grad_above.reshape(T * P, T * P)[:n, :n], P).T).reshape(
                 -1, horizon, P
             )
         want_r = layer < L - 1  # A^ℓ feeds layer ℓ+1
@@ -500,13 +549,16 @@ def _change(old, new) -> float:
     return worst
 
 
-def _sqrt(kernel: torch.Tensor) -> torch.Tensor:
+def _sqrt(kernel: torch.Tensor, points: int | None = None) -> torch.Tensor:
     """The lower Cholesky factor S (S Sᵀ = K) of a PSD kernel over (time, point), time-major: *causal*, so the field
     at time t depends on the kernel up to t only and the iteration settles step by step. Kernels that barely move
-    in time have rank ≈ P: a fixed jitter of 1e-10 of the mean diagonal (the same at every iteration, so the map
-    stays deterministic), raised only where that does not factor."""
+    in time have rank ≈ P: a fixed jitter of 1e-10 of the first step's mean diagonal (the same at every iteration
+    and horizon, so the map stays deterministic and equals :class:`_CausalSqrt`'s), raised only where that does
+    not factor. A singular kernel's factor depends on the jitter: two solvers draw the same fields only with the
+    same jitter."""
     kernel = (kernel + kernel.T) / 2
-    jitter = 1e-10 * float(kernel.diagonal().mean().clamp(min=1e-300))
+    first = kernel.diagonal()[: points or len(kernel)]
+    jitter = 1e-10 * float(first.mean().clamp(min=1e-300))
     eye = torch.eye(len(kernel), dtype=kernel.dtype)
     for _ in range(8):
         factor, info = torch.linalg.cholesky_ex(kernel + jitter * eye)
@@ -514,6 +566,190 @@ def _sqrt(kernel: torch.Tensor) -> torch.Tensor:
             return factor
         jitter *= 100
     raise FloatingPointError("a DMFT kernel is not positive semi-definite (diverging dynamics: lower lr)")
+
+
+# ------------------------------------------------------------------------------------------- time marching
+class _CausalSqrt:
+    """The lower Cholesky factor of a (time × point) kernel, one block row per step: row t needs the kernel up to
+    time t only, so a field's value at t is final as soon as its covariance is. A fixed jitter (1e-10 of the
+    first block's mean diagonal) keeps kernels of rank ≈ P factorable; a block that still does not factor gets
+    more, alone."""
+
+    def __init__(self, T: int, P: int, dtype: torch.dtype):
+        self.factor = torch.zeros(T * P, T * P, dtype=dtype)
+        self.P = P
+        self.jitter: float | None = None
+
+    def extend(self, t: int, row: torch.Tensor) -> torch.Tensor:
+        """``row``: K[t, :, ≤t, :] as [P, (t+1)·P]; returns the factor's block row t, [P, (t+1)·P]."""
+        P, start = self.P, t * self.P
+        diagonal = (row[:, start:] + row[:, start:].T) / 2
+        if self.jitter is None:
+            self.jitter = 1e-10 * float(diagonal.diagonal().mean().clamp(min=1e-300))
+        if t:
+            past = self.factor[:start, :start]
+            cross = torch.linalg.solve_triangular(past, row[:, :start].T, upper=False).T  # K[t,<t] L[<t,<t]⁻ᵀ
+            self.factor[start : start + P, :start] = cross
+            diagonal = diagonal - cross @ cross.T
+        eye = torch.eye(P, dtype=row.dtype)
+        jitter = self.jitter
+        for _ in range(12):
+            block, info = torch.linalg.cholesky_ex(diagonal + jitter * eye)
+            if int(info) == 0:
+                self.factor[start : start + P, start : start + P] = block
+                return self.factor[start : start + P, : start + P]
+            jitter *= 100
+        raise FloatingPointError("a DMFT kernel is not positive semi-definite (diverging dynamics: lower lr)")
+
+
+def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_samples, seed, bar) -> _Run:
+    """The same equations solved forward in time, once. In discrete time every field at step t depends on kernels,
+    responses and errors at steps ≤ t only, and at step t those are final after an upward pass (h, Φ, A, from the
+    input) and a downward pass (z, G, B, from the readout) — so one sweep over t is the fixed point, exactly.
+
+    Kernels and Δ are averages over all ``samples``; the response functions A, B over the first
+    ``response_samples``, which carry exact forward-mode sensitivities to their own fields (the costly part:
+    (t·P_train)² per sample per step). Directions are training points only: a test point's fields feed nothing
+    (its Δ is 0), so every response to them vanishes. The readout's sensitivity to w(0) (one direction, needed
+    to 1/γ0 precision) is carried by every sample."""
+    dtype = torch.float64
+    P, T, L = len(x), steps + 1, depth - 1
+    tr = torch.as_tensor(np.flatnonzero(train))
+    Q = len(tr)
+    xt = torch.as_tensor(x, dtype=dtype)
+    kx = xt @ xt.T / x.shape[1]
+    y_t = torch.as_tensor(y, dtype=dtype)
+    mask = torch.as_tensor(train, dtype=dtype)
+    rate = lr * 2.0 / float(train.sum())
+    coupling = gamma0 * rate
+    b, R = samples, response_samples
+    generator = torch.Generator().manual_seed(seed)
+    # the same draws, in the same order, as the iteration's (time-major fields)
+    eps_u = [torch.randn(b, P if layer == 0 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
+    eps_r = [torch.randn(b, 1 if layer == L - 1 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
+    u0 = eps_u[0] @ _sqrt(kx).T
+    sqrt_u = [None] + [_CausalSqrt(T, P, dtype) for _ in range(1, L)]
+    sqrt_r = [_CausalSqrt(T, P, dtype) for _ in range(L - 1)] + [None]
+
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dtype)
+
+    h = [zeros(b, T, P) for _ in range(L)]
+    value = [zeros(b, T, P) for _ in range(L)]  # φ(h)
+    g = [zeros(b, T, P) for _ in range(L)]
+    kernel_phi = [zeros(T, P, T, P) for _ in range(L)]
+    kernel_grad = [zeros(T, P, T, P) for _ in range(L)]
+    response_a = [zeros(T, P, T, Q) for _ in range(L)]  # A^ℓ[t, μ, s, ν] = ⟨∂φ_μ(t)/∂r_ν(s)⟩, ℓ < L
+    response_b = [zeros(T, P, T, Q) for _ in range(L)]  # B^ℓ[t, μ, s, ν] = ⟨∂g^{ℓ+1}_μ(t)/∂u^{ℓ+1}_ν(s)⟩, ℓ < L
+    readout = zeros(T, P)  # a(t) = ⟨∂φ(h^L(t))/∂w(0)⟩
+    delta = zeros(T, P)
+    outputs = zeros(T, P)
+    # sensitivity histories on training points, [R, direction (s, ν), time, ν']: "u" directions feed B^{ℓ−1}, "r"
+    # directions A^ℓ
+    groups = [[*(["u"] if layer > 0 else []), *(["r"] if layer < L - 1 else [])] for layer in range(L)]
+    dg_hist = [{k: zeros(R, T * Q, T, Q) for k in groups[layer]} for layer in range(L)]
+    dphi_hist = [{k: zeros(R, T * Q, T, Q) for k in groups[layer]} for layer in range(L)]
+    dh_now: list[dict] = [{} for _ in range(L)]
+    w_dg, w_dphi = zeros(b, T, Q), zeros(b, T, Q)
+    # a test point's u(t) moves only its own g(t), at once: B^ℓ's test entries are that diagonal
+    test = torch.as_tensor(np.flatnonzero(~train))
+    test_b = [zeros(T, len(test)) for _ in range(L)]
+    w_dh_now = None
+    slopes: list = [None] * L
+    curves: list = [None] * L
+    unit = torch.arange(Q)
+
+    for t in range(T):
+        active = (t + 1) * Q
+        # upward: h(t), φ(t), Φ^ℓ(t, ≤t), A^ℓ(t, <t)
+        for layer in range(L):
+            if layer == 0:
+                below_phi = kx[None, :, None, :].expand(T, P, T, P)
+                below_a = None
+                u_t = u0
+            else:
+                below_phi, below_a = kernel_phi[layer - 1], response_a[layer - 1]
+                row = sqrt_u[layer].extend(t, below_phi[t, :, : t + 1].reshape(P, (t + 1) * P))
+                u_t = eps_u[layer][:, : (t + 1) * P] @ row.T
+            # C[μ, s, ν] for s < t on training ν: the response below plus the Δ-weighted kernel below
+            C = coupling * below_phi[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr][None]
+            if below_a is not None:
+                C = C + below_a[t, :, :t]
+            h[layer][:, t] = u_t + torch.einsum("msn,bsn->bm", C, g[layer][:, :t, tr])
+            val, slope, curve = phi(h[layer][:, t])
+            value[layer][:, t], slopes[layer], curves[layer] = val, slope, curve
+            block = torch.einsum("bm,bsn->msn", val, value[layer][:, : t + 1]) / b
+            kernel_phi[layer][t, :, : t + 1] = block
+            kernel_phi[layer][: t + 1, :, t] = block.permute(1, 2, 0)
+            for k in groups[layer]:
+                dh = torch.einsum("msn,rdsn->rdm", C, dg_hist[layer][k][:, :active, :t])
+                if k == "u":  # ∂h(t)/∂u(t) = 1
+                    dh[:, t * Q + unit, tr] += 1.0
+                dh_now[layer][k] = dh
+                dphi = slope[:R, None, :] * dh
+                dphi_hist[layer][k][:, :active, t] = dphi[:, :, tr]
+                if k == "r":
+                    response_a[layer][t, :, : t + 1] = dphi.mean(0).reshape(t + 1, Q, P).permute(2, 0, 1)
+            if layer == L - 1:
+                w_dh_now = torch.einsum("msn,bsn->bm", C, w_dg[:, :t])
+                w_dphi_t = slope * w_dh_now
+                w_dphi[:, t] = w_dphi_t[:, tr]
+                readout[t] = w_dphi_t.mean(0)
+        # downward: z(t), g(t), G^ℓ(t, ≤t), B^{ℓ−1}(t, ≤t)
+        for layer in reversed(range(L)):
+            if layer == L - 1:
+                D = coupling * delta[:t, tr][None].expand(P, t, Q)  # G^{L+1} = 1, B^L = 0
+                r_t = eps_r[layer].expand(b, P)
+            else:
+                above = kernel_grad[layer + 1]
+                row = sqrt_r[layer].extend(t, above[t, :, : t + 1].reshape(P, (t + 1) * P))
+                r_t = eps_r[layer][:, : (t + 1) * P] @ row.T
+                D = coupling * above[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr][None]
+            # z(t) = r(t) + Σ_{s<t} D φ(s) + Σ_{s≤t} B φ(s)
+            z_t = r_t + torch.einsum("msn,bsn->bm", D, value[layer][:, :t, tr])
+            slope, curve = slopes[layer], curves[layer]
+            if layer < L - 1:
+                Bt = response_b[layer][t, :, : t + 1]
+                z_t = z_t + torch.einsum("msn,bsn->bm", Bt, value[layer][:, : t + 1, tr])
+                z_t[:, test] += test_b[layer][t] * value[layer][:, t, test]
+            if layer > 0:  # ∂g(t)/∂u(t) on a test point: φ''z + φ'² B^ℓ(t, t)
+                own = test_b[layer][t] * slope[:, test] if layer < L - 1 else 0.0
+                test_b[layer - 1][t] = (curve[:, test] * z_t[:, test] + slope[:, test] * own).mean(0)
+            g_t = slope * z_t
+            g[layer][:, t] = g_t
+            block = torch.einsum("bm,bsn->msn", g_t, g[layer][:, : t + 1]) / b
+            kernel_grad[layer][t, :, : t + 1] = block
+            kernel_grad[layer][: t + 1, :, t] = block.permute(1, 2, 0)
+            for k in groups[layer]:
+                dz = torch.einsum("msn,rdsn->rdm", D, dphi_hist[layer][k][:, :active, :t])
+                if layer < L - 1:
+                    dz = dz + torch.einsum("msn,rdsn->rdm", Bt, dphi_hist[layer][k][:, :active, : t + 1])
+                    dz[:, :, test] += test_b[layer][t] * slope[:R, None, test] * dh_now[layer][k][:, :, test]
+                if k == "r":  # ∂z(t)/∂r(t) = 1
+                    dz[:, t * Q + unit, tr] += 1.0
+                dg = (curve[:R] * z_t[:R])[:, None] * dh_now[layer][k] + slope[:R, None] * dz
+                dg_hist[layer][k][:, :active, t] = dg[:, :, tr]
+                if k == "u":
+                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0).reshape(t + 1, Q, P).permute(2, 0, 1)
+            if layer == L - 1:
+                w_dz = 1.0 + torch.einsum("msn,bsn->bm", D, w_dphi[:, :t])
+                w_dg[:, t] = ((curve * z_t) * w_dh_now + slope * w_dz)[:, tr]
+        # f(t) = γ0⁻¹ a(t) + η0 c Σ_{s<t} Φ^L(t,s) Δ(s); then the error that drives step t
+        outputs[t] = readout[t] / gamma0 + rate * torch.einsum("msn,sn->m", kernel_phi[-1][t, :, :t], delta[:t])
+        delta[t] = (y_t - outputs[t]) * mask
+        if bar is not None:
+            bar.update(1)
+    out = outputs.numpy()
+    return _Run(
+        outputs=out,
+        loss=_train_loss(out, y, train),
+        phi=[k.numpy() for k in kernel_phi],
+        grad=[k.numpy() for k in kernel_grad],
+        preactivations=[v.numpy() for v in h],
+        converged=True,
+        iterations=1,
+        residuals=[],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -564,10 +800,10 @@ def _points(x_train, y_train, x_test):
     return x_all, y, train
 
 
-def _steps_that_fit(points, depth, samples, chunk, budget) -> int:
+def _steps_that_fit(points, depth, samples, chunk, budget, memory) -> int:
     """The most steps whose times 0 … steps fit the budget."""
     steps = 1
-    while dmft_memory(points, steps + 2, depth, samples, chunk) <= budget:
+    while dmft_memory(points, steps + 2, depth, samples, chunk, **memory) <= budget:
         steps += 1
     return steps
 
@@ -644,9 +880,11 @@ def _combine(runs: list[_Run], settings: dict) -> DMFTSolution:
     )
 
 
-def _bar(total: int, show: bool):
+def _bar(total: int, show: bool, method: str = "iterate"):
     if not show:
         return None
     from tqdm.auto import tqdm
 
+    if method == "march":
+        return tqdm(total=total, desc="DMFT steps", unit="step")
     return tqdm(total=total, desc="DMFT replicas", unit="solve")

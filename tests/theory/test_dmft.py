@@ -168,6 +168,35 @@ def test_an_unconverged_solution_is_flagged():
     x_train, y_train, x_test = _task()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        solution = solve_dmft(x_train, y_train, x_test, steps=6, samples=100, max_iter=3)
+        solution = solve_dmft(x_train, y_train, x_test, steps=6, samples=100, max_iter=3, method="iterate")
     assert not solution.converged and "NOT CONVERGED" in solution.summary()
     assert any("did not reach its tolerance" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("depth", [3, 4])
+def test_marching_forward_in_time_is_the_fixed_point_of_the_iteration(depth):
+    """The one-sweep causal solver and the damped fixed-point iteration, on the same draws (training and test
+    points, a middle layer at depth 4): the same outputs and kernels to the iteration's tolerance — and the
+    sweep's responses leave out nothing the iteration's all-direction sensitivities see."""
+    x_train, y_train, x_test = _task()
+    settings = dict(depth=depth, activation="tanh", gamma0=1.0, lr=0.5, steps=6, samples=200, seed=3)
+    iterated = solve_dmft(x_train, y_train, x_test, method="iterate", tol=1e-12, **settings)
+    marched = solve_dmft(x_train, y_train, x_test, **settings)
+    assert iterated.converged and marched.settings["method"] == "march"
+    assert np.abs(marched.outputs[-1] - marched.outputs[0]).max() > 0.3  # it learned
+    np.testing.assert_allclose(marched.outputs, iterated.outputs, atol=1e-9)
+    for ours, theirs in zip(
+        marched.feature_kernels + marched.gradient_kernels, iterated.feature_kernels + iterated.gradient_kernels
+    ):
+        np.testing.assert_allclose(ours, theirs, atol=1e-8)
+    assert "forward in time" in marched.summary()
+
+
+def test_response_samples_are_checked_and_reported():
+    x_train, y_train, x_test = _task()
+    with pytest.raises(ValueError, match="response_samples=0"):
+        solve_dmft(x_train, y_train, x_test, steps=2, samples=50, response_samples=0)
+    with pytest.raises(ValueError, match="the marching solver's"):
+        solve_dmft(x_train, y_train, x_test, steps=2, samples=50, response_samples=10, method="iterate")
+    solution = solve_dmft(x_train, y_train, x_test, steps=2, samples=50, response_samples=10)
+    assert "responses from 10 of them" in solution.summary()
