@@ -106,18 +106,18 @@ def dmft_memory(
     ``"iterate"``: kernels and responses, (T·P)² each, four per hidden layer, and a chunk of samples carrying
     their sensitivities to 2·T·P fields over T steps (four such arrays). ``"march"``: per hidden layer Φ, G and
     their causal square roots ((T·P)² each), A and B (T·P × T·P_train), every sample's h, φ(h), g and draws, and
-    each response sample's histories of ∂g and ∂φ on training points, (T·P_train)² per direction group."""
+    each response sample's histories of ∂g or ∂φ on training points, (T·P_train)² each."""
     tp = points * steps
     hidden = depth - 1
     if method == "march":
         tq = (points if train_points is None else train_points) * steps
         carriers = samples if response_samples is None else response_samples
-        groups = max(0, 2 * hidden - 2)  # the first layer's r, the last's u, both in between
+        # (T·P_train)² histories: one for the first layer's r and the last's u directions, two per group between
+        histories = max(0, 4 * hidden - 6)
         kernels = hidden * (4 * tp * tp + 2 * tp * tq) * 8
-        fields = hidden * 5 * samples * tp * 8 + 2 * samples * tq * 8
-        histories = carriers * groups * (2 * tq * tq + tq * points) * 8
-        temporary = 2 * carriers * tq * tq * 8  # one contraction's gathered history
-        return kernels + fields + histories + temporary
+        fields = hidden * (5 * samples * tp + 2 * samples * tq) * 8 + samples * tq * 8
+        sensitivities = carriers * (histories * tq * tq + 8 * tq * points) * 8  # + this step's dh, dφ, dz, dg
+        return kernels + fields + sensitivities
     kernels = 4 * hidden * tp * tp * 8 * 2  # the current and the previous iterate
     sensitivities = 4 * min(chunk, samples) * (2 * tp + 1) * tp * 8
     stored = hidden * samples * tp * 8
@@ -570,14 +570,17 @@ def _sqrt(kernel: torch.Tensor, points: int | None = None) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- time marching
 class _CausalSqrt:
-    """The lower Cholesky factor of a (time × point) kernel, one block row per step: row t needs the kernel up to
-    time t only, so a field's value at t is final as soon as its covariance is. A fixed jitter (1e-10 of the
-    first block's mean diagonal) keeps kernels of rank ≈ P factorable; a block that still does not factor gets
-    more, alone."""
+    """Block rows of the lower Cholesky factor S of a (time × point) kernel, one per step: row t needs the kernel up
+    to time t only, so a field's value at t is final as soon as its covariance is. The new row's off-diagonal part
+    solves x S[<t,<t]ᵀ = K[t,<t] by blocked forward substitution: matrix products on row slabs of a preallocated
+    buffer and small triangular solves (a solve on the whole leading block would copy it at every step; carrying
+    S⁻¹ instead is unstable for kernels of rank ≈ P). A fixed jitter (1e-10 of the first block's mean diagonal,
+    as :func:`_sqrt`'s) keeps such kernels factorable; a block that still does not factor gets more, alone."""
 
-    def __init__(self, T: int, P: int, dtype: torch.dtype):
+    def __init__(self, T: int, P: int, dtype: torch.dtype, slab: int = 512):
         self.factor = torch.zeros(T * P, T * P, dtype=dtype)
         self.P = P
+        self.slab = max(P, slab // P * P)
         self.jitter: float | None = None
 
     def extend(self, t: int, row: torch.Tensor) -> torch.Tensor:
@@ -586,11 +589,12 @@ class _CausalSqrt:
         diagonal = (row[:, start:] + row[:, start:].T) / 2
         if self.jitter is None:
             self.jitter = 1e-10 * float(diagonal.diagonal().mean().clamp(min=1e-300))
-        if t:
-            past = self.factor[:start, :start]
-            cross = torch.linalg.solve_triangular(past, row[:, :start].T, upper=False).T  # K[t,<t] L[<t,<t]⁻ᵀ
-            self.factor[start : start + P, :start] = cross
-            diagonal = diagonal - cross @ cross.T
+        cross = self.factor[start : start + P, :start]
+        for j0 in range(0, start, self.slab):
+            j1 = min(start, j0 + self.slab)
+            rhs = row[:, j0:j1] - cross[:, :j0] @ self.factor[j0:j1, :j0].T
+            cross[:, j0:j1] = torch.linalg.solve_triangular(self.factor[j0:j1, j0:j1], rhs.T, upper=False).T
+        diagonal = diagonal - cross @ cross.T
         eye = torch.eye(P, dtype=row.dtype)
         jitter = self.jitter
         for _ in range(12):
@@ -610,14 +614,18 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     Kernels and Δ are averages over all ``samples``; the response functions A, B over the first
     ``response_samples``, which carry exact forward-mode sensitivities to their own fields (the costly part:
     (t·P_train)² per sample per step). Directions are training points only: a test point's fields feed nothing
-    (its Δ is 0), so every response to them vanishes. The readout's sensitivity to w(0) (one direction, needed
-    to 1/γ0 precision) is carried by every sample."""
+    but its own g at the same step (its Δ is 0), a diagonal of B kept on its own. The readout's sensitivity to
+    w(0) (one direction, needed to 1/γ0 precision) is carried by every sample. Two layers have operators of low
+    rank, carried as running sums: the first layer's C = γ0η0c·XXᵀ/D·Δ(s) (its h needs Σ_s Δ(s)g(s) only) and the
+    readout layer's D = γ0η0c·Δ(s) (its z is w(0) + γ0η0c Σ_s Δ(s)·φ(s), one number per sample)."""
     dtype = torch.float64
     P, T, L = len(x), steps + 1, depth - 1
     tr = torch.as_tensor(np.flatnonzero(train))
+    test = torch.as_tensor(np.flatnonzero(~train))
     Q = len(tr)
     xt = torch.as_tensor(x, dtype=dtype)
     kx = xt @ xt.T / x.shape[1]
+    kx_tr = kx[:, tr]
     y_t = torch.as_tensor(y, dtype=dtype)
     mask = torch.as_tensor(train, dtype=dtype)
     rate = lr * 2.0 / float(train.sum())
@@ -634,109 +642,126 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     def zeros(*shape):
         return torch.zeros(*shape, dtype=dtype)
 
+    first, last = 0, L - 1
     h = [zeros(b, T, P) for _ in range(L)]
-    value = [zeros(b, T, P) for _ in range(L)]  # φ(h)
-    g = [zeros(b, T, P) for _ in range(L)]
+    # histories, time-major and flat: φ(h) and g on every point (kernels) and on training points (operators)
+    value, grad = [zeros(b, T * P) for _ in range(L)], [zeros(b, T * P) for _ in range(L)]
+    value_tr, grad_tr = [zeros(b, T * Q) for _ in range(L)], [zeros(b, T * Q) for _ in range(L)]
     kernel_phi = [zeros(T, P, T, P) for _ in range(L)]
     kernel_grad = [zeros(T, P, T, P) for _ in range(L)]
     response_a = [zeros(T, P, T, Q) for _ in range(L)]  # A^ℓ[t, μ, s, ν] = ⟨∂φ_μ(t)/∂r_ν(s)⟩, ℓ < L
     response_b = [zeros(T, P, T, Q) for _ in range(L)]  # B^ℓ[t, μ, s, ν] = ⟨∂g^{ℓ+1}_μ(t)/∂u^{ℓ+1}_ν(s)⟩, ℓ < L
+    test_b = [zeros(T, len(test)) for _ in range(L)]  # B^ℓ[t, ν, t, ν] on test points: the rest is 0
     readout = zeros(T, P)  # a(t) = ⟨∂φ(h^L(t))/∂w(0)⟩
     delta = zeros(T, P)
     outputs = zeros(T, P)
-    # sensitivity histories on training points, [R, direction (s, ν), time, ν']: "u" directions feed B^{ℓ−1}, "r"
-    # directions A^ℓ
-    groups = [[*(["u"] if layer > 0 else []), *(["r"] if layer < L - 1 else [])] for layer in range(L)]
-    dg_hist = [{k: zeros(R, T * Q, T, Q) for k in groups[layer]} for layer in range(L)]
-    dphi_hist = [{k: zeros(R, T * Q, T, Q) for k in groups[layer]} for layer in range(L)]
-    dh_now: list[dict] = [{} for _ in range(L)]
-    w_dg, w_dphi = zeros(b, T, Q), zeros(b, T, Q)
-    # a test point's u(t) moves only its own g(t), at once: B^ℓ's test entries are that diagonal
-    test = torch.as_tensor(np.flatnonzero(~train))
-    test_b = [zeros(T, len(test)) for _ in range(L)]
-    w_dh_now = None
-    slopes: list = [None] * L
-    curves: list = [None] * L
+    acc_g = zeros(b, Q)  # first layer: Σ_{s<t} Δ(s) g(s)
+    acc_phi = zeros(b)  # readout layer: Σ_{s<t} Δ(s)·φ(s)
+    # the response samples' sensitivities, [R, history (s, ν) on training points, direction (s', ν')]: "u"
+    # directions give B^{ℓ−1}, "r" directions A^ℓ; a history only where the operator is not a running sum
+    groups = [[*(["u"] if layer > first else []), *(["r"] if layer < last else [])] for layer in range(L)]
+    dg_hist = [{k: zeros(R, T * Q, T * Q) for k in groups[layer]} if layer > first else {} for layer in range(L)]
+    dphi_hist = [{k: zeros(R, T * Q, T * Q) for k in groups[layer]} if layer < last else {} for layer in range(L)]
+    acc_dg = {k: zeros(R, Q, T * Q) for k in groups[first]}
+    acc_dphi = {k: zeros(R, T * Q) for k in groups[last]}
+    w_dg = zeros(b, T * Q) if last > first else None  # the w(0) direction, every sample
+    w_acc_dg, w_acc_dphi = zeros(b, Q), zeros(b)
     unit = torch.arange(Q)
 
     for t in range(T):
-        active = (t + 1) * Q
+        active, n_past, n_now = (t + 1) * Q, t * Q, (t + 1) * P
+        now = {}  # this step's per-layer quantities, kept from the upward pass to the downward one
         # upward: h(t), φ(t), Φ^ℓ(t, ≤t), A^ℓ(t, <t)
         for layer in range(L):
-            if layer == 0:
-                below_phi = kx[None, :, None, :].expand(T, P, T, P)
-                below_a = None
-                u_t = u0
-            else:
-                below_phi, below_a = kernel_phi[layer - 1], response_a[layer - 1]
-                row = sqrt_u[layer].extend(t, below_phi[t, :, : t + 1].reshape(P, (t + 1) * P))
-                u_t = eps_u[layer][:, : (t + 1) * P] @ row.T
-            # C[μ, s, ν] for s < t on training ν: the response below plus the Δ-weighted kernel below
-            C = coupling * below_phi[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr][None]
-            if below_a is not None:
-                C = C + below_a[t, :, :t]
-            h[layer][:, t] = u_t + torch.einsum("msn,bsn->bm", C, g[layer][:, :t, tr])
-            val, slope, curve = phi(h[layer][:, t])
-            value[layer][:, t], slopes[layer], curves[layer] = val, slope, curve
-            block = torch.einsum("bm,bsn->msn", val, value[layer][:, : t + 1]) / b
+            if layer == first:
+                C = None
+                h_t = u0 + coupling * acc_g @ kx_tr.T
+            else:  # C[μ, (s, ν)], s < t: the response below plus the Δ-weighted kernel below
+                below = kernel_phi[layer - 1]
+                C = response_a[layer - 1][t, :, :t] + coupling * below[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr]
+                C = C.reshape(P, n_past)
+                row = sqrt_u[layer].extend(t, below[t, :, : t + 1].reshape(P, n_now))
+                h_t = eps_u[layer][:, :n_now] @ row.T + grad_tr[layer][:, :n_past] @ C.T
+            val, slope, curve = phi(h_t)
+            h[layer][:, t] = h_t
+            value[layer][:, t * P : n_now] = val
+            value_tr[layer][:, n_past:active] = val[:, tr]
+            block = (val.T @ value[layer][:, :n_now] / b).reshape(P, t + 1, P)
             kernel_phi[layer][t, :, : t + 1] = block
             kernel_phi[layer][: t + 1, :, t] = block.permute(1, 2, 0)
+            sens = {}
             for k in groups[layer]:
-                dh = torch.einsum("msn,rdsn->rdm", C, dg_hist[layer][k][:, :active, :t])
+                if layer == first:
+                    dh = coupling * kx_tr @ acc_dg[k][:, :, :active]
+                else:
+                    dh = C @ dg_hist[layer][k][:, :n_past, :active]
                 if k == "u":  # ∂h(t)/∂u(t) = 1
-                    dh[:, t * Q + unit, tr] += 1.0
-                dh_now[layer][k] = dh
-                dphi = slope[:R, None, :] * dh
-                dphi_hist[layer][k][:, :active, t] = dphi[:, :, tr]
+                    dh[:, tr, n_past + unit] += 1.0
+                dphi = slope[:R, :, None] * dh
+                if layer < last:
+                    dphi_hist[layer][k][:, n_past:active, :active] = dphi[:, tr]
                 if k == "r":
-                    response_a[layer][t, :, : t + 1] = dphi.mean(0).reshape(t + 1, Q, P).permute(2, 0, 1)
-            if layer == L - 1:
-                w_dh_now = torch.einsum("msn,bsn->bm", C, w_dg[:, :t])
-                w_dphi_t = slope * w_dh_now
-                w_dphi[:, t] = w_dphi_t[:, tr]
-                readout[t] = w_dphi_t.mean(0)
+                    response_a[layer][t, :, : t + 1] = dphi.mean(0).reshape(P, t + 1, Q)
+                sens[k] = [dh, dphi]
+            if layer == last:
+                w_dh = coupling * w_acc_dg @ kx_tr.T if layer == first else w_dg[:, :n_past] @ C.T
+                w_dphi = slope * w_dh
+                readout[t] = w_dphi.mean(0)
+            now[layer] = (slope, curve, sens)
+        # f(t) = γ0⁻¹ a(t) + η0 c Σ_{s<t} Φ^L(t,s) Δ(s): the error Δ(t) drives step t, and the downward pass
+        outputs[t] = readout[t] / gamma0 + rate * kernel_phi[last][t, :, :t, tr].reshape(P, n_past) @ delta[:t, tr].reshape(-1)
+        delta[t] = (y_t - outputs[t]) * mask
         # downward: z(t), g(t), G^ℓ(t, ≤t), B^{ℓ−1}(t, ≤t)
         for layer in reversed(range(L)):
-            if layer == L - 1:
-                D = coupling * delta[:t, tr][None].expand(P, t, Q)  # G^{L+1} = 1, B^L = 0
-                r_t = eps_r[layer].expand(b, P)
-            else:
+            slope, curve, sens = now[layer]
+            if layer == last:
+                D = None
+                z_t = (eps_r[layer] + coupling * acc_phi[:, None]).expand(b, P)  # r^L = w(0), G^{L+1} = 1, B^L = 0
+            else:  # D[μ, (s, ν)], s ≤ t: the response here plus the Δ-weighted kernel above (s < t)
                 above = kernel_grad[layer + 1]
-                row = sqrt_r[layer].extend(t, above[t, :, : t + 1].reshape(P, (t + 1) * P))
-                r_t = eps_r[layer][:, : (t + 1) * P] @ row.T
-                D = coupling * above[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr][None]
-            # z(t) = r(t) + Σ_{s<t} D φ(s) + Σ_{s≤t} B φ(s)
-            z_t = r_t + torch.einsum("msn,bsn->bm", D, value[layer][:, :t, tr])
-            slope, curve = slopes[layer], curves[layer]
-            if layer < L - 1:
-                Bt = response_b[layer][t, :, : t + 1]
-                z_t = z_t + torch.einsum("msn,bsn->bm", Bt, value[layer][:, : t + 1, tr])
-                z_t[:, test] += test_b[layer][t] * value[layer][:, t, test]
-            if layer > 0:  # ∂g(t)/∂u(t) on a test point: φ''z + φ'² B^ℓ(t, t)
-                own = test_b[layer][t] * slope[:, test] if layer < L - 1 else 0.0
+                D = response_b[layer][t, :, : t + 1].clone()
+                D[:, :t] += coupling * above[:t, tr, t, :].permute(2, 0, 1) * delta[:t, tr]
+                D = D.reshape(P, active)
+                row = sqrt_r[layer].extend(t, above[t, :, : t + 1].reshape(P, n_now))
+                z_t = eps_r[layer][:, :n_now] @ row.T + value_tr[layer][:, :active] @ D.T
+                z_t[:, test] += test_b[layer][t] * value[layer][:, t * P : n_now][:, test]
+            if layer > first:  # ∂g(t)/∂u(t) on a test point: φ''z + φ'² B^ℓ(t, t)
+                own = test_b[layer][t] * slope[:, test] if layer < last else 0.0
                 test_b[layer - 1][t] = (curve[:, test] * z_t[:, test] + slope[:, test] * own).mean(0)
             g_t = slope * z_t
-            g[layer][:, t] = g_t
-            block = torch.einsum("bm,bsn->msn", g_t, g[layer][:, : t + 1]) / b
+            grad[layer][:, t * P : n_now] = g_t
+            grad_tr[layer][:, n_past:active] = g_t[:, tr]
+            block = (g_t.T @ grad[layer][:, :n_now] / b).reshape(P, t + 1, P)
             kernel_grad[layer][t, :, : t + 1] = block
             kernel_grad[layer][: t + 1, :, t] = block.permute(1, 2, 0)
             for k in groups[layer]:
-                dz = torch.einsum("msn,rdsn->rdm", D, dphi_hist[layer][k][:, :active, :t])
-                if layer < L - 1:
-                    dz = dz + torch.einsum("msn,rdsn->rdm", Bt, dphi_hist[layer][k][:, :active, : t + 1])
-                    dz[:, :, test] += test_b[layer][t] * slope[:R, None, test] * dh_now[layer][k][:, :, test]
+                dh, dphi = sens[k]
+                if layer == last:
+                    dz = (coupling * acc_dphi[k][:, None, :active]).expand(R, P, active).clone()
+                else:
+                    dz = D @ dphi_hist[layer][k][:, :active, :active]
+                    dz[:, test] += test_b[layer][t][:, None] * dphi[:, test]
                 if k == "r":  # ∂z(t)/∂r(t) = 1
-                    dz[:, t * Q + unit, tr] += 1.0
-                dg = (curve[:R] * z_t[:R])[:, None] * dh_now[layer][k] + slope[:R, None] * dz
-                dg_hist[layer][k][:, :active, t] = dg[:, :, tr]
+                    dz[:, tr, n_past + unit] += 1.0
+                dg = (curve * z_t)[:R, :, None] * dh + slope[:R, :, None] * dz
+                if layer > first:
+                    dg_hist[layer][k][:, n_past:active, :active] = dg[:, tr]
                 if k == "u":
-                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0).reshape(t + 1, Q, P).permute(2, 0, 1)
-            if layer == L - 1:
-                w_dz = 1.0 + torch.einsum("msn,bsn->bm", D, w_dphi[:, :t])
-                w_dg[:, t] = ((curve * z_t) * w_dh_now + slope * w_dz)[:, tr]
-        # f(t) = γ0⁻¹ a(t) + η0 c Σ_{s<t} Φ^L(t,s) Δ(s); then the error that drives step t
-        outputs[t] = readout[t] / gamma0 + rate * torch.einsum("msn,sn->m", kernel_phi[-1][t, :, :t], delta[:t])
-        delta[t] = (y_t - outputs[t]) * mask
+                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0).reshape(P, t + 1, Q)
+                # the running sums, for the steps after t
+                if layer == first:
+                    acc_dg[k][:, :, :active] += delta[t, tr][None, :, None] * dg[:, tr]
+                if layer == last:
+                    acc_dphi[k][:, :active] += torch.einsum("n,rnd->rd", delta[t, tr], dphi[:, tr])
+            if layer == last:
+                w_dg_t = curve * z_t * w_dh + slope * (1.0 + coupling * w_acc_dphi[:, None])
+                if w_dg is not None:
+                    w_dg[:, n_past:active] = w_dg_t[:, tr]
+                w_acc_dg += delta[t, tr] * w_dg_t[:, tr]
+                w_acc_dphi += w_dphi[:, tr] @ delta[t, tr]
+                acc_phi += value_tr[layer][:, n_past:active] @ delta[t, tr]
+            if layer == first:
+                acc_g += delta[t, tr] * g_t[:, tr]
         if bar is not None:
             bar.update(1)
     out = outputs.numpy()
