@@ -116,7 +116,7 @@ def dmft_memory(
         histories = max(0, 4 * hidden - 6)
         kernels = hidden * (4 * tp * tp + 2 * tp * tq) * 8
         fields = hidden * (5 * samples * tp + 2 * samples * tq) * 8 + samples * tq * 8
-        sensitivities = carriers * (histories * tq * tq + 8 * tq * points) * 8  # + this step's dh, dφ, dz, dg
+        sensitivities = carriers * (histories * tq * tq + 8 * tq * points) * 4  # float32; + this step's dh, dφ, dz, dg
         return kernels + fields + sensitivities
     kernels = 4 * hidden * tp * tp * 8 * 2  # the current and the previous iterate
     sensitivities = 4 * min(chunk, samples) * (2 * tp + 1) * tp * 8
@@ -660,10 +660,19 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     # the response samples' sensitivities, [R, history (s, ν) on training points, direction (s', ν')]: "u"
     # directions give B^{ℓ−1}, "r" directions A^ℓ; a history only where the operator is not a running sum
     groups = [[*(["u"] if layer > first else []), *(["r"] if layer < last else [])] for layer in range(L)]
-    dg_hist = [{k: zeros(R, T * Q, T * Q) for k in groups[layer]} if layer > first else {} for layer in range(L)]
-    dphi_hist = [{k: zeros(R, T * Q, T * Q) for k in groups[layer]} if layer < last else {} for layer in range(L)]
-    acc_dg = {k: zeros(R, Q, T * Q) for k in groups[first]}
-    acc_dphi = {k: zeros(R, T * Q) for k in groups[last]}
+    # (in float32: their rounding, ~1e-7 relative, is far below the sampling error of R samples)
+    low = torch.float32
+    dg_hist = [
+        {k: torch.zeros(R, T * Q, T * Q, dtype=low) for k in groups[layer]} if layer > first else {}
+        for layer in range(L)
+    ]
+    dphi_hist = [
+        {k: torch.zeros(R, T * Q, T * Q, dtype=low) for k in groups[layer]} if layer < last else {}
+        for layer in range(L)
+    ]
+    acc_dg = {k: torch.zeros(R, Q, T * Q, dtype=low) for k in groups[first]}
+    acc_dphi = {k: torch.zeros(R, T * Q, dtype=low) for k in groups[last]}
+    kx_low, unit_value = kx_tr.to(low), torch.tensor(1.0, dtype=low)
     w_dg = zeros(b, T * Q) if last > first else None  # the w(0) direction, every sample
     w_acc_dg, w_acc_dphi = zeros(b, Q), zeros(b)
     unit = torch.arange(Q)
@@ -690,18 +699,19 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
             kernel_phi[layer][t, :, : t + 1] = block
             kernel_phi[layer][: t + 1, :, t] = block.permute(1, 2, 0)
             sens = {}
+            C_low, slope_low = (C.to(low) if C is not None else None), slope[:R, :, None].to(low)
             for k in groups[layer]:
                 if layer == first:
-                    dh = coupling * kx_tr @ acc_dg[k][:, :, :active]
+                    dh = coupling * kx_low @ acc_dg[k][:, :, :active]
                 else:
-                    dh = C @ dg_hist[layer][k][:, :n_past, :active]
+                    dh = C_low @ dg_hist[layer][k][:, :n_past, :active]
                 if k == "u":  # ∂h(t)/∂u(t) = 1
-                    dh[:, tr, n_past + unit] += 1.0
-                dphi = slope[:R, :, None] * dh
+                    dh[:, tr, n_past + unit] += unit_value
+                dphi = slope_low * dh
                 if layer < last:
                     dphi_hist[layer][k][:, n_past:active, :active] = dphi[:, tr]
                 if k == "r":
-                    response_a[layer][t, :, : t + 1] = dphi.mean(0).reshape(P, t + 1, Q)
+                    response_a[layer][t, :, : t + 1] = dphi.mean(0, dtype=dtype).reshape(P, t + 1, Q)
                 sens[k] = [dh, dphi]
             if layer == last:
                 w_dh = coupling * w_acc_dg @ kx_tr.T if layer == first else w_dg[:, :n_past] @ C.T
@@ -734,25 +744,28 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
             block = (g_t.T @ grad[layer][:, :n_now] / b).reshape(P, t + 1, P)
             kernel_grad[layer][t, :, : t + 1] = block
             kernel_grad[layer][: t + 1, :, t] = block.permute(1, 2, 0)
+            D_low = D.to(low) if D is not None else None
+            curve_z, slope_low = (curve * z_t)[:R, :, None].to(low), slope[:R, :, None].to(low)
             for k in groups[layer]:
                 dh, dphi = sens[k]
                 if layer == last:
                     dz = (coupling * acc_dphi[k][:, None, :active]).expand(R, P, active).clone()
                 else:
-                    dz = D @ dphi_hist[layer][k][:, :active, :active]
-                    dz[:, test] += test_b[layer][t][:, None] * dphi[:, test]
+                    dz = D_low @ dphi_hist[layer][k][:, :active, :active]
+                    dz[:, test] += test_b[layer][t][:, None].to(low) * dphi[:, test]
                 if k == "r":  # ∂z(t)/∂r(t) = 1
-                    dz[:, tr, n_past + unit] += 1.0
-                dg = (curve * z_t)[:R, :, None] * dh + slope[:R, :, None] * dz
+                    dz[:, tr, n_past + unit] += unit_value
+                dg = curve_z * dh + slope_low * dz
                 if layer > first:
                     dg_hist[layer][k][:, n_past:active, :active] = dg[:, tr]
                 if k == "u":
-                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0).reshape(P, t + 1, Q)
+                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0, dtype=dtype).reshape(P, t + 1, Q)
                 # the running sums, for the steps after t
+                delta_low = delta[t, tr].to(low)
                 if layer == first:
-                    acc_dg[k][:, :, :active] += delta[t, tr][None, :, None] * dg[:, tr]
+                    acc_dg[k][:, :, :active] += delta_low[None, :, None] * dg[:, tr]
                 if layer == last:
-                    acc_dphi[k][:, :active] += torch.einsum("n,rnd->rd", delta[t, tr], dphi[:, tr])
+                    acc_dphi[k][:, :active] += torch.einsum("n,rnd->rd", delta_low, dphi[:, tr])
             if layer == last:
                 w_dg_t = curve * z_t * w_dh + slope * (1.0 + coupling * w_acc_dphi[:, None])
                 if w_dg is not None:
