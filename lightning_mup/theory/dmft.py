@@ -606,6 +606,14 @@ class _CausalSqrt:
         raise FloatingPointError("a DMFT kernel is not positive semi-definite (diverging dynamics: lower lr)")
 
 
+def _derivative_kernel(slope: torch.Tensor, history: torch.Tensor, carriers: int) -> torch.Tensor:
+    """⟨φ'(t) φ'(s)⟩ over every sample less over the first ``carriers``: the exact-mean correction of a control
+    variate (the direct path of a response, which the carriers' sensitivities contain sample by sample)."""
+    every = slope.T @ history / len(slope)
+    carried = slope[:carriers].T @ history[:carriers] / carriers
+    return every - carried
+
+
 def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_samples, seed, bar) -> _Run:
     """The same equations solved forward in time, once. In discrete time every field at step t depends on kernels,
     responses and errors at steps ≤ t only, and at step t those are final after an upward pass (h, Φ, A, from the
@@ -647,6 +655,7 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     # histories, time-major and flat: φ(h) and g on every point (kernels) and on training points (operators)
     value, grad = [zeros(b, T * P) for _ in range(L)], [zeros(b, T * P) for _ in range(L)]
     value_tr, grad_tr = [zeros(b, T * Q) for _ in range(L)], [zeros(b, T * Q) for _ in range(L)]
+    slope_tr = [zeros(b, T * Q) for _ in range(L)]  # φ'(h) on training points: the responses' control variate
     kernel_phi = [zeros(T, P, T, P) for _ in range(L)]
     kernel_grad = [zeros(T, P, T, P) for _ in range(L)]
     response_a = [zeros(T, P, T, Q) for _ in range(L)]  # A^ℓ[t, μ, s, ν] = ⟨∂φ_μ(t)/∂r_ν(s)⟩, ℓ < L
@@ -695,6 +704,7 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
             h[layer][:, t] = h_t
             value[layer][:, t * P : n_now] = val
             value_tr[layer][:, n_past:active] = val[:, tr]
+            slope_tr[layer][:, n_past:active] = slope[:, tr]
             block = (val.T @ value[layer][:, :n_now] / b).reshape(P, t + 1, P)
             kernel_phi[layer][t, :, : t + 1] = block
             kernel_phi[layer][: t + 1, :, t] = block.permute(1, 2, 0)
@@ -710,8 +720,12 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
                 dphi = slope_low * dh
                 if layer < last:
                     dphi_hist[layer][k][:, n_past:active, :active] = dphi[:, tr]
-                if k == "r":
-                    response_a[layer][t, :, : t + 1] = dphi.mean(0, dtype=dtype).reshape(P, t + 1, Q)
+                if k == "r":  # + the direct path φ'(t) C φ'(s), averaged over every sample less over these
+                    A_t = dphi.mean(0, dtype=dtype)
+                    if t:
+                        direct = C if C is not None else (coupling * kx_tr[:, None, :] * delta[:t, tr]).reshape(P, -1)
+                        A_t[:, :n_past] += direct * _derivative_kernel(slope, slope_tr[layer][:, :n_past], R)
+                    response_a[layer][t, :, : t + 1] = A_t.reshape(P, t + 1, Q)
                 sens[k] = [dh, dphi]
             if layer == last:
                 w_dh = coupling * w_acc_dg @ kx_tr.T if layer == first else w_dg[:, :n_past] @ C.T
@@ -719,7 +733,9 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
                 readout[t] = w_dphi.mean(0)
             now[layer] = (slope, curve, sens)
         # f(t) = γ0⁻¹ a(t) + η0 c Σ_{s<t} Φ^L(t,s) Δ(s): the error Δ(t) drives step t, and the downward pass
-        outputs[t] = readout[t] / gamma0 + rate * kernel_phi[last][t, :, :t, tr].reshape(P, n_past) @ delta[:t, tr].reshape(-1)
+        outputs[t] = readout[t] / gamma0 + rate * kernel_phi[last][t, :, :t, tr].reshape(P, n_past) @ delta[
+            :t, tr
+        ].reshape(-1)
         delta[t] = (y_t - outputs[t]) * mask
         # downward: z(t), g(t), G^ℓ(t, ≤t), B^{ℓ−1}(t, ≤t)
         for layer in reversed(range(L)):
@@ -758,8 +774,18 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
                 dg = curve_z * dh + slope_low * dz
                 if layer > first:
                     dg_hist[layer][k][:, n_past:active, :active] = dg[:, tr]
-                if k == "u":
-                    response_b[layer - 1][t, :, : t + 1] = dg.mean(0, dtype=dtype).reshape(P, t + 1, Q)
+                if k == "u":  # + the direct paths φ'(t) D φ'(s) and φ''z, over every sample less over these
+                    B_t = dg.mean(0, dtype=dtype)
+                    if D is not None:
+                        direct = D
+                    else:
+                        direct = torch.zeros(P, t + 1, Q, dtype=dtype)
+                        direct[:, :t] = coupling * delta[:t, tr]
+                        direct = direct.reshape(P, active)
+                    B_t += direct * _derivative_kernel(slope, slope_tr[layer][:, :active], R)
+                    cz = (curve * z_t)[:, tr]
+                    B_t[tr, n_past + unit] += cz.mean(0) - cz[:R].mean(0)
+                    response_b[layer - 1][t, :, : t + 1] = B_t.reshape(P, t + 1, Q)
                 # the running sums, for the steps after t
                 delta_low = delta[t, tr].to(low)
                 if layer == first:
