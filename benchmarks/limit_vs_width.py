@@ -1,13 +1,17 @@
 """Networks of growing width against the computed infinite-width limit (the README figure).
 
-    python benchmarks/limit_vs_width.py [--seeds 32] [--samples 4000] [--replicas 4] [--out docs/limit_vs_width.png]
+    python benchmarks/limit_vs_width.py [--train 32] [--test 8] [--steps 100] [--lr 0.5] [--seeds 8]
+        [--samples 4000] [--response-samples 16] [--replicas 2] [--out docs/limit_vs_width.png]
 
-A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-batch gradient descent
-(η0 = 1, 10 steps) on 6 fixed points of a smooth target in D = 5, outputs also on 2 held-out points; widths
-64 … 4096, ``--seeds`` initialisations each, trained through ``parametrize``. The limit is
+A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-batch gradient descent on
+``--train`` fixed points of a smooth target in D = 5, outputs also on ``--test`` held-out points; widths
+128 … 4096, ``--seeds`` initialisations each, trained through ``parametrize``. The limit is
 :func:`lightning_mup.theory.solve_dmft`. Printed and drawn: the loss curves with the limit, and against width
-the ensemble-averaged deviation from the limit (final loss, predictions on all 8 points; theory ∝ 1/N) and a
+the ensemble-averaged deviation from the limit (final loss, predictions on every point; theory ∝ 1/N) and a
 single network's RMS deviation (theory ∝ 1/√N), with fitted slopes and the limit's own Monte Carlo error.
+Printed too, for the widest width's first 4 seeds: the largest relative gap between their mean loss curve and
+the limit's at any step, the KS distance of the limit's single-site preactivations to the pooled neurons, and
+the CKA of the final feature kernels.
 """
 
 from __future__ import annotations
@@ -21,34 +25,49 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "theory"))
-from test_dmft import _task, _train_network
+from scipy.stats import ks_2samp
+from test_dmft import _cka, _task, _train_network
 
 from lightning_mup.theory import solve_dmft
 
-WIDTHS = [64, 128, 256, 512, 1024, 2048, 4096]
-SETTINGS = dict(activation="tanh", gamma0=1.0, lr=1.0, steps=10)
+WIDTHS = [128, 256, 512, 1024, 2048, 4096]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=32)
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--test", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--response-samples", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/limit_vs_width.png"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    x_train, y_train, x_test = _task()
+    settings = dict(activation="tanh", gamma0=1.0, lr=args.lr, steps=args.steps)
+    x_train, y_train, x_test = _task(p=args.train + args.test, train=args.train)
     start = time.perf_counter()
     limit = solve_dmft(
-        x_train, y_train, x_test, depth=3, samples=args.samples, replicas=args.replicas, progress=True, **SETTINGS
+        x_train,
+        y_train,
+        x_test,
+        depth=3,
+        samples=args.samples,
+        response_samples=args.response_samples,
+        replicas=args.replicas,
+        progress=True,
+        memory_budget=16 * 2**30,
+        **settings,
     )
     print(limit.summary(), f"({time.perf_counter() - start:.0f} s)")
     curves, final_loss, bias, spread = {}, [], [], []
     for width in WIDTHS:
-        outputs = np.array(
-            [_train_network(x_train, y_train, x_test, width, s, **SETTINGS)[0] for s in range(args.seeds)]
-        )
-        losses = ((outputs[:, :, :6] - y_train) ** 2).mean(axis=2)  # [seed, step]
+        started = time.perf_counter()
+        runs = [_train_network(x_train, y_train, x_test, width, s, **settings) for s in range(args.seeds)]
+        outputs = np.array([r[0] for r in runs])
+        losses = ((outputs[:, :, : args.train] - y_train) ** 2).mean(axis=2)  # [seed, step]
         curves[width] = losses.mean(axis=0)
         final_loss.append(abs(losses[:, -1].mean() - limit.loss[-1]))
         bias.append(np.sqrt(((outputs[:, -1].mean(axis=0) - limit.outputs[-1]) ** 2).mean()))
@@ -56,8 +75,19 @@ def main() -> None:
         print(
             f"N = {width:5d}: final loss {losses[:, -1].mean():.5f} (limit {limit.loss[-1]:.5f} ± "
             f"{limit.loss_error[-1]:.5f}), |ensemble − limit|: loss {final_loss[-1]:.2e}, predictions {bias[-1]:.2e}; "
-            f"one network's RMS deviation {spread[-1]:.2e}"
+            f"one network's RMS deviation {spread[-1]:.2e} ({time.perf_counter() - started:.0f} s)"
         )
+    four = losses[:4].mean(axis=0)  # the widest width's first 4 seeds
+    gap = np.abs(four - limit.loss) / four
+    print(
+        f"N = {WIDTHS[-1]}, 4-seed mean loss vs the limit: largest relative gap {gap.max():.3f} (step {gap.argmax()})"
+    )
+    for layer in range(2):
+        pooled = np.concatenate([r[1][layer].reshape(-1) for r in runs[:4]])
+        ks = ks_2samp(limit.preactivations[layer][:, -1].reshape(-1), pooled).statistic
+        kernel = np.mean([r[2][layer] for r in runs[:4]], axis=0)
+        cka = _cka(limit.feature_kernels[layer][-1, :, -1, :], kernel)
+        print(f"layer {layer + 1}: KS(limit, pooled neurons) {ks:.3f}, CKA(final feature kernels) {cka:.5f}")
     noise = float(np.sqrt((limit.outputs_error[-1] ** 2).mean()))
     slopes = {
         name: float(np.polyfit(np.log(WIDTHS), np.log(values), 1)[0])

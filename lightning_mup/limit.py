@@ -123,7 +123,9 @@ def _activation(name: str):
     raise OutOfScope(f"activation={name!r}")
 
 
-def compute_limit(config: Path, out: Path, samples: int, replicas: int, overrides: list[str]) -> Path:
+def compute_limit(
+    config: Path, out: Path, samples: int, replicas: int, overrides: list[str], response_samples: int | None = None
+) -> Path:
     from lightning_mup.theory import solve_dmft
 
     inputs = limit_inputs(config, overrides)
@@ -135,7 +137,9 @@ def compute_limit(config: Path, out: Path, samples: int, replicas: int, override
         f"{replicas} replicas × {samples} samples",
         flush=True,
     )
-    solution = solve_dmft(**inputs, samples=samples, replicas=replicas, progress=True)
+    solution = solve_dmft(
+        **inputs, samples=samples, replicas=replicas, response_samples=response_samples, progress=True
+    )
     print(solution.summary())
     p_train = len(inputs["x_train"])
     test = solution.outputs[:, p_train:]
@@ -175,9 +179,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=Path(LIMIT_FILE), help="where limit.npz goes (a sweep folder)")
     parser.add_argument("--samples", type=int, default=2000, help="single-site samples per replica")
     parser.add_argument("--replicas", type=int, default=2, help="independent replicas (error bars)")
+    parser.add_argument(
+        "--response-samples",
+        type=int,
+        default=None,
+        help="samples carrying the exact sensitivities behind the response functions (default: all; fewer for "
+        "large P·T — their sampling error is in the error bars)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     args = parser.parse_args(argv)
     if not args.config.exists():
         raise FileNotFoundError(f"--config {args.config} does not exist")
     out = args.out / LIMIT_FILE if args.out.is_dir() else args.out
-    compute_limit(args.config, out, args.samples, args.replicas, [f"--{s}" for s in args.set])
+    compute_limit(args.config, out, args.samples, args.replicas, [f"--{s}" for s in args.set], args.response_samples)

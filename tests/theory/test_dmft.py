@@ -176,7 +176,7 @@ def test_an_unconverged_solution_is_flagged():
 @pytest.mark.parametrize("depth", [3, 4])
 def test_marching_forward_in_time_is_the_fixed_point_of_the_iteration(depth):
     """The one-sweep causal solver and the damped fixed-point iteration, on the same draws (training and test
-    points, a middle layer at depth 4): the same outputs and kernels to the iteration's tolerance — and the
+    points, a middle layer at depth 4): the same outputs and kernels to the sensitivities' rounding — and the
     sweep's responses leave out nothing the iteration's all-direction sensitivities see."""
     x_train, y_train, x_test = _task()
     settings = dict(depth=depth, activation="tanh", gamma0=1.0, lr=0.5, steps=6, samples=200, seed=3)
@@ -184,11 +184,12 @@ def test_marching_forward_in_time_is_the_fixed_point_of_the_iteration(depth):
     marched = solve_dmft(x_train, y_train, x_test, **settings)
     assert iterated.converged and marched.settings["method"] == "march"
     assert np.abs(marched.outputs[-1] - marched.outputs[0]).max() > 0.3  # it learned
-    np.testing.assert_allclose(marched.outputs, iterated.outputs, atol=1e-9)
+    # float64 throughout but the sweep's sensitivities (float32): measured 1e-8 and 2e-7
+    np.testing.assert_allclose(marched.outputs, iterated.outputs, atol=1e-7)
     for ours, theirs in zip(
         marched.feature_kernels + marched.gradient_kernels, iterated.feature_kernels + iterated.gradient_kernels
     ):
-        np.testing.assert_allclose(ours, theirs, atol=1e-8)
+        np.testing.assert_allclose(ours, theirs, atol=2e-6)
     assert "forward in time" in marched.summary()
 
 
@@ -200,3 +201,19 @@ def test_response_samples_are_checked_and_reported():
         solve_dmft(x_train, y_train, x_test, steps=2, samples=50, response_samples=10, method="iterate")
     solution = solve_dmft(x_train, y_train, x_test, steps=2, samples=50, response_samples=10)
     assert "responses from 10 of them" in solution.summary()
+
+
+@pytest.mark.slow
+def test_responses_from_a_few_samples_stay_close_to_every_samples():
+    """The sweep with 8 of 600 samples carrying sensitivities (the rest only through the control variate) against
+    all 600 carrying them, on the same draws: the outputs agree to 2% of their scale at every step (measured
+    0.7%; without the control variate about four times as far), and replicas' error bars cover what remains."""
+    x_train, y_train, x_test = _task(p=14, train=12)
+    settings = dict(depth=3, activation="tanh", gamma0=1.0, lr=0.5, steps=12, samples=600, replicas=3, seed=2)
+    every = solve_dmft(x_train, y_train, x_test, **settings)
+    few = solve_dmft(x_train, y_train, x_test, response_samples=8, **settings)
+    scale = np.abs(every.outputs).max()
+    difference = np.abs(few.outputs - every.outputs)
+    assert np.abs(every.outputs[-1] - every.outputs[0]).max() > 0.3 * scale  # it learned
+    assert difference.max() < 0.02 * scale, difference.max() / scale
+    assert difference[1:].mean() < 2 * few.outputs_error[1:].mean()
