@@ -36,7 +36,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - start, converged=s.converged
 """
 
 MARCH = [(8, 25), (16, 25), (32, 25), (32, 50), (32, 100), (32, 200), (64, 50)]
-BOTH = [(4, 10), (8, 10), (8, 20)]
+BOTH = [(4, 10), (8, 10), (8, 15)]
 
 
 def _run(points, steps, samples, method, threads, extra) -> dict:

@@ -143,6 +143,8 @@ def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -
     right.set(
         xlabel="width N", ylabel="distance to the limit at the last step", title="Distance to the limit against width"
     )
+    right.set_xticks(WIDTHS, [str(w) for w in WIDTHS])
+    right.xaxis.set_minor_locator(plt.NullLocator())
     right.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
