@@ -26,6 +26,7 @@ class OutOfScope(ValueError):
 
 def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     """The solver's arguments read from a recipe, or :class:`OutOfScope` naming every setting that is not."""
+    from lightning_mup._run_folder import fingerprint
     from lightning_mup.cli import lightning_cli
     from lightning_mup.data.gegenbauer import GegenbauerDataModule
     from lightning_mup.models.regression import MLPRegressor
@@ -91,6 +92,7 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         lr=float(defaults["lr"]),
         steps=int(steps),
         fingerprint=recipe_fingerprint(cli.config.as_dict()),
+        probe=fingerprint([x_train, y_train]),  # the full batch as the loader gives it: the callbacks' probe
     )
 
 
@@ -129,7 +131,7 @@ def compute_limit(
     from lightning_mup.theory import solve_dmft
 
     inputs = limit_inputs(config, overrides)
-    y_test, fingerprint = inputs.pop("y_test"), inputs.pop("fingerprint")
+    y_test, recipe, probe = inputs.pop("y_test"), inputs.pop("fingerprint"), inputs.pop("probe")
     name = inputs["activation"] if isinstance(inputs["activation"], str) else "gelu"
     print(
         f"limit of {config}: depth {inputs['depth']}, {name}, γ0 = {inputs['gamma0']:g}, η0 = {inputs['lr']:g}, "
@@ -143,7 +145,13 @@ def compute_limit(
     print(solution.summary())
     p_train = len(inputs["x_train"])
     test = solution.outputs[:, p_train:]
-    settings = {**solution.settings, "config": str(config), "converged": solution.converged, "fingerprint": fingerprint}
+    settings = {
+        **solution.settings,
+        "config": str(config),
+        "converged": solution.converged,
+        "fingerprint": recipe,
+        "probe_fingerprint": probe,
+    }
     settings["activation"] = settings["activation"] if isinstance(settings["activation"], str) else "gelu"
     rng = np.random.default_rng(0)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +165,14 @@ def compute_limit(
         y_train=inputs["y_train"],
         y_test=y_test,
         feature_kernels_final=np.stack([k[-1, :, -1, :] for k in solution.feature_kernels]),
+        # on the training points alone: what the recipe's callbacks measure (their probe is the full batch)
+        feature_kernels_train_final=np.stack([k[-1, :p_train, -1, :p_train] for k in solution.feature_kernels]),
+        preactivations_train_final=np.stack(
+            [
+                rng.choice(h[:, -1, :p_train].reshape(-1), size=min(20000, h[:, -1, :p_train].size), replace=False)
+                for h in solution.preactivations
+            ]
+        ),
         preactivations_final=np.stack(
             [
                 rng.choice(h[:, -1].reshape(-1), size=min(20000, h[:, -1].size), replace=False)

@@ -950,6 +950,167 @@ def transfer_verdict(rows: Sequence[list], lrs: Sequence[float], axis: str = "wi
 
 
 # ------------------------------------------------------------------------------ the infinite-width limit
+def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, list[Run]] | None:
+    """The sweep's ``limit.npz`` and the runs of its recipe; None (and ``figure.skipped`` says why) if either is
+    missing. A run of another configuration (an axis, parametrization or lr the limit is not of) is left out."""
+    sweep = runs[0].folder.parent if runs else None
+    path = sweep / "limit.npz" if sweep is not None else None
+    if path is None or not path.exists():
+        figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
+        return None
+    from lightning_mup.limit import recipe_fingerprint
+
+    with np.load(path) as data:
+        limit = {key: data[key] for key in data.files}
+    settings = json.loads(str(limit["settings"]))
+    matching = [r for r in runs if recipe_fingerprint(r.config) == settings["fingerprint"]]
+    if not matching:
+        figure.skipped = (
+            f"no run of the sweep has the configuration limit.npz was computed for ({settings['config']}: its "
+            "data, model but the width, optimizer, μP form and steps) — rerun lightning-mup limit on the sweep's recipe"
+        )
+        return None
+    if len(matching) < len(runs):
+        figure.caveats.append(
+            f"{len(runs) - len(matching)} of {len(runs)} runs have another configuration than the limit's: left out"
+        )
+    return limit, settings, matching
+
+
+def limit_features(runs: Sequence[Run], out: Path) -> Figure:
+    """What the callbacks measured at the last step against the limit's: each hidden layer's preactivations
+    (pooled over seeds, neurons and training points) with the limit's single-site density, and the seed-mean
+    final feature kernels Φ^ℓ on the training points against the limit's (CKA). Needs the recipe's
+    PreactivationHistograms / FeatureKernels at the last step on the full training batch (the limit's points)."""
+    figure = Figure(
+        "limit_features",
+        "Preactivations and feature kernels against the infinite-width limit",
+        header=["width", "seeds", "layer", "KS to the limit", "CKA to the limit"],
+    )
+    found = _limit_and_runs(runs, figure)
+    if found is None:
+        return figure
+    limit, settings, matching = found
+    if "preactivations_train_final" not in limit or "probe_fingerprint" not in settings:
+        figure.skipped = "limit.npz has no training-point samples (an older lightning-mup limit): rerun it"
+        return figure
+    final, layers = int(settings["steps"]), len(limit["preactivations_train_final"])
+    measured: dict[str, dict[int, list[dict]]] = {"preactivations": {}, "feature_kernels": {}}
+    elsewhere = 0
+    for run in matching:
+        for callback in measured:
+            arrays = run.arrays(callback, final)
+            if arrays is None:
+                continue
+            if str(arrays.get(PROBE_KEY, "")) != settings["probe_fingerprint"]:
+                elsewhere += 1  # other points than the limit's training set: no comparison
+                continue
+            measured[callback].setdefault(run.width, []).append(arrays)
+    if elsewhere:
+        figure.caveats.append(
+            f"{elsewhere} measurement(s) were taken on other points than the limit's training set (probe "
+            "fingerprints differ): left out — measure on the full training batch (the default probe in full batch)"
+        )
+    if not measured["preactivations"] and not measured["feature_kernels"]:
+        figure.skipped = (
+            f"no run measured preactivations or feature kernels at the last step ({final}) on the training set — add "
+            f"PreactivationHistograms and FeatureKernels with every_n_steps={final} to the recipe, as "
+            "recipes/gegenbauer_limit.yaml does"
+        )
+        return figure
+    from scipy.stats import ks_2samp
+
+    def per_layer(arrays: dict, prefix: str) -> list[str]:
+        keys = [k for k in arrays if k.startswith(prefix)]
+        return keys if len(keys) == layers else []
+
+    ks: dict[int, list[float]] = {}
+    pooled_widest: list[np.ndarray] = []
+    for width, members in sorted(measured["preactivations"].items()):
+        keys = per_layer(members[0], "samples/")
+        if not keys:
+            figure.caveats.append(f"N = {width}: the preactivations' layers are not the limit's {layers}: not compared")
+            continue
+        pooled = [np.concatenate([m[k].reshape(-1) for m in members]) for k in keys]
+        ks[width] = [float(ks_2samp(p, lim).statistic) for p, lim in zip(pooled, limit["preactivations_train_final"])]
+        pooled_widest, edges = pooled, members[0]["edges"]
+    alignment: dict[int, list[float]] = {}
+    for width, members in sorted(measured["feature_kernels"].items()):
+        keys = per_layer(members[0], "phi/")
+        if not keys:
+            figure.caveats.append(
+                f"N = {width}: the feature kernels' layers are not the limit's {layers}: not compared"
+            )
+            continue
+        means = [np.mean([m[k] for m in members], axis=0) for k in keys]
+        alignment[width] = [
+            cka(torch.as_tensor(mean), torch.as_tensor(lim), debiased=False)
+            for mean, lim in zip(means, limit["feature_kernels_train_final"])
+        ]
+    nan = float("nan")
+    for width in sorted(set(ks) | set(alignment)):
+        seeds = max(len(measured[c].get(width, [])) for c in measured)
+        for layer in range(layers):
+            figure.rows.append(
+                [
+                    width,
+                    seeds,
+                    layer + 1,
+                    ks.get(width, [nan] * layers)[layer],
+                    alignment.get(width, [nan] * layers)[layer],
+                ]
+            )
+    plt = pyplot()
+    fig, axes = plt.subplots(1, layers + 1, figsize=(4.6 * (layers + 1), 3.6))
+    if pooled_widest:
+        widest = max(ks)
+        for layer, ax in enumerate(axes[:layers]):
+            ax.hist(pooled_widest[layer], bins=edges, density=True, alpha=0.5, label=f"N = {widest}, pooled neurons")
+            ax.hist(
+                limit["preactivations_train_final"][layer],
+                bins=edges,
+                density=True,
+                histtype="step",
+                color="black",
+                lw=1.5,
+                label=f"limit (KS {ks[widest][layer]:.3f})",
+            )
+            ax.set(xlabel=f"h^{layer + 1} at step {final}", ylabel="density", title=f"Layer {layer + 1} preactivations")
+            ax.legend(fontsize=7, frameon=False)
+    else:
+        for ax in axes[:layers]:
+            ax.set_visible(False)
+    if alignment:
+        sizes = sorted(alignment)
+        for layer in range(layers):
+            axes[-1].plot(sizes, [1 - alignment[n][layer] for n in sizes], "o-", label=f"layer {layer + 1}")
+        axes[-1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="width N",
+            ylabel="1 − CKA(Φ, limit's Φ)",
+            title="Final feature kernels against the limit's",
+        )
+        axes[-1].legend(fontsize=7, frameon=False)
+        width_axis(axes[-1], sizes)
+    else:
+        axes[-1].set_visible(False)
+    worst_ks = max((max(v) for v in ks.values()), default=nan)
+    worst_cka = min((min(v) for v in alignment.values()), default=nan)
+    figure.note = (
+        f"At the last step ({final}), on the {len(limit['feature_kernels_train_final'][0])} training points: the "
+        f"largest KS distance of a width's pooled preactivations to the limit's single-site density {worst_ks:.3f}, "
+        f"the smallest CKA of a width's seed-mean feature kernel to the limit's {worst_cka:.4f}."
+    )
+    samples = len(limit["preactivations_train_final"][0])
+    if samples < 5000:
+        figure.caveats.append(
+            f"the limit's density from {samples} samples: a KS below ~{1.4 / np.sqrt(samples):.2f} is its noise"
+        )
+    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
+    return figure
+
+
 def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
     """Every width against the computed limit (``lightning-mup limit`` wrote ``limit.npz`` into the sweep):
     training and validation loss curves with the limit drawn in, and the distance of each width's seed-mean
@@ -959,28 +1120,10 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
         "Finite widths against the infinite-width limit (DMFT)",
         header=["width", "seeds", "final training loss", "limit", "|mean − limit|"],
     )
-    sweep = runs[0].folder.parent if runs else None
-    path = sweep / "limit.npz" if sweep is not None else None
-    if path is None or not path.exists():
-        figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
+    found = _limit_and_runs(runs, figure)
+    if found is None:
         return figure
-    from lightning_mup.limit import recipe_fingerprint
-
-    limit = np.load(path)
-    settings = json.loads(str(limit["settings"]))
-    # only runs of the limit's own recipe (data points, depth, φ, lr, γ0, steps; any width): a sweep over other
-    # axes, parametrizations or learning rates holds runs the limit does not describe
-    matching = [r for r in runs if recipe_fingerprint(r.config) == settings["fingerprint"]]
-    if not matching:
-        figure.skipped = (
-            f"no run of the sweep has the configuration limit.npz was computed for ({settings['config']}: its "
-            "data, model but the width, optimizer, μP form and steps) — rerun lightning-mup limit on the sweep's recipe"
-        )
-        return figure
-    if len(matching) < len(runs):
-        figure.caveats.append(
-            f"{len(runs) - len(matching)} of {len(runs)} runs have another configuration than the limit's: left out"
-        )
+    limit, settings, matching = found
     widths = by_width(matching)
     plt = pyplot()
     fig, (train_ax, test_ax, distance_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -1062,4 +1205,5 @@ FIGURES: list[Callable[[Sequence[Run], Path], Figure]] = [
     loss_vs_depth,
     optima_grid,
     limit_comparison,
+    limit_features,
 ]

@@ -38,7 +38,7 @@ def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
     assert settings["converged"] and settings["lr"] == 0.5 and settings["gamma0"] == 1.0 and settings["steps"] == 10
     # the recipe's own points and settings: the same numbers as calling the solver directly
     inputs = limit_inputs(recipe, [])
-    inputs.pop("y_test"), inputs.pop("fingerprint")
+    inputs.pop("y_test"), inputs.pop("fingerprint"), inputs.pop("probe")
     direct = solve_dmft(**inputs, samples=200, replicas=2)
     np.testing.assert_allclose(saved["loss"], direct.loss, rtol=1e-12)
     assert saved["loss"][-1] < 0.5 * saved["loss"][0]  # it trained
@@ -55,3 +55,17 @@ def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
     comparison = {f.key: f for f in build_report(out)}["limit_comparison"]
     assert [row[:2] for row in comparison.rows] == [[64, 2], [256, 1]]
     assert any("1 of 4 runs have another configuration" in c for c in comparison.caveats)
+    # the recipe's callbacks measured the last step on the limit's own training points: histograms and kernels
+    features = {f.key: f for f in build_report(out)}["limit_features"]
+    assert features.skipped is None and features.path is not None
+    print("limit_features rows", features.rows, features.caveats)
+    for width, _seeds, layer, ks, alignment in features.rows:
+        assert layer in (1, 2) and ks < 0.15 and alignment > 0.95, (width, layer, ks, alignment)
+    # a limit of other points (here a changed probe fingerprint): nothing compared, and said
+    saved = dict(np.load(out / "limit.npz"))
+    settings["probe_fingerprint"] = "0" * 16
+    saved["settings"] = np.array(json.dumps(settings))
+    np.savez(out / "limit.npz", **saved)
+    features = {f.key: f for f in build_report(out)}["limit_features"]
+    assert features.skipped and "on the training set" in features.skipped and not features.rows
+    assert any("other points than the limit's training set" in c for c in features.caveats)
