@@ -17,9 +17,11 @@ the CKA of the final feature kernels.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,26 +32,30 @@ from test_dmft import _cka, _task, _train_network
 
 from lightning_mup.theory import solve_dmft
 
-WIDTHS = [128, 256, 512, 1024, 2048, 4096]
+WIDTHS = "32,64,128,256,512,1024,2048,4096"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=32)
-    parser.add_argument("--test", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--response-samples", type=int, default=16)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("docs/limit_vs_width.png"))
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    settings = dict(activation="tanh", gamma0=1.0, lr=args.lr, steps=args.steps)
-    x_train, y_train, x_test = _task(p=args.train + args.test, train=args.train)
+def _solve_or_load(args, settings, x_train, y_train, x_test) -> SimpleNamespace:
+    """The limit, or the one ``--limit-cache`` holds for the same settings (the solve is the slow part)."""
+    key = json.dumps(
+        dict(
+            settings,
+            train=args.train,
+            test=args.test,
+            samples=args.samples,
+            replicas=args.replicas,
+            response_samples=args.response_samples,
+        ),
+        sort_keys=True,
+    )
+    cache = args.limit_cache
+    if cache is not None and cache.exists():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                print(f"the limit from {cache} ({saved['summary']!s})")
+                return SimpleNamespace(**{k: saved[k] for k in saved.files})
     start = time.perf_counter()
-    limit = solve_dmft(
+    solution = solve_dmft(
         x_train,
         y_train,
         x_test,
@@ -61,58 +67,126 @@ def main() -> None:
         memory_budget=16 * 2**30,
         **settings,
     )
-    print(limit.summary(), f"({time.perf_counter() - start:.0f} s)")
-    curves, final_loss, bias, spread = {}, [], [], []
-    for width in WIDTHS:
+    summary = f"{solution.summary()} ({time.perf_counter() - start:.0f} s)"
+    print(summary)
+    limit = SimpleNamespace(
+        loss=solution.loss,
+        loss_error=solution.loss_error,
+        outputs=solution.outputs,
+        outputs_error=solution.outputs_error,
+        summary=np.array(summary),
+        preactivations_final=np.stack([h[:, -1].reshape(-1) for h in solution.preactivations]),
+        kernels_final=np.stack([k[-1, :, -1, :] for k in solution.feature_kernels]),
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, key=np.array(key), **vars(limit))
+    return limit
+
+
+def _bias(distance2: float, noise2: float) -> float:
+    """√(E|mean − limit|² − the seed mean's and the limit's own variances): the ensemble's deviation with the
+    sampling noise of both sides removed (NaN where the noise explains it all)."""
+    return float(np.sqrt(distance2 - noise2)) if distance2 > noise2 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=32)
+    parser.add_argument("--test", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--widths", default=WIDTHS)
+    parser.add_argument("--seeds", type=int, default=8, help="seeds at N ≥ 1024; 1024/N times as many below")
+    parser.add_argument("--samples", type=int, default=8000)
+    parser.add_argument("--response-samples", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--limit-cache", type=Path, default=None, help="an .npz to keep the solved limit in")
+    parser.add_argument("--out", type=Path, default=Path("docs/limit_vs_width.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    widths = [int(w) for w in args.widths.split(",")]
+    settings = dict(activation="tanh", gamma0=1.0, lr=args.lr, steps=args.steps)
+    x_train, y_train, x_test = _task(p=args.train + args.test, train=args.train)
+    limit = _solve_or_load(args, settings, x_train, y_train, x_test)
+    curves, rows = {}, []
+    limit_var_outputs = float((limit.outputs_error[-1] ** 2).mean())
+    limit_var_loss = float(limit.loss_error[-1] ** 2)
+    for width in widths:
         started = time.perf_counter()
-        runs = [_train_network(x_train, y_train, x_test, width, s, **settings) for s in range(args.seeds)]
+        seeds = args.seeds * max(1, 1024 // width)
+        runs = [_train_network(x_train, y_train, x_test, width, s, **settings) for s in range(seeds)]
         outputs = np.array([r[0] for r in runs])
         losses = ((outputs[:, :, : args.train] - y_train) ** 2).mean(axis=2)  # [seed, step]
-        curves[width] = losses.mean(axis=0)
-        final_loss.append(abs(losses[:, -1].mean() - limit.loss[-1]))
-        bias.append(np.sqrt(((outputs[:, -1].mean(axis=0) - limit.outputs[-1]) ** 2).mean()))
-        spread.append(np.sqrt(((outputs[:, -1] - limit.outputs[-1]) ** 2).mean()))
-        print(
-            f"N = {width:5d}: final loss {losses[:, -1].mean():.5f} (limit {limit.loss[-1]:.5f} ± "
-            f"{limit.loss_error[-1]:.5f}), |ensemble − limit|: loss {final_loss[-1]:.2e}, predictions {bias[-1]:.2e}; "
-            f"one network's RMS deviation {spread[-1]:.2e} ({time.perf_counter() - started:.0f} s)"
+        curves[width] = (losses.mean(axis=0), seeds)
+        final = outputs[:, -1]  # [seed, point]
+        loss_d2 = float((losses[:, -1].mean() - limit.loss[-1]) ** 2)
+        loss_noise2 = float(losses[:, -1].var(ddof=1) / seeds) + limit_var_loss
+        pred_d2 = float(((final.mean(axis=0) - limit.outputs[-1]) ** 2).mean())
+        pred_noise2 = float(final.var(axis=0, ddof=1).mean() / seeds) + limit_var_outputs
+        single = float(np.sqrt(((final - limit.outputs[-1]) ** 2).mean()))
+        rows.append(
+            dict(
+                width=width,
+                seeds=seeds,
+                loss=np.sqrt(loss_d2),
+                loss_noise=np.sqrt(loss_noise2),
+                loss_bias=_bias(loss_d2, loss_noise2),
+                pred=np.sqrt(pred_d2),
+                pred_noise=np.sqrt(pred_noise2),
+                pred_bias=_bias(pred_d2, pred_noise2),
+                single=single,
+            )
         )
-    four = losses[:4].mean(axis=0)  # the widest width's first 4 seeds
+        r = rows[-1]
+        print(
+            f"N = {width:5d} × {seeds:3d} seeds: final loss {losses[:, -1].mean():.5f} (limit {limit.loss[-1]:.5f}"
+            f" ± {limit.loss_error[-1]:.5f}); |mean − limit| loss {r['loss']:.2e} (noise {r['loss_noise']:.1e}, "
+            f"bias {r['loss_bias']:.2e}), predictions {r['pred']:.2e} (noise {r['pred_noise']:.1e}, bias "
+            f"{r['pred_bias']:.2e}); one network's RMS deviation {single:.2e} ({time.perf_counter() - started:.0f} s)"
+        )
+    widest = [r[0] for r in runs[:4]]
+    four = ((np.array(widest)[:, :, : args.train] - y_train) ** 2).mean(axis=2).mean(axis=0)
     gap = np.abs(four - limit.loss) / four
     print(
-        f"N = {WIDTHS[-1]}, 4-seed mean loss vs the limit: largest relative gap {gap.max():.3f} (step {gap.argmax()})"
+        f"N = {widths[-1]}, 4-seed mean loss vs the limit: largest relative gap {gap.max():.3f} (step {gap.argmax()})"
     )
     for layer in range(2):
         pooled = np.concatenate([r[1][layer].reshape(-1) for r in runs[:4]])
-        ks = ks_2samp(limit.preactivations[layer][:, -1].reshape(-1), pooled).statistic
+        ks = ks_2samp(limit.preactivations_final[layer], pooled).statistic
         kernel = np.mean([r[2][layer] for r in runs[:4]], axis=0)
-        cka = _cka(limit.feature_kernels[layer][-1, :, -1, :], kernel)
+        cka = _cka(limit.kernels_final[layer], kernel)
         print(f"layer {layer + 1}: KS(limit, pooled neurons) {ks:.3f}, CKA(final feature kernels) {cka:.5f}")
-    noise = float(np.sqrt((limit.outputs_error[-1] ** 2).mean()))
-    slopes = {
-        name: float(np.polyfit(np.log(WIDTHS), np.log(values), 1)[0])
-        for name, values in (("loss", final_loss), ("predictions", bias), ("single", spread))
-    }
-    print(
-        f"fitted slopes over N = {WIDTHS[0]} … {WIDTHS[-1]}: ensemble loss {slopes['loss']:.2f}, ensemble predictions "
-        f"{slopes['predictions']:.2f} (theory −1), one network {slopes['single']:.2f} (theory −0.5); the limit's "
-        f"own Monte Carlo error on the predictions {noise:.1e}, its loss error {limit.loss_error[-1]:.1e}"
-    )
-    _plot(args.out, limit, curves, final_loss, bias, spread, slopes, noise, args.seeds)
+    slopes = {}
+    noise_of = {"loss_bias": "loss_noise", "pred_bias": "pred_noise", "single": None}
+    for name, noise in noise_of.items():
+        # where the deviation stands clear of the noise (bias > noise: a distance twice the noise's in square)
+        resolved = [
+            (r["width"], r[name]) for r in rows if np.isfinite(r[name]) and (noise is None or r[name] > r[noise])
+        ]
+        if len(resolved) >= 3:
+            n, v = zip(*resolved)
+            slopes[name] = (float(np.polyfit(np.log(n), np.log(v), 1)[0]), min(n), max(n))
+    for name, theory in (("loss_bias", "−1"), ("pred_bias", "−1"), ("single", "−0.5")):
+        if name in slopes:
+            slope, lo, hi = slopes[name]
+            print(f"fitted slope of {name} over N = {lo} … {hi} (clear of the noise): {slope:.2f} (theory {theory})")
+        else:
+            print(f"{name}: fewer than 3 widths clear of the noise — no slope")
+    _plot(args.out, limit, curves, rows, slopes)
     print(f"figure: {args.out}")
-    print("a distance at or below the grey or dotted lines measures noise, not width")
 
 
-def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -> None:
+def _plot(path, limit, curves, rows, slopes) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(curves)))
     steps = np.arange(len(limit.loss))
-    for colour, (width, curve) in zip(colours, curves.items()):
+    for colour, (width, (curve, seeds)) in zip(colours, curves.items()):
         left.plot(steps, curve, color=colour, lw=1.2, label=f"N = {width} ({seeds}-seed mean)")
     left.errorbar(steps, limit.loss, yerr=2 * limit.loss_error, color="black", lw=2, ls="--", label="limit (DMFT, ±2σ)")
     left.set(
@@ -122,28 +196,48 @@ def _plot(path, limit, curves, final_loss, bias, spread, slopes, noise, seeds) -
         title="Training loss: finite widths and the infinite-width limit",
     )
     left.legend(fontsize=7)
-    right.loglog(WIDTHS, bias, "o-", label=f"ensemble-mean predictions (slope {slopes['predictions']:.2f})")
-    right.loglog(WIDTHS, final_loss, "s-", label=f"ensemble-mean final loss (slope {slopes['loss']:.2f})")
-    right.loglog(WIDTHS, spread, "^-", label=f"one network's predictions, RMS (slope {slopes['single']:.2f})")
+    widths = [r["width"] for r in rows]
+
+    def label(name, text):
+        return f"{text} (slope {slopes[name][0]:.2f})" if name in slopes else text
+
     right.loglog(
-        WIDTHS,
-        np.asarray(spread) / np.sqrt(seeds),
-        color="grey",
-        ls="--",
-        lw=1,
-        label=f"the {seeds}-seed mean's own spread (one network's / √{seeds})",
+        widths,
+        [r["pred_bias"] for r in rows],
+        "o-",
+        label=label("pred_bias", "ensemble-mean predictions, noise removed"),
     )
-    right.axhline(noise, color="tab:blue", ls=":", label=f"the limit's Monte Carlo error, predictions ({noise:.1e})")
-    right.axhline(
-        float(limit.loss_error[-1]),
+    right.loglog(
+        widths,
+        [r["loss_bias"] for r in rows],
+        "s-",
+        label=label("loss_bias", "ensemble-mean final loss, noise removed"),
+    )
+    right.loglog(widths, [r["single"] for r in rows], "^-", label=label("single", "one network's predictions, RMS"))
+    right.loglog(
+        widths,
+        [r["pred_noise"] for r in rows],
+        color="tab:blue",
+        ls=":",
+        lw=1,
+        label="noise: predictions (seed mean + limit)",
+    )
+    right.loglog(
+        widths,
+        [r["loss_noise"] for r in rows],
         color="tab:orange",
         ls=":",
-        label=f"the limit's Monte Carlo error, loss ({float(limit.loss_error[-1]):.1e})",
+        lw=1,
+        label="noise: final loss (seed mean + limit)",
     )
+    reference = np.array(widths, dtype=float)
+    anchor = next((r["pred_bias"] for r in rows if np.isfinite(r["pred_bias"])), None)
+    if anchor is not None:
+        right.loglog(reference, anchor * reference[0] / reference, color="grey", lw=0.8, ls="--", label="∝ 1/N")
     right.set(
         xlabel="width N", ylabel="distance to the limit at the last step", title="Distance to the limit against width"
     )
-    right.set_xticks(WIDTHS, [str(w) for w in WIDTHS])
+    right.set_xticks(widths, [str(w) for w in widths])
     right.xaxis.set_minor_locator(plt.NullLocator())
     right.legend(fontsize=7)
     fig.tight_layout()

@@ -95,7 +95,8 @@ def _train_network(x, y, train, width, seed, activation, gamma0, lr, steps):
     torch.manual_seed(seed)
     model = _mlp(width, activation).double()
     # mf is absolute (no base-relative multipliers): the base only tells parametrize which dimension is the width
-    record = parametrize(model, base=lambda: _mlp(32, activation), parametrization="mf", gamma0=gamma0, check=False)
+    base = lambda: _mlp(width // 2, activation)  # noqa: E731  (any other width: it only names the width dims)
+    record = parametrize(model, base=base, parametrization="mf", gamma0=gamma0, check=False)
     optimizer = scale_optimizer(torch.optim.SGD(model.parameters(), lr=lr), record, model)
     inputs, targets = torch.as_tensor(np.concatenate([x, train])), torch.as_tensor(y)
     captured = []
