@@ -24,6 +24,13 @@ def _run(tmp_path, *args):
     return result
 
 
+def _roles(path):
+    """A saved role map without its notes: they are for people, and say how long the self-check took."""
+    roles = json.loads(path.read_text())
+    roles.pop("notes", None)
+    return roles
+
+
 @pytest.mark.slow
 def test_sharded_mup_equals_one_process_and_resumes(tmp_path):
     launched = _run(tmp_path, "sharded", str(tmp_path))
@@ -37,9 +44,7 @@ def test_sharded_mup_equals_one_process_and_resumes(tmp_path):
         for name, value in single.items():
             # measured 3.3e-7 after 6 steps and 3.4e-7 after the resume to 10: only reduction order differs
             torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-6, msg=f"{name} after {steps} steps")
-        assert json.loads((tmp_path / f"sharded_{steps}.json").read_text()) == json.loads(
-            (tmp_path / f"single_{steps}.json").read_text()
-        )
+        assert _roles(tmp_path / f"sharded_{steps}.json") == _roles(tmp_path / f"single_{steps}.json")
     _run(tmp_path, "ddp", str(tmp_path))  # MuPStrategy over 2 processes, the same global batch
     ddp = torch.load(tmp_path / "ddp_6_weights.pt")
     for name, value in torch.load(tmp_path / "sharded_6_weights.pt").items():
@@ -69,8 +74,8 @@ def test_tensor_parallel_mup_on_a_transformer_equals_one_process(tmp_path):
     assert parallel.keys() == single.keys()
     for name, value in single.items():
         torch.testing.assert_close(parallel[name], value, rtol=0, atol=1e-5, msg=name)
-    record = json.loads((tmp_path / "single_transformer_6.json").read_text())
-    assert json.loads((tmp_path / "tensor_parallel_transformer_6.json").read_text()) == record
+    record = _roles(tmp_path / "single_transformer_6.json")
+    assert _roles(tmp_path / "tensor_parallel_transformer_6.json") == record
     assert record["params"]["model.model.layers.0.self_attn.q_proj.weight"]["role"] == "hidden"
 
 
