@@ -101,16 +101,18 @@ def dmft_memory(
     samples: int,
     chunk: int = 256,
     *,
-    method: str = "iterate",
+    method: str = "march",
     train_points: int | None = None,
     response_samples: int | None = None,
 ) -> int:
-    """Bytes the solver needs (float64) for ``points`` points over ``steps`` times.
+    """Bytes the solver needs for ``points`` points (``train_points`` of them training points; default all) over
+    ``steps`` times, with ``method`` as :func:`solve_dmft`'s.
 
-    ``"iterate"``: kernels and responses, (T·P)² each, four per hidden layer, and a chunk of samples carrying
-    their sensitivities to 2·T·P fields over T steps (four such arrays). ``"march"``: per hidden layer Φ, G and
-    their causal square roots ((T·P)² each), A and B (T·P × T·P_train), every sample's h, φ(h), g and draws, and
-    each response sample's histories of ∂g or ∂φ on training points, (T·P_train)² each."""
+    ``"march"`` (the default): per hidden layer Φ, G and their causal square roots ((T·P)² each, float64), A and B
+    (T·P × T·P_train), every sample's h, φ(h), g and draws, and each of the ``response_samples`` (default: all)
+    histories of ∂g or ∂φ on training points, (T·P_train)² each in float32. ``"iterate"``: kernels and responses,
+    (T·P)² each, four per hidden layer, and a chunk of samples carrying their sensitivities to 2·T·P fields over T
+    steps (four such arrays), float64."""
     tp = points * steps
     hidden = depth - 1
     if method == "march":
