@@ -1111,6 +1111,39 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
     return figure
 
 
+def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Figure) -> dict[int, tuple]:
+    """Per width: the seed-mean last-step predictions' RMS distance to the limit's on the training points, that
+    distance with the seed mean's and the limit's sampling variances subtracted in square (NaN where they explain
+    it all), and that noise — from the runs' EnsembleLogits on the limit's own training set."""
+    final, train = int(settings["steps"]), int(settings.get("train_points", 0))
+    if "probe_fingerprint" not in settings or not train:
+        return {}
+    target = limit["outputs"][final, :train]
+    limit_var = float(np.nan_to_num((limit["outputs_error"][final, :train] ** 2).mean()))
+    distances, elsewhere = {}, 0
+    for width, same in widths.items():
+        members = []
+        for run in same:
+            arrays = run.arrays("ensemble_logits", final)
+            if arrays is None:
+                continue
+            if str(arrays.get(PROBE_KEY, "")) != settings["probe_fingerprint"]:
+                elsewhere += 1
+                continue
+            members.append(arrays["logits"][..., 0])  # [members, points]: one output
+        stacked = np.concatenate(members) if members else np.zeros((0, 0))
+        if len(stacked) < 2 or stacked.shape[1] != train:
+            continue
+        d2 = float(((stacked.mean(axis=0) - target) ** 2).mean())
+        noise2 = float(stacked.var(axis=0, ddof=1).mean() / len(stacked)) + limit_var
+        distances[width] = (np.sqrt(d2), np.sqrt(d2 - noise2) if d2 > noise2 else float("nan"), np.sqrt(noise2))
+    if elsewhere:
+        figure.caveats.append(
+            f"{elsewhere} run(s) recorded predictions on other points than the limit's training set: left out"
+        )
+    return distances
+
+
 def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
     """Every width against the computed limit (``lightning-mup limit`` wrote ``limit.npz`` into the sweep):
     training and validation loss curves with the limit drawn in, and the distance of each width's seed-mean
@@ -1155,6 +1188,13 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
         ax.set(xlabel="gradient-descent step", ylabel=pretty(key), yscale="log", title=pretty(key).capitalize())
         ax.legend(fontsize=7, frameon=False)
     error = max(errors) if errors else float("nan")  # the limit's 2σ at the steps compared
+    predictions = _prediction_distances(limit, settings, widths, figure)
+    if len(predictions) >= 2:
+        ns = sorted(predictions)
+        distance_ax.loglog(
+            ns, [predictions[n][1] for n in ns], "s-", label="|seed-mean predictions − limit|, noise removed"
+        )
+        distance_ax.loglog(ns, [predictions[n][2] for n in ns], "s:", lw=1, label="their noise (seed mean + limit)")
     if len(sizes) >= 2:
         distance_ax.loglog(sizes, deviations, "o-", label="|seed-mean final loss − limit|")
         distance_ax.axhline(error, color="grey", ls=":", label=f"the limit's error (2σ = {error:.1e})")
@@ -1168,6 +1208,22 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
             f"samples) against the sweep's seed means. Distance of the final training loss to the limit against width: "
             f"fitted slope {slope:.2f} (theory: −1 for seed-averaged quantities)."
         )
+        if predictions:
+            resolved = {n: v[1] for n, v in predictions.items() if np.isfinite(v[1]) and v[1] > v[2]}  # clear of it
+            figure.note += " Seed-mean predictions on the training points, RMS distance to the limit with both sides' "
+            figure.note += (
+                "sampling noise removed: "
+                + ", ".join(
+                    f"N = {n}: {v[1]:.2e} (noise {v[2]:.1e})"
+                    if np.isfinite(v[1])
+                    else f"N = {n}: within noise {v[2]:.1e}"
+                    for n, v in sorted(predictions.items())
+                )
+                + "."
+            )
+            if len(resolved) >= 3:
+                n, v = zip(*sorted(resolved.items()))
+                figure.note += f" Fitted slope {float(np.polyfit(np.log(n), np.log(v), 1)[0]):.2f} (theory −1)."
         below = [n for n, d in zip(sizes, deviations) if d <= error]
         if below:
             figure.caveats.append(

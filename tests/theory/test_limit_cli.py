@@ -49,6 +49,9 @@ def test_the_limit_of_a_recipe_and_the_report_against_it(tmp_path, capsys):
         assert abs(final - limit) == pytest.approx(deviation)
         assert deviation < 0.2 * limit, width  # near the limit (the loss fell 5× from 1.67)
     assert any("within the limit's own Monte Carlo error" in c or "widths" in c for c in comparison.caveats)
+    # the recipe's EnsembleLogits: the seed-mean predictions on the limit's training points, per width
+    assert "Seed-mean predictions on the training points" in comparison.note
+    assert "N = 64: " in comparison.note and "N = 256: " in comparison.note
     # a run of another configuration (here γ0) in the sweep folder is left out, and said
     (config,) = (out / "w256_s0").glob("**/config.yaml")
     config.write_text(config.read_text().replace("gamma0: 1.0", "gamma0: 0.5"))
