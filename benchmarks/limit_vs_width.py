@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "theory"))
 from scipy.stats import ks_2samp
 from test_dmft import _cka, _task, _train_network
 
+from lightning_mup.measure.ensemble import distance_to_reference
 from lightning_mup.theory import solve_dmft
 
 WIDTHS = "32,64,128,256,512,1024,2048,4096"
@@ -84,12 +85,6 @@ def _solve_or_load(args, settings, x_train, y_train, x_test) -> SimpleNamespace:
     return limit
 
 
-def _bias(distance2: float, noise2: float) -> float:
-    """√(E|mean − limit|² − the seed mean's and the limit's own variances): the ensemble's deviation with the
-    sampling noise of both sides removed (NaN where the noise explains it all)."""
-    return float(np.sqrt(distance2 - noise2)) if distance2 > noise2 else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=32)
@@ -110,8 +105,6 @@ def main() -> None:
     x_train, y_train, x_test = _task(p=args.train + args.test, train=args.train)
     limit = _solve_or_load(args, settings, x_train, y_train, x_test)
     curves, rows = {}, []
-    limit_var_outputs = float((limit.outputs_error[-1] ** 2).mean())
-    limit_var_loss = float(limit.loss_error[-1] ** 2)
     for width in widths:
         started = time.perf_counter()
         seeds = args.seeds * max(1, 1024 // width)
@@ -120,21 +113,19 @@ def main() -> None:
         losses = ((outputs[:, :, : args.train] - y_train) ** 2).mean(axis=2)  # [seed, step]
         curves[width] = (losses.mean(axis=0), seeds)
         final = outputs[:, -1]  # [seed, point]
-        loss_d2 = float((losses[:, -1].mean() - limit.loss[-1]) ** 2)
-        loss_noise2 = float(losses[:, -1].var(ddof=1) / seeds) + limit_var_loss
-        pred_d2 = float(((final.mean(axis=0) - limit.outputs[-1]) ** 2).mean())
-        pred_noise2 = float(final.var(axis=0, ddof=1).mean() / seeds) + limit_var_outputs
+        loss, loss_bias, loss_noise = distance_to_reference(losses[:, -1], limit.loss[-1], limit.loss_error[-1] ** 2)
+        pred, pred_bias, pred_noise = distance_to_reference(final, limit.outputs[-1], limit.outputs_error[-1] ** 2)
         single = float(np.sqrt(((final - limit.outputs[-1]) ** 2).mean()))
         rows.append(
             dict(
                 width=width,
                 seeds=seeds,
-                loss=np.sqrt(loss_d2),
-                loss_noise=np.sqrt(loss_noise2),
-                loss_bias=_bias(loss_d2, loss_noise2),
-                pred=np.sqrt(pred_d2),
-                pred_noise=np.sqrt(pred_noise2),
-                pred_bias=_bias(pred_d2, pred_noise2),
+                loss=loss,
+                loss_noise=loss_noise,
+                loss_bias=loss_bias,
+                pred=pred,
+                pred_noise=pred_noise,
+                pred_bias=pred_bias,
                 single=single,
             )
         )

@@ -112,3 +112,22 @@ class MemberLogits(Metric):
     def compute(self) -> torch.Tensor:
         value = self.logits
         return torch.cat(value) if isinstance(value, list) else value
+
+
+def distance_to_reference(
+    members: np.ndarray, reference: np.ndarray, reference_variance: np.ndarray | float = 0.0
+) -> tuple[float, float, float]:
+    """How far an ensemble's mean is from a reference that is itself an estimate (an infinite-width limit with its
+    Monte Carlo error): (RMS distance of the mean, that distance with both sides' sampling variances subtracted in
+    square, the noise they make). ``members`` [S, ...] (S ≥ 2), ``reference`` and ``reference_variance`` of the
+    trailing shape; the RMS is over its entries. The middle value is NaN where the noise explains it all: what is
+    left is the ensemble's bias (∝ 1/N for width N), measurable only where it stands clear of the noise."""
+    members = np.asarray(members, dtype=np.float64)
+    if len(members) < 2:
+        raise ValueError("distance_to_reference needs at least 2 members: their spread is part of the noise")
+    distance2 = float(((members.mean(axis=0) - reference) ** 2).mean())
+    noise2 = float(members.var(axis=0, ddof=1).mean() / len(members)) + float(
+        np.nan_to_num(np.mean(reference_variance))
+    )
+    bias = float(np.sqrt(distance2 - noise2)) if distance2 > noise2 else float("nan")
+    return float(np.sqrt(distance2)), bias, float(np.sqrt(noise2))

@@ -17,7 +17,12 @@ import torch
 
 from lightning_mup._run_folder import PROBE_KEY
 from lightning_mup.measure.distribution import moments
-from lightning_mup.measure.ensemble import ensemble_statistics, is_classification, logit_distance
+from lightning_mup.measure.ensemble import (
+    distance_to_reference,
+    ensemble_statistics,
+    is_classification,
+    logit_distance,
+)
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
 from lightning_mup.report.fit import BETA_BOUNDS, fit_power_law
@@ -1020,16 +1025,23 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
         return figure
     from scipy.stats import ks_2samp
 
+    train = len(limit["feature_kernels_train_final"][0])
+
     def per_layer(arrays: dict, prefix: str) -> list[str]:
+        """The layers' keys, if there are the limit's many and each covers every training point (the histogram
+        callback records only its first ``points`` of the probe: fewer would be compared with all of them)."""
         keys = [k for k in arrays if k.startswith(prefix)]
-        return keys if len(keys) == layers else []
+        return keys if len(keys) == layers and all(len(arrays[k]) == train for k in keys) else []
 
     ks: dict[int, list[float]] = {}
     pooled_widest: list[np.ndarray] = []
     for width, members in sorted(measured["preactivations"].items()):
         keys = per_layer(members[0], "samples/")
         if not keys:
-            figure.caveats.append(f"N = {width}: the preactivations' layers are not the limit's {layers}: not compared")
+            figure.caveats.append(
+                f"N = {width}: the preactivations are not of the limit's {layers} layers on all {train} training "
+                f"points (PreactivationHistograms(points={train})): not compared"
+            )
             continue
         pooled = [np.concatenate([m[k].reshape(-1) for m in members]) for k in keys]
         ks[width] = [float(ks_2samp(p, lim).statistic) for p, lim in zip(pooled, limit["preactivations_train_final"])]
@@ -1039,7 +1051,8 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
         keys = per_layer(members[0], "phi/")
         if not keys:
             figure.caveats.append(
-                f"N = {width}: the feature kernels' layers are not the limit's {layers}: not compared"
+                f"N = {width}: the feature kernels are not of the limit's {layers} layers on its {train} training "
+                "points: not compared"
             )
             continue
         means = [np.mean([m[k] for m in members], axis=0) for k in keys]
@@ -1098,7 +1111,7 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
     worst_ks = max((max(v) for v in ks.values()), default=nan)
     worst_cka = min((min(v) for v in alignment.values()), default=nan)
     figure.note = (
-        f"At the last step ({final}), on the {len(limit['feature_kernels_train_final'][0])} training points: the "
+        f"At the last step ({final}), on the {train} training points: the "
         f"largest KS distance of a width's pooled preactivations to the limit's single-site density {worst_ks:.3f}, "
         f"the smallest CKA of a width's seed-mean feature kernel to the limit's {worst_cka:.4f}."
     )
@@ -1119,7 +1132,7 @@ def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Fig
     if "probe_fingerprint" not in settings or not train:
         return {}
     target = limit["outputs"][final, :train]
-    limit_var = float(np.nan_to_num((limit["outputs_error"][final, :train] ** 2).mean()))
+    limit_var = limit["outputs_error"][final, :train] ** 2
     distances, elsewhere = {}, 0
     for width, same in widths.items():
         members = []
@@ -1134,9 +1147,7 @@ def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Fig
         stacked = np.concatenate(members) if members else np.zeros((0, 0))
         if len(stacked) < 2 or stacked.shape[1] != train:
             continue
-        d2 = float(((stacked.mean(axis=0) - target) ** 2).mean())
-        noise2 = float(stacked.var(axis=0, ddof=1).mean() / len(stacked)) + limit_var
-        distances[width] = (np.sqrt(d2), np.sqrt(d2 - noise2) if d2 > noise2 else float("nan"), np.sqrt(noise2))
+        distances[width] = distance_to_reference(stacked, target, limit_var)
     if elsewhere:
         figure.caveats.append(
             f"{elsewhere} run(s) recorded predictions on other points than the limit's training set: left out"

@@ -325,12 +325,7 @@ def _solve_once(
     y_t = torch.as_tensor(y, dtype=dtype)
     mask = torch.as_tensor(train, dtype=dtype)
     c = 2.0 / float(train.sum())
-    generator = torch.Generator().manual_seed(seed)
-    # the Gaussian draws of every layer's fields, fixed across iterations: u (input-side) and r (output-side)
-    eps_u = [torch.randn(samples, P if layer == 0 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
-    eps_r = [
-        torch.randn(samples, 1 if layer == L - 1 else T * P, generator=generator, dtype=dtype) for layer in range(L)
-    ]
+    eps_u, eps_r = _draws(samples, T, P, L, seed, dtype)  # fixed across iterations
     zeros = torch.zeros(T, P, T, P, dtype=dtype)
     state = {
         "phi": [zeros.clone() for _ in range(L)],
@@ -372,6 +367,17 @@ def _solve_once(
         iterations=len(residuals),
         residuals=residuals,
     )
+
+
+def _draws(samples: int, T: int, P: int, L: int, seed: int, dtype: torch.dtype) -> tuple[list, list]:
+    """The whitened Gaussian draws of every layer's fields, u (input side) and r (output side), time-major: u¹ and
+    r^L = w(0) are constant in time. Both solvers take them from here, so on one seed they see the same fields."""
+    generator = torch.Generator().manual_seed(seed)
+    eps_u = [torch.randn(samples, P if layer == 0 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
+    eps_r = [
+        torch.randn(samples, 1 if layer == L - 1 else T * P, generator=generator, dtype=dtype) for layer in range(L)
+    ]
+    return eps_u, eps_r
 
 
 def _outputs(state, delta, gamma0, rate, T):
@@ -645,10 +651,7 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     rate = lr * 2.0 / float(train.sum())
     coupling = gamma0 * rate
     b, R = samples, response_samples
-    generator = torch.Generator().manual_seed(seed)
-    # the same draws, in the same order, as the iteration's (time-major fields)
-    eps_u = [torch.randn(b, P if layer == 0 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
-    eps_r = [torch.randn(b, 1 if layer == L - 1 else T * P, generator=generator, dtype=dtype) for layer in range(L)]
+    eps_u, eps_r = _draws(b, T, P, L, seed, dtype)  # the iteration's own
     u0 = eps_u[0] @ _sqrt(kx).T
     sqrt_u = [None] + [_CausalSqrt(T, P, dtype) for _ in range(1, L)]
     sqrt_r = [_CausalSqrt(T, P, dtype) for _ in range(L - 1)] + [None]
