@@ -1,14 +1,15 @@
 """Networks of growing width against the computed infinite-width limit (the README figure).
 
     python benchmarks/limit_vs_width.py [--train 32] [--test 8] [--steps 100] [--lr 0.5] [--seeds 8]
-        [--samples 4000] [--response-samples 16] [--replicas 2] [--out docs/limit_vs_width.png]
+        [--samples 8000] [--response-samples 64] [--replicas 16] [--limit-cache F.npz] [--out docs/limit_vs_width.png]
 
 A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-batch gradient descent on
 ``--train`` fixed points of a smooth target in D = 5, outputs also on ``--test`` held-out points; widths
-128 … 4096, ``--seeds`` initialisations each, trained through ``parametrize``. The limit is
-:func:`lightning_mup.theory.solve_dmft`. Printed and drawn: the loss curves with the limit, and against width
-the ensemble-averaged deviation from the limit (final loss, predictions on every point; theory ∝ 1/N) and a
-single network's RMS deviation (theory ∝ 1/√N), with fitted slopes and the limit's own Monte Carlo error.
+16 … 4096, ``--seeds`` initialisations at N ≥ 1024 and 1024/N times as many below, trained through
+``parametrize``. The limit is :func:`lightning_mup.theory.solve_dmft`. Printed and drawn: the loss curves with
+the limit, and against width the ensemble-averaged deviation from the limit (final loss, predictions on every
+point; theory ∝ 1/N) and a single network's RMS deviation (theory ∝ 1/√N), with fitted slopes and the limit's
+own Monte Carlo error.
 Printed too, for the widest width's first 4 seeds: the largest relative gap between their mean loss curve and
 the limit's at any step, the KS distance of the limit's single-site preactivations to the pooled neurons, and
 the CKA of the final feature kernels.
@@ -33,7 +34,7 @@ from test_dmft import _cka, _task, _train_network
 from lightning_mup.measure.ensemble import distance_to_reference
 from lightning_mup.theory import solve_dmft
 
-WIDTHS = "32,64,128,256,512,1024,2048,4096"
+WIDTHS = "16,32,64,128,256,512,1024,2048,4096"
 
 
 def _solve_or_load(args, settings, x_train, y_train, x_test) -> SimpleNamespace:
@@ -94,8 +95,8 @@ def main() -> None:
     parser.add_argument("--widths", default=WIDTHS)
     parser.add_argument("--seeds", type=int, default=8, help="seeds at N ≥ 1024; 1024/N times as many below")
     parser.add_argument("--samples", type=int, default=8000)
-    parser.add_argument("--response-samples", type=int, default=16)
-    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--response-samples", type=int, default=64)
+    parser.add_argument("--replicas", type=int, default=16)
     parser.add_argument("--limit-cache", type=Path, default=None, help="an .npz to keep the solved limit in")
     parser.add_argument("--out", type=Path, default=Path("docs/limit_vs_width.png"))
     args = parser.parse_args()

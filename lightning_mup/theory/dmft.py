@@ -626,6 +626,19 @@ def _derivative_kernel(slope: torch.Tensor, history: torch.Tensor, carriers: int
     return every - carried
 
 
+def _causal_product(operator: torch.Tensor, history: torch.Tensor, rows: int, columns: int, Q: int) -> torch.Tensor:
+    """``operator @ history[:, :rows, :columns]`` for sensitivity histories, which are causal: the entry of time s
+    towards a direction at time s' is 0 for s' > s. Slabs of 8 direction times take only the rows at or after
+    them — half the products of the dense one (the carriers' cost)."""
+    out = operator.new_empty(len(history), len(operator), columns)
+    slab, end = 8 * Q, 0
+    for start in range(0, min(rows, columns), slab):
+        end = min(columns, start + slab)
+        torch.matmul(operator[:, start:rows], history[:, start:rows, start:end], out=out[:, :, start:end])
+    out[:, :, end:] = 0
+    return out
+
+
 def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_samples, seed, bar) -> _Run:
     """The same equations solved forward in time, once. In discrete time every field at step t depends on kernels,
     responses and errors at steps ≤ t only, and at step t those are final after an upward pass (h, Φ, A, from the
@@ -723,7 +736,7 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
                 if layer == first:
                     dh = coupling * kx_low @ acc_dg[k][:, :, :active]
                 else:
-                    dh = C_low @ dg_hist[layer][k][:, :n_past, :active]
+                    dh = _causal_product(C_low, dg_hist[layer][k], n_past, active, Q)
                 if k == "u":  # ∂h(t)/∂u(t) = 1
                     dh[:, tr, n_past + unit] += unit_value
                 dphi = slope_low * dh
@@ -776,7 +789,7 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
                 if layer == last:
                     dz = (coupling * acc_dphi[k][:, None, :active]).expand(R, P, active).clone()
                 else:
-                    dz = D_low @ dphi_hist[layer][k][:, :active, :active]
+                    dz = _causal_product(D_low, dphi_hist[layer][k], active, active, Q)
                     dz[:, test] += test_b[layer][t][:, None].to(low) * dphi[:, test]
                 if k == "r":  # ∂z(t)/∂r(t) = 1
                     dz[:, tr, n_past + unit] += unit_value

@@ -194,6 +194,25 @@ def test_marching_forward_in_time_is_the_fixed_point_of_the_iteration(depth):
     assert "forward in time" in marched.summary()
 
 
+@pytest.mark.parametrize("rows_are_past", [True, False])
+def test_the_carriers_causal_product_equals_the_dense_one(rows_are_past):
+    """The sweep's sensitivity products skip the zero entries (a direction later than the history's time) in
+    slabs of 8 steps; over 21 steps (three slabs and a partial one) they equal the dense product, including the
+    direction block of the current step, which only the present rows reach."""
+    from lightning_mup.theory.dmft import _causal_product
+
+    generator = torch.Generator().manual_seed(0)
+    R, P, Q, T = 3, 5, 4, 21
+    times = torch.arange(T).repeat_interleave(Q)
+    causal = (times[None, :] <= times[:, None]).float()  # [history (s, ν), direction (s', ν')]: s' ≤ s
+    history = torch.randn(R, T * Q, T * Q, generator=generator) * causal
+    t = T - 1
+    rows, columns = (t * Q if rows_are_past else (t + 1) * Q), (t + 1) * Q
+    operator = torch.randn(P, rows, generator=generator)
+    dense = operator @ history[:, :rows, :columns]
+    torch.testing.assert_close(_causal_product(operator, history, rows, columns, Q), dense, rtol=1e-5, atol=1e-5)
+
+
 def test_response_samples_are_checked_and_reported():
     x_train, y_train, x_test = _task()
     with pytest.raises(ValueError, match="response_samples=0"):
