@@ -42,7 +42,7 @@ every average Gaussian, solved exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,6 @@ def solve_dmft(
         train_points=train_points,
         test_points=int((~train).sum()),
     )
-    runs = []
     solves = replicas * (2 if lazy_reference else 1)
     bar = _bar(solves * (steps + 1) if method == "march" else solves, progress, method)
 
@@ -233,16 +232,19 @@ def solve_dmft(
             x_all, y, train, depth, phi, gamma, lr, steps, samples, damping, tol, max_iter, generator_seed, chunk, bar
         )
 
-    for replica in range(replicas):
-        generator_seed = seed * 1000 + replica
-        run = solve(gamma0, generator_seed)
-        if lazy_reference:
-            reference = solve(gamma0 * 1e-6, generator_seed)
-            run = _corrected(run, reference, _exact_lazy(x_all, depth, activation, y, train, lr, steps), y, train)
-        runs.append(run)
+    def replicas_solved():
+        for replica in range(replicas):
+            generator_seed = seed * 1000 + replica
+            run = solve(gamma0, generator_seed)
+            if lazy_reference:
+                reference = solve(gamma0 * 1e-6, generator_seed)
+                run = _corrected(run, reference, _exact_lazy(x_all, depth, activation, y, train, lr, steps), y, train)
+            yield run
+
+    solution = _combine(replicas_solved(), settings)
     if bar is not None:
         bar.close()
-    return _combine(runs, settings)
+    return solution
 
 
 def linear_dmft(
@@ -925,7 +927,26 @@ def _corrected(run: _Run, reference: _Run, exact, y, train) -> _Run:
     )
 
 
-def _combine(runs: list[_Run], settings: dict) -> DMFTSolution:
+def _combine(runs: Iterable[_Run], settings: dict) -> DMFTSolution:
+    """Means over replicas and the standard errors of those means, folded in one replica at a time: a replica's
+    (T·P)² kernels and its samples are dropped once summed (16 replicas at P = 40, T = 100 kept whole would
+    hold 16 GB; only the first replica's samples are reported)."""
+    small, first, sums, squares, grads = [], None, None, None, None
+    for run in runs:
+        if first is None:
+            first = run.preactivations
+            sums = [k.astype(np.float64, copy=True) for k in run.phi]
+            squares = [k.astype(np.float64) ** 2 for k in run.phi]
+            grads = [k.astype(np.float64, copy=True) for k in run.grad]
+        else:
+            for i, (k, g) in enumerate(zip(run.phi, run.grad)):
+                sums[i] += k
+                squares[i] += k * k
+                grads[i] += g
+        small.append(run)
+        run.phi = run.grad = run.preactivations = None
+    count = len(small)
+
     def mean_error(values):
         stacked = np.stack(values)
         error = (
@@ -935,11 +956,17 @@ def _combine(runs: list[_Run], settings: dict) -> DMFTSolution:
         )
         return stacked.mean(axis=0), error
 
+    def kernel_error(total, square):
+        if count == 1:
+            return np.full_like(total, np.nan)
+        variance = np.clip(square - total * total / count, 0, None) / (count - 1)
+        return np.sqrt(variance / count)
+
+    runs = small
     outputs, outputs_error = mean_error([r.outputs for r in runs])
     loss, loss_error = mean_error([r.loss for r in runs])
-    layers = len(runs[0].phi)
-    phi = [mean_error([r.phi[i] for r in runs]) for i in range(layers)]
-    grad = [np.mean([r.grad[i] for r in runs], axis=0) for i in range(layers)]
+    phi = [(total / count, kernel_error(total, square)) for total, square in zip(sums, squares)]
+    grad = [total / count for total in grads]
     converged = all(r.converged for r in runs)
     if not converged:
         import warnings
@@ -955,7 +982,7 @@ def _combine(runs: list[_Run], settings: dict) -> DMFTSolution:
         loss=loss,
         feature_kernels=[p[0] for p in phi],
         gradient_kernels=grad,
-        preactivations=runs[0].preactivations,
+        preactivations=first,
         outputs_error=outputs_error,
         loss_error=loss_error,
         feature_kernels_error=[p[1] for p in phi],

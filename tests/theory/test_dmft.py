@@ -238,3 +238,33 @@ def test_responses_from_a_few_samples_stay_close_to_every_samples():
     assert np.abs(every.outputs[-1] - every.outputs[0]).max() > 0.3 * scale  # it learned
     assert difference.max() < 0.02 * scale, difference.max() / scale
     assert difference[1:].mean() < 2 * few.outputs_error[1:].mean()
+
+
+def test_replicas_are_folded_into_the_same_means_and_errors_as_stacked():
+    """Replicas are summed as they come (their kernels dropped), not kept: the means and standard errors of the
+    mean equal those of the stacked replicas, and only the first replica's samples are kept."""
+    from lightning_mup.theory.dmft import _combine, _Run
+
+    rng = np.random.default_rng(0)
+    runs = [
+        _Run(
+            outputs=rng.normal(size=(3, 4)),
+            loss=rng.normal(size=3),
+            phi=[rng.normal(size=(2, 3, 2, 3)) + 5.0],
+            grad=[rng.normal(size=(2, 3, 2, 3))],
+            preactivations=[np.full(2, float(i))],
+            converged=True,
+            iterations=1,
+            residuals=[],
+        )
+        for i in range(5)
+    ]
+    kernels = np.stack([r.phi[0] for r in runs])
+    gradients = np.stack([r.grad[0] for r in runs])
+    outputs = np.stack([r.outputs for r in runs])
+    solution = _combine(iter(runs), {})
+    np.testing.assert_allclose(solution.feature_kernels[0], kernels.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(solution.feature_kernels_error[0], kernels.std(0, ddof=1) / np.sqrt(5), rtol=1e-10)
+    np.testing.assert_allclose(solution.gradient_kernels[0], gradients.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(solution.outputs_error, outputs.std(0, ddof=1) / np.sqrt(5), rtol=1e-14)
+    assert solution.preactivations[0][0] == 0.0
