@@ -1,7 +1,8 @@
 """Networks of growing width against the computed infinite-width limit (the README figure).
 
     python benchmarks/limit_vs_width.py [--train 32] [--test 8] [--steps 100] [--lr 0.5] [--seeds 8]
-        [--samples 8000] [--response-samples 64] [--replicas 16] [--limit-cache F.npz] [--out docs/limit_vs_width.png]
+        [--seeds-at 128=512,256=1024] [--samples 8000] [--response-samples 64] [--replicas 16]
+        [--limit-cache F.npz] [--out docs/limit_vs_width.png]
 
 A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-batch gradient descent on
 ``--train`` fixed points of a smooth target in D = 5, outputs also on ``--test`` held-out points; widths
@@ -9,7 +10,8 @@ A tanh MLP of depth 3 in the mean-field parameterization (γ0 = 1, rich), full-b
 ``parametrize``. The limit is :func:`lightning_mup.theory.solve_dmft`. Printed and drawn: the loss curves with
 the limit, and against width the ensemble-averaged deviation from the limit (final loss, predictions on every
 point; theory ∝ 1/N) and a single network's RMS deviation (theory ∝ 1/√N), with fitted slopes and the limit's
-own Monte Carlo error.
+own Monte Carlo error. The ensemble's slopes are fitted from the narrowest width on while its distance stands
+clear of both sides' sampling noise (:func:`lightning_mup.measure.ensemble.resolved_widths`).
 Printed too, for the widest width's first 4 seeds: the largest relative gap between their mean loss curve and
 the limit's at any step, the KS distance of the limit's single-site preactivations to the pooled neurons, and
 the CKA of the final feature kernels.
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "theory"))
 from scipy.stats import ks_2samp
 from test_dmft import _cka, _task, _train_network
 
-from lightning_mup.measure.ensemble import distance_to_reference
+from lightning_mup.measure.ensemble import distance_to_reference, resolved_widths
 from lightning_mup.theory import solve_dmft
 
 WIDTHS = "16,32,64,128,256,512,1024,2048,4096"
@@ -94,6 +96,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--widths", default=WIDTHS)
     parser.add_argument("--seeds", type=int, default=8, help="seeds at N ≥ 1024; 1024/N times as many below")
+    parser.add_argument(
+        "--seeds-at",
+        default="128=512,256=1024",
+        help="WIDTH=SEEDS,… overriding --seeds (the seed mean's noise ∝ 1/√(seeds·N) against a bias ∝ 1/N)",
+    )
     parser.add_argument("--samples", type=int, default=8000)
     parser.add_argument("--response-samples", type=int, default=64)
     parser.add_argument("--replicas", type=int, default=16)
@@ -102,13 +109,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     widths = [int(w) for w in args.widths.split(",")]
+    seeds_at = {int(w): int(n) for w, n in (pair.split("=") for pair in args.seeds_at.split(",") if pair)}
     settings = dict(activation="tanh", gamma0=1.0, lr=args.lr, steps=args.steps)
     x_train, y_train, x_test = _task(p=args.train + args.test, train=args.train)
     limit = _solve_or_load(args, settings, x_train, y_train, x_test)
     curves, rows = {}, []
     for width in widths:
         started = time.perf_counter()
-        seeds = args.seeds * max(1, 1024 // width)
+        seeds = seeds_at.get(width, args.seeds * max(1, 1024 // width))
         runs = [_train_network(x_train, y_train, x_test, width, s, **settings) for s in range(seeds)]
         outputs = np.array([r[0] for r in runs])
         losses = ((outputs[:, :, : args.train] - y_train) ** 2).mean(axis=2)  # [seed, step]
@@ -150,19 +158,19 @@ def main() -> None:
         cka = _cka(limit.kernels_final[layer], kernel)
         print(f"layer {layer + 1}: KS(limit, pooled neurons) {ks:.3f}, CKA(final feature kernels) {cka:.5f}")
     slopes = {}
-    noise_of = {"loss_bias": "loss_noise", "pred_bias": "pred_noise", "single": None}
-    for name, noise in noise_of.items():
-        # where the deviation stands clear of the noise (bias > noise: a distance twice the noise's in square)
-        resolved = [
-            (r["width"], r[name]) for r in rows if np.isfinite(r[name]) and (noise is None or r[name] > r[noise])
-        ]
+    for name, entries in (("loss", 1), ("pred", args.train + args.test)):
+        # from the narrowest width on, while the distance stands clear of the noise (1% test)
+        distances = {r["width"]: (r[name], r[f"{name}_bias"], r[f"{name}_noise"]) for r in rows}
+        resolved = resolved_widths(distances, entries)
         if len(resolved) >= 3:
-            n, v = zip(*resolved)
-            slopes[name] = (float(np.polyfit(np.log(n), np.log(v), 1)[0]), min(n), max(n))
+            n, v = zip(*resolved.items())
+            slopes[f"{name}_bias"] = (float(np.polyfit(np.log(n), np.log(v), 1)[0]), min(n), max(n))
+    n, v = zip(*((r["width"], r["single"]) for r in rows))
+    slopes["single"] = (float(np.polyfit(np.log(n), np.log(v), 1)[0]), min(n), max(n))
     for name, theory in (("loss_bias", "−1"), ("pred_bias", "−1"), ("single", "−0.5")):
         if name in slopes:
             slope, lo, hi = slopes[name]
-            print(f"fitted slope of {name} over N = {lo} … {hi} (clear of the noise): {slope:.2f} (theory {theory})")
+            print(f"fitted slope of {name} over N = {lo} … {hi}: {slope:.2f} (theory {theory})")
         else:
             print(f"{name}: fewer than 3 widths clear of the noise — no slope")
     _plot(args.out, limit, curves, rows, slopes)

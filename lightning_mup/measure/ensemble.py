@@ -131,3 +131,23 @@ def distance_to_reference(
     )
     bias = float(np.sqrt(distance2 - noise2)) if distance2 > noise2 else float("nan")
     return float(np.sqrt(distance2)), bias, float(np.sqrt(noise2))
+
+
+def resolved_widths(
+    distances: dict[int, tuple[float, float, float]], entries: int, level: float = 0.01
+) -> dict[int, float]:
+    """The widths, from the narrowest, whose :func:`distance_to_reference` stands clear of its noise — {width:
+    bias} — stopping at the first that does not (the bias falls with width; a later width past the threshold
+    is the fluke the test allows, ``level`` each). Clear: the squared distance above the noise's by the
+    (1 − ``level``) quantile of χ²_k / k, k = ``entries`` (6.6× for one number, so a 1.4σ loss fluctuation is no
+    bias), and at least 2× (the entries of a prediction vector are correlated: fewer effective ones)."""
+    from scipy.stats import chi2
+
+    factor = max(2.0, float(chi2.ppf(1 - level, entries)) / entries)
+    resolved = {}
+    for width in sorted(distances):
+        distance, bias, noise = distances[width]
+        if not (np.isfinite(bias) and distance**2 > factor * noise**2):
+            break
+        resolved[width] = bias
+    return resolved

@@ -22,6 +22,7 @@ from lightning_mup.measure.ensemble import (
     ensemble_statistics,
     is_classification,
     logit_distance,
+    resolved_widths,
 )
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
@@ -1220,7 +1221,8 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
             f"fitted slope {slope:.2f} (theory: −1 for seed-averaged quantities)."
         )
         if predictions:
-            resolved = {n: v[1] for n, v in predictions.items() if np.isfinite(v[1]) and v[1] > v[2]}  # clear of it
+            # from the narrowest width on, while the distance stands clear of the noise (1% test)
+            resolved = resolved_widths(predictions, entries=int(settings["train_points"]))
             figure.note += " Seed-mean predictions on the training points, RMS distance to the limit with both sides' "
             figure.note += (
                 "sampling noise removed: "
