@@ -201,19 +201,32 @@ def _plot(path, limit, curves, rows, slopes) -> None:
     def label(name, text):
         return f"{text} (slope {slopes[name][0]:.2f})" if name in slopes else text
 
+    for name, marker, colour, text, short in (
+        ("pred_bias", "o", "tab:blue", "ensemble-mean predictions, noise removed", "predictions"),
+        ("loss_bias", "s", "tab:orange", "ensemble-mean final loss, noise removed", "final loss"),
+    ):
+        # filled and joined where it stands clear of the noise (the fitted range), hollow where it does not
+        top = slopes[name][2] if name in slopes else 0
+        clear = [(r["width"], r[name]) for r in rows if r["width"] <= top]
+        rest = [(r["width"], r[name]) for r in rows if r["width"] > top and np.isfinite(r[name])]
+        if clear:
+            right.loglog(*zip(*clear), marker=marker, color=colour, label=label(name, text))
+        if rest:
+            right.loglog(
+                *zip(*rest),
+                marker=marker,
+                color=colour,
+                ls="none",
+                mfc="none",
+                label=f"{short}: not clear of the noise",
+            )
     right.loglog(
         widths,
-        [r["pred_bias"] for r in rows],
-        "o-",
-        label=label("pred_bias", "ensemble-mean predictions, noise removed"),
+        [r["single"] for r in rows],
+        "^-",
+        color="tab:green",
+        label=label("single", "one network's predictions, RMS"),
     )
-    right.loglog(
-        widths,
-        [r["loss_bias"] for r in rows],
-        "s-",
-        label=label("loss_bias", "ensemble-mean final loss, noise removed"),
-    )
-    right.loglog(widths, [r["single"] for r in rows], "^-", label=label("single", "one network's predictions, RMS"))
     right.loglog(
         widths,
         [r["pred_noise"] for r in rows],

@@ -33,7 +33,7 @@ are fixed, and independent replicas give Monte Carlo error bars.
 Scope: bias-free MLPs of depth ≥ 2 (≥ 1 hidden layer), any elementwise φ, full-batch GD on the MSE, SGD (no
 momentum), discrete time. Cost and memory of the sweep: kernels and their causal square roots are (T·P)² per
 hidden layer, and each response sample carries (T·P_train)² sensitivities per direction group, in time
-∝ T³·P_train²·P — P = 32 training points, T = 200 steps, depth 3 runs in about 75 s with 8 response samples on
+∝ T³·P_train²·P — P = 32 training points, T = 200 steps, depth 3 runs in about 80 s with 8 response samples on
 2 cores (``benchmarks/dmft_cost.py``); :func:`dmft_memory` says what a problem needs and the solver refuses what
 exceeds its budget. Deep *linear* networks have a closed form (:func:`linear_dmft`): the same equations with
 every average Gaussian, solved exactly.
