@@ -944,6 +944,7 @@ def _combine(runs: Iterable[_Run], settings: dict) -> DMFTSolution:
                 squares[i] += k * k
                 grads[i] += g
         small.append(run)
+        # emptied in place, not copied: the replicas' generator still holds this run while it solves the next
         run.phi = run.grad = run.preactivations = None
     count = len(small)
 
