@@ -9,6 +9,7 @@ with the width: slope −½)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -26,11 +27,22 @@ BASE, WIDE = 16, 64
 STEPS, LR, SEEDS = 4, 0.01, (0, 1, 2, 3)
 BAR, GROWTH = 0.2, 0.3
 
+
+
+def _falcon_scale_is_reachable() -> bool:
+    """transformers ≥ 5.25 passes FalconAttention's ``scaling`` to every attention backend (patched and verified);
+    before, the scale was computed inline (refused with the fix). The zoo follows the installed version."""
+    from transformers.models.falcon import modeling_falcon
+
+    return "self.scaling" in inspect.getsource(modeling_falcon.FalconAttention.__init__)
+
+
 # Architectures whose attention scale cannot be reached when head_dim grows: refused, with the fix.
 REFUSED = {
-    "hf_falcon": r"self_attention \(FalconAttention\) changes head_dim 8→32 .*grow the number of heads",
     "hf_modernbert": r"attn \(ModernBertAttention\) changes head_dim 8→32 .*grow the number of heads",
 }
+if not _falcon_scale_is_reachable():
+    REFUSED["hf_falcon"] = r"self_attention \(FalconAttention\) changes head_dim 8→32 .*grow the number of heads"
 
 
 def _sizes(model, arch, batch, parametrized: bool, steps: int):
