@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
+from lightning_mup._untouched import untouched
 from lightning_mup.parametrize.adapters import attention_scale_hook, head_dim, layer_kind
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
@@ -97,12 +98,45 @@ def parametrize(
             "this model is already parametrized; parametrizing again would rescale its weights twice. "
             "To restore multipliers on a freshly built model use Parametrization.attach(model)."
         )
+    if next(model.parameters(), None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no parameters, so there is nothing to parametrize: pass the module that "
+            "holds the network's weights (e.g. the LightningModule's network, not a wrapper around its forward)"
+        )
     empty = [n for n, p in model.named_parameters() if p.numel() == 0]
     if empty:
         raise ValueError(
             f"{empty[0]} has no entries (shape {list(dict(model.named_parameters())[empty[0]].shape)}): "
             "build the model at a width of at least 1"
         )
+    settings = {
+        "gamma0": gamma0,
+        "depth_alpha": depth_alpha,
+        "output_mult": output_mult,
+        "readout_zero_init": chosen.readout_zero_init if readout_zero_init is None else readout_zero_init,
+        "lr_mults": dict(lr_mults or {}),
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "attention": attention or chosen.attention,
+        "keep_weights": keep_weights,
+    }
+    # Probes, traces and the self-check run forwards: no buffer, mode, RNG stream, requires_grad flag or gradient
+    # of the user's modules may change — only the rescaling
+    with untouched(model, *[m for m in (base, delta) if isinstance(m, nn.Module)]):
+        return _parametrize(model, base, delta, parametrization, settings, residual_blocks, check)
+
+
+def _parametrize(
+    model: nn.Module,
+    base: ModelSpec,
+    delta: ModelSpec | None,
+    parametrization: str,
+    settings: dict[str, Any],
+    residual_blocks: Mapping[str, Sequence[str]] | None,
+    check: bool | str,
+) -> Parametrization:
+    chosen = form(parametrization)
+    depth_alpha, keep_weights = settings["depth_alpha"], settings["keep_weights"]
     base_model = _build(base, "cpu", "base")
     delta_model = _build(delta, "meta", "delta") if delta is not None else None
 
@@ -137,17 +171,6 @@ def parametrize(
             "identified. Give a base built at a smaller width, or pass delta= (the model at another width) "
             "when the model has the base width itself."
         )
-    settings = {
-        "gamma0": gamma0,
-        "depth_alpha": depth_alpha,
-        "output_mult": output_mult,
-        "readout_zero_init": chosen.readout_zero_init if readout_zero_init is None else readout_zero_init,
-        "lr_mults": dict(lr_mults or {}),
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "attention": attention or chosen.attention,
-        "keep_weights": keep_weights,
-    }
     notes: list[str] = []
     if blocks.names and blocks.found_by == "structure":
         notes.append(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_mup._names import unwrap_name
+from lightning_mup._untouched import as_in_training
 from lightning_mup.parametrize.adapters import attention_scale_hook
 from lightning_mup.parametrize.probe import Probe, merge, probe
 from lightning_mup.parametrize.record import ModuleHook, Parametrization
@@ -231,7 +232,7 @@ def self_check(
     rule = record.settings.get("attention", "inverse_sqrt")
     draws = []
     for base_network in base_networks:
-        with _eval(base_network):
+        with as_in_training(base_network):
             draws.append(probe(base_network, lambda net=base_network: call(net), prefix=prefix))
     base_probe = merge(draws)
     modules = {unwrap_name(n): mod for n, mod in model.named_modules()}
@@ -244,7 +245,7 @@ def self_check(
     pending: list[tuple[tuple[str, str], ModuleHook]] = []  # last round's corrections, until seen to work
     for _ in range(MAX_ROUNDS):
         report.rounds += 1
-        with _eval(network):
+        with as_in_training(network):
             model_probe = probe(network, lambda: call(network), prefix=prefix)
         found, report.checked = deviations(model_probe, base_probe, record, m, to_base, rule, plain)
         report.head_dims = {}
@@ -332,21 +333,6 @@ def _message(d: Deviation, m: float, why: str) -> str:
         f"{d.module}: its {what} scale as m^{d.exponent:+.2f} with width (m = {m:g}), where the parameterization "
         f"predicts m^{d.expected:+.2f}; {why}."
     )
-
-
-class _eval:
-    """Eval mode inside (no dropout; BatchNorm with its running statistics), each module's own mode after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = {mod: mod.training for mod in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for mod, mode in self.modes.items():
-            mod.training = mode
 
 
 # ---------------------------------------------------------------------------------------- the inputs

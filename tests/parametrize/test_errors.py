@@ -118,3 +118,8 @@ def test_the_role_map_ignores_compile_wrappers():
     record = parametrize(compiled, base=lambda: nn.Sequential(mlp(32)))
     assert set(record.params) == {n.replace("_orig_mod.", "") for n, _ in compiled.named_parameters()}
     record.attach(compiled)  # the same record fits the wrapped model
+
+
+def test_a_module_without_parameters_is_named_as_such():
+    with pytest.raises(ValueError, match="has no parameters, so there is nothing to parametrize"):
+        parametrize(nn.ReLU(), base=lambda: nn.ReLU())

@@ -89,6 +89,14 @@ def _sizes(model, arch, batch, parametrized: bool, steps: int):
     return sizes, before.logits
 
 
+def _untouchable_state(model):
+    """What parametrize may not change: buffers (bytes), modes, requires_grad flags, the RNG stream."""
+    buffers = {n: (b.dtype, tuple(b.shape), b.detach().cpu().numpy().tobytes()) for n, b in model.named_buffers()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    return buffers, modes, flags, torch.get_rng_state().numpy().tobytes()
+
+
 def _first(out):
     if isinstance(out, torch.Tensor):
         return out.detach().float()
@@ -159,7 +167,16 @@ KNOWN = {
 def test_zoo_model_is_in_mup(name):
     arch = ZOO[name]
     model = arch.build(WIDE)
-    record = parametrize(model, base=lambda: arch.build(BASE), check=False)
+    model.train()
+    frozen = next(iter(model.parameters()))
+    frozen.requires_grad_(False)
+    state = _untouchable_state(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the self-check's notes are asserted elsewhere
+        record = parametrize(model, base=lambda: arch.build(BASE))
+    # parametrize and its self-check leave every buffer bit-identical, every mode, flag and the RNG as they were
+    assert _untouchable_state(model) == state
+    frozen.requires_grad_(True)
     # every parameter has one role; a tied tensor appears once, its other names as aliases
     assert sorted(record.params) == sorted(n for n, _ in model.named_parameters())
     aliases = [a for p in record.params.values() for a in p.tied]
