@@ -26,12 +26,11 @@ class _Block(nn.Module):
         return h + self.drop(self.fc(self.norm(h)))
 
 
-
 class _Net(nn.Module):
     def __init__(self, width):
         super().__init__()
-        self.stem, self.blocks, self.head = nn.Linear(8, width), nn.ModuleList([_Block(width), _Block(width)]), None
-        self.head = nn.Linear(width, 3)
+        self.stem, self.head = nn.Linear(8, width), nn.Linear(width, 3)
+        self.blocks = nn.ModuleList([_Block(width), _Block(width)])
 
     def forward(self, x):
         h = self.stem(x)

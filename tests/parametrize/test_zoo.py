@@ -28,7 +28,6 @@ STEPS, LR, SEEDS = 4, 0.01, (0, 1, 2, 3)
 BAR, GROWTH = 0.2, 0.3
 
 
-
 def _falcon_scale_is_reachable() -> bool:
     """transformers ≥ 5.25 passes FalconAttention's ``scaling`` to every attention backend (patched and verified);
     before, the scale was computed inline (refused with the fix). The zoo follows the installed version."""
