@@ -53,8 +53,9 @@ class VmappedEnsemble(nn.Module):
         for seed in seeds:
             torch.manual_seed(seed)
             member = make_member()
-            if parametrize_kwargs is not None:
-                self.record = parametrize(member, **parametrize_kwargs)
+            if parametrize_kwargs is not None:  # (one self-check of training: the members differ in seed only)
+                kwargs = parametrize_kwargs if not members else {**parametrize_kwargs, "check_optimizer": None}
+                self.record = parametrize(member, **kwargs)
             members.append(member)
         params, buffers = torch.func.stack_module_state(members)
         self.params = nn.ParameterDict({k.replace(".", _SEP): nn.Parameter(v) for k, v in params.items()})

@@ -202,7 +202,8 @@ def coord_check(
                 base=lambda: make_model(base_width),
                 delta=lambda: make_model(delta_width),
                 parametrization=parametrization,
-                **parametrize_kwargs,
+                # the coordinate check trains itself: the self-check's few steps would repeat it
+                **{"check_optimizer": None, **parametrize_kwargs},
             )
         if optimizer in MUON_PAIRS:
             if parametrization is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from lightning_mup._untouched import untouched
 from lightning_mup.parametrize.adapters import attention_scale_hook, head_dim, layer_kind
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
+from lightning_mup.parametrize.optim import FAMILIES
 from lightning_mup.parametrize.probe import probe
 from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
 from lightning_mup.parametrize.roles import TensorRoles, infer_roles
@@ -34,6 +36,8 @@ from lightning_mup.parametrize.table import (
     Form,
     form,
 )
+from lightning_mup.parametrize.tied import untie
+from lightning_mup.parametrize.train_check import training_check
 from lightning_mup.parametrize.verify import describe, example_call, self_check, width_multiplier
 
 ModelSpec = nn.Module | Callable[[], nn.Module]
@@ -59,7 +63,10 @@ def parametrize(
     attention: str | None = None,
     residual_blocks: Mapping[str, Sequence[str]] | None = None,
     keep_weights: bool = False,
+    tied_readout: str = "keep",
     check: bool | str = True,
+    check_optimizer: str | None = "adam",
+    example_input: Any = None,
 ) -> Parametrization:
     """Reparameterize ``model`` in place and return the record of what was done.
 
@@ -86,13 +93,27 @@ def parametrize(
         residual_blocks: ``{"block glob": ["branch end", ...]}`` for models without a block adapter.
         keep_weights: keep existing (e.g. pretrained) weights: stored values are divided by their new
             forward multiplier so the function is unchanged; only multipliers and lr scales apply.
-        check: the self-check (:mod:`.verify`): one forward of the model and the base on a small synthetic
-            input; sizes that deviate from the parameterization by a hard-coded width-dependent constant are
-            corrected (recorded in the role map), others raise. ``False`` turns it off, ``"require"`` raises
-            when no example input is known.
+        tied_readout: a readout sharing its tensor with the input embedding: ``"keep"`` the tie (the tensor stays
+            the embedding's, the readout use gets 1/m — μP in the limit, but at the widths people tune at its random
+            initial part makes the logits' change fall ∝ m^-¼…-½; the training self-check says so), or ``"untie"``
+            (the readout gets its own zero-initialised tensor, a copy of the embedding's shape; the role map
+            records it and ``Parametrization.attach`` unties a freshly built model the same way).
+        check: the self-check: one forward of the model and of base draws on a small synthetic input (:mod:`.verify`),
+            then a few optimizer steps of each (:mod:`.train_check`); what deviates from the parameterization by a
+            width-dependent constant is corrected (recorded in the role map) and verified, what cannot be is raised
+            or warned about. ``False`` turns it off, ``"require"`` raises when no example input is known.
+        check_optimizer: the optimizer family the self-check trains with — the one you will train with
+            (``"sgd"``, ``"adam"``, ``"muon"``); ``None`` checks the initialisation only.
+        example_input: what the self-check feeds the model where lightning_mup knows no example (HF, timm and
+            networks starting with a Linear/Conv/Embedding it knows): a tensor, a tuple of positional arguments,
+            a dict of keyword arguments, or a function ``net -> net(...)``.
     """
     chosen = form(parametrization)
     check_options(chosen, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
+    if tied_readout not in TIED_READOUTS:
+        raise ValueError(f"tied_readout={tied_readout!r}; choose one of {TIED_READOUTS}")
+    if check_optimizer is not None and check_optimizer not in FAMILIES:
+        raise ValueError(f"check_optimizer={check_optimizer!r}; choose one of {FAMILIES}, or None")
     if getattr(model, "_lightning_mup_parametrized", False) or has_hooks(model):
         raise RuntimeError(
             "this model is already parametrized; parametrizing again would rescale its weights twice. "
@@ -119,11 +140,14 @@ def parametrize(
         "eps": eps,
         "attention": attention or chosen.attention,
         "keep_weights": keep_weights,
+        "tied_readout": tied_readout,
     }
     # Probes, traces and the self-check run forwards: no buffer, mode, RNG stream, requires_grad flag or gradient
     # of the user's modules may change — only the rescaling
     with untouched(model, *[m for m in (base, delta) if isinstance(m, nn.Module)]):
-        return _parametrize(model, base, delta, parametrization, settings, residual_blocks, check)
+        return _parametrize(
+            model, base, delta, parametrization, settings, residual_blocks, check, check_optimizer, example_input
+        )
 
 
 def _parametrize(
@@ -134,6 +158,8 @@ def _parametrize(
     settings: dict[str, Any],
     residual_blocks: Mapping[str, Sequence[str]] | None,
     check: bool | str,
+    check_optimizer: str | None,
+    example_input: Any,
 ) -> Parametrization:
     chosen = form(parametrization)
     depth_alpha, keep_weights = settings["depth_alpha"], settings["keep_weights"]
@@ -164,7 +190,17 @@ def _parametrize(
         )
     depth_mult = blocks.depth / base_blocks.depth if blocks.depth else 1.0
 
-    tensors = infer_roles(model, base_model, delta_model, to_base, _uses_in_forward(model, base_model))
+    uses = _uses_in_forward(model, base_model, example_input)
+    tensors = infer_roles(model, base_model, delta_model, to_base, uses)
+    untied: list[str] = []
+    if settings["tied_readout"] == "untie":
+        readouts = [u.name for t in tensors.values() for u, s in zip(t.uses[1:], t.shapes[1:]) if s.role == OUTPUT]
+        untied = untie(model, readouts)
+        if untied:  # base and delta alike: their shapes and initial sizes are read by name
+            untie(base_model, [to_base(n) if to_base else n for n in untied])
+            if delta_model is not None:
+                untie(delta_model, [to_base(n) if to_base else n for n in untied])
+            tensors = infer_roles(model, base_model, delta_model, to_base, uses)
     if all(not s.width_dims for t in tensors.values() for s in t.shapes) and depth_mult == 1.0:
         raise ValueError(
             "no parameter differs in shape between the model and its base, so no width dimension can be "
@@ -200,41 +236,80 @@ def _parametrize(
         depth=blocks.depth or None,
         base_depth=base_blocks.depth or None,
         notes=notes,
+        untied=[unwrap_name(n) for n in untied],
     )
     record.attach(model)
     if check and not keep_weights:
-        _self_check(model, base_model, base, record, base_key, check == "require")
+        _self_check(
+            model,
+            base_model,
+            base,
+            record,
+            base_key,
+            check == "require",
+            check_optimizer,
+            example_input,
+            residual_blocks,
+        )
     return record
 
 
+# the options parametrize passes on unchanged, as the record stores them
+_OPTIONS = (
+    "gamma0",
+    "depth_alpha",
+    "output_mult",
+    "readout_zero_init",
+    "lr_mults",
+    "weight_decay",
+    "eps",
+    "attention",
+    "keep_weights",
+    "tied_readout",
+)
+TIED_READOUTS = ("keep", "untie")
+FEATURE_LEARNING = ("mup", "mf")  # the forms whose every change is Θ(1) in the width: what the training check asserts
 _BASE_DRAWS = 4  # a base of a few dozen units is a noisy sample of its width: average this many draws
 
 
-def _self_check(model: nn.Module, base: nn.Module, spec: ModelSpec, record, base_key, required: bool) -> None:
-    """Measure the parametrized model against its base (:mod:`.verify`); corrections land in the record."""
+def _self_check(
+    model: nn.Module,
+    base: nn.Module,
+    spec: ModelSpec,
+    record: Parametrization,
+    base_key: Callable[[str], str],
+    required: bool,
+    family: str | None,
+    example_input: Any,
+    residual_blocks: Mapping[str, Sequence[str]] | None,
+) -> None:
+    """Measure the parametrized model against its base, at initialisation (:mod:`.verify`) and over a few steps of
+    training (:mod:`.train_check`); corrections land in the record, what is left is warned about."""
     if record.depth != record.base_depth:
         record.notes.append(
             "self-check skipped: it compares sizes across widths at one depth, and the base is shallower "
             f"({record.base_depth} vs {record.depth} blocks); a base at the model's depth would be checked"
         )
         return
-    found = _checkable(model, base)
+    found = _checkable(model, base, example_input)
     if found is None:
         note = (
             "self-check skipped: no example input is known for this model (HF, timm and networks starting with "
-            "a Linear/Conv/Embedding are; pass example_input= to check another)"
+            "a Linear/Conv/Embedding are): pass example_input= (a tensor, a tuple of arguments, a dict of keyword "
+            "arguments, or a function net -> net(...))"
         )
         if required:
             raise ValueError(note)
         record.notes.append(note)
         return
-    prefix, network, base_network, call = found
-    draws = [base_network]
+    prefix, network, _, call = found
+    bases = [base]
     if not isinstance(spec, nn.Module):  # a factory: more independent draws of the base
         for seed in range(1, _BASE_DRAWS):
             with private_rng():
                 torch.manual_seed(seed)
-                draws.append(dict(_build(spec, "cpu", "base").named_modules())[prefix])
+                bases.append(_build(spec, "cpu", "base"))
+    draws = [dict(b.named_modules())[prefix] for b in bases]
     report = self_check(model, record, network, draws, call, base_key, prefix)
     if report.skipped:
         record.notes.append(f"self-check skipped: {report.skipped}")
@@ -243,33 +318,113 @@ def _self_check(model: nn.Module, base: nn.Module, spec: ModelSpec, record, base
     record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else ", as predicted"))
     if report.attention_axes():
         record.notes.append(report.attention_axes())
-    tied_readouts = [
-        n
-        for n, p in record.params.items()
-        if p.role == INPUT
-        and p.tied
-        and any(
-            h.module == t.rsplit(".", 1)[0] and h.reason == "readout multiplier" for t in p.tied for h in record.hooks
-        )
-    ]
-    if tied_readouts:
-        record.notes.append(
-            f"{tied_readouts[0]} is also the readout (tied), so the readout cannot be zero-initialised: its random "
-            "part adds ∝ m^-½ to what the first steps change in the logits, fading as training's O(1) part grows"
-        )
+    m = width_multiplier(record)
     for deviation in report.unresolved:
-        message = f"self-check: {describe(deviation, width_multiplier(record))}"
-        record.notes.append(message)
-        warnings.warn(message, stacklevel=3)
+        _warn(record, f"self-check: {describe(deviation, m)}")
+    if family is not None and record.parametrization in FEATURE_LEARNING:
+        # (under SP and NTK what training changes grows or shrinks with width by design: nothing to check against)
+        # μP's Θ(1) changes are for widths far above the number of points trained on: at a base of a few dozen
+        # units, the check trains on a handful (a change's random part is ∝ √(points / width) of its learnt part)
+        few = example_call(network, batch=2, length=2) if example_input is None else call
+        _training_self_check(model, record, bases, spec, prefix, network, few, base_key, family, residual_blocks)
 
 
-def _uses_in_forward(model: nn.Module, base: nn.Module) -> dict[int, list] | None:
+def _training_self_check(
+    model: nn.Module,
+    record: Parametrization,
+    bases: list[nn.Module],
+    spec: ModelSpec,
+    prefix: str,
+    network: nn.Module,
+    call: Callable[[nn.Module], Any],
+    base_key: Callable[[str], str],
+    family: str,
+    residual_blocks: Mapping[str, Sequence[str]] | None,
+) -> None:
+    if isinstance(spec, nn.Module):  # the user's own base: trained on a copy only
+        try:
+            bases = [copy.deepcopy(spec)]
+        except Exception as error:
+            record.notes.append(f"self-check of training skipped: the base module could not be copied ({error})")
+            return
+    draws = []
+    for draw in bases:  # each base draw in the same parametrization, at its own width
+        draw_record = parametrize(
+            draw,
+            base=draw,
+            delta=model,
+            parametrization=record.parametrization,
+            **{k: record.settings[k] for k in _OPTIONS if k != "attention"},
+            attention="unchanged" if record.settings["attention"] == "unchanged" else None,
+            residual_blocks=residual_blocks,
+            check=False,
+        )
+        draws.append((dict(draw.named_modules())[prefix], draw_record))
+    report = training_check(record, network, draws, call, base_key, prefix, family)
+    if report.skipped:
+        record.notes.append(f"self-check of training skipped: {report.skipped}")
+        return
+    m = width_multiplier(record)
+    logits = "" if report.logits is None else f", the logits' change ∝ m^{report.logits:+.2f}"
+    text = (
+        f"self-check of training: {report.steps} {family} steps, {report.checked} module changes against the base in "
+        f"{report.seconds:.1f} s{logits}"
+    )
+    record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else ""))
+    for deviation in report.deviations:
+        what = f"{deviation.module}: what {report.steps} {family} steps change in its output"
+        _warn(
+            record,
+            f"self-check of training: {what} scales as m^{deviation.exponent:+.2f} with width (m = {m:g}) where the "
+            f"parameterization predicts m^{deviation.expected:+.2f}; not a half power of m that a constant in the "
+            "module explains (finite-width noise at these widths, or a dependence lightning_mup does not know: check "
+            "it with coord_check)",
+        )
+    if report.logits_off:
+        _warn(record, _logits_message(record, report, m))
+
+
+def _logits_message(record: Parametrization, report, m: float) -> str:
+    what = f"what {report.steps} {report.family} steps add to the logits scales as m^{report.logits:+.2f} (m = {m:g})"
+    tied = _tied_readouts(record)
+    if tied:
+        name, alias = tied[0]
+        return (
+            f"self-check of training: {what}, where μP predicts m^0: {alias} is tied to {name}, so the readout cannot "
+            "be zero-initialised and the embedding's updates move it too — random parts that add ∝ m^-½ to the "
+            "logits' change at these widths. Pass tied_readout='untie' (the readout gets its own zero-initialised "
+            "tensor; recorded in mup.json), or keep the tie knowing the narrow models learn their logits faster"
+        )
+    return (
+        f"self-check of training: {what}, where μP predicts m^0; no module's change explains it (a readout-side constant "
+        "lightning_mup does not know: check it with coord_check)"
+    )
+
+
+def _tied_readouts(record: Parametrization) -> list[tuple[str, str]]:
+    """(tensor, the readout that shares it) for readouts tied to an input-role tensor."""
+    readouts = {h.module for h in record.hooks if h.reason == "readout multiplier"}
+    return [
+        (name, alias)
+        for name, p in record.params.items()
+        if p.role == INPUT
+        for alias in p.tied
+        if alias.rsplit(".", 1)[0] in readouts
+    ]
+
+
+def _warn(record: Parametrization, message: str) -> None:
+    record.notes.append(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _uses_in_forward(model: nn.Module, base: nn.Module, example_input: Any = None) -> dict[int, list] | None:
     """How parameters that belong to no known layer are used, from one forward (:mod:`.probe`); None when
     every parameter is in a known layer or no example input is known."""
     known = {id(p) for m in model.modules() for a, p in m._parameters.items() if p is not None and layer_kind(m, a)}
     if all(id(p) in known or p.dim() < 2 for p in model.parameters()):
         return None
-    found = _checkable(model, base)
+    found = _checkable(model, base, example_input)
     if found is None:
         return None
     _, network, _, call = found
@@ -277,9 +432,21 @@ def _uses_in_forward(model: nn.Module, base: nn.Module) -> dict[int, list] | Non
         return probe(network, lambda: call(network), logits=False, uses=True).uses
 
 
-def _checkable(model: nn.Module, base: nn.Module):
+def _checkable(model: nn.Module, base: nn.Module, example_input: Any = None):
     """(prefix, network, base network, call): the outermost part of ``model`` that an example input is known
-    for and that runs on it, with its counterpart in the base — or None."""
+    for and that runs on it, with its counterpart in the base — or None. A given ``example_input`` is for
+    ``model`` itself."""
+    if example_input is not None:
+        call = _given_call(example_input)
+        try:
+            with torch.no_grad():
+                call(base)
+        except Exception as error:
+            raise ValueError(
+                f"example_input does not run on the base model: {type(error).__name__}: {error}. Give an input both "
+                "widths accept (the model's own input, not a hidden state)"
+            ) from error
+        return "", model, base, call
     base_modules = dict(base.named_modules())
     for name, network in model.named_modules():
         counterpart = base_modules.get(name)
@@ -293,6 +460,16 @@ def _checkable(model: nn.Module, base: nn.Module):
             continue
         return unwrap_name(name), network, counterpart, call
     return None
+
+
+def _given_call(example_input: Any) -> Callable[[nn.Module], Any]:
+    if callable(example_input) and not isinstance(example_input, torch.Tensor):
+        return example_input
+    if isinstance(example_input, Mapping):
+        return lambda net: net(**example_input)
+    if isinstance(example_input, tuple):
+        return lambda net: net(*example_input)
+    return lambda net: net(example_input)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_mup._names import unwrap_name
+from lightning_mup._names import join, unwrap_name
 from lightning_mup.parametrize.record import Parametrization, ParamScale
 
 _SGD_LIKE = (torch.optim.SGD, torch.optim.ASGD)
@@ -257,7 +257,7 @@ def _install_step_hooks(optimizer: Optimizer) -> None:
 
 
 def scale_optimizer(
-    optimizer: Optimizer, record: Parametrization, model: nn.Module, family: str | None = None
+    optimizer: Optimizer, record: Parametrization, model: nn.Module, family: str | None = None, prefix: str = ""
 ) -> Optimizer:
     """Give ``optimizer`` the μP scales of ``record``, in place (idempotent). Call it before building
     an LR scheduler: schedulers size their state by the number of groups.
@@ -269,7 +269,8 @@ def scale_optimizer(
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=1000)
     """
     family = optimizer_family(optimizer, family)
-    names = {id(p): unwrap_name(n) for n, p in model.named_parameters()}
+    # ``prefix``: where ``model`` sits in the model the record was made for
+    names = {id(p): join(prefix, unwrap_name(n)) for n, p in model.named_parameters()}
     groups = [g for group in optimizer.param_groups for g in split_group(group, record, names, family)]
     optimizer.param_groups = []
     for group in groups:

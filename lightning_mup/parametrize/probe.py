@@ -66,11 +66,18 @@ class Probe:
     draws: int = 1  # how many random draws of the network these sizes average
     tensor_ids: dict[tuple[str, str], int] = field(default_factory=dict)  # ("in"/"out", module) -> id of that tensor
     logit_values: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its logits (keep_logits=True)
+    # module -> its first float input / output (keep_tensors=True): what a change between two passes is read from
+    input_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def rms(t: torch.Tensor) -> float:
     t = t.detach().float()
     return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _no_size(t: torch.Tensor) -> float:
+    return 0.0
 
 
 def _floats(args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -95,9 +102,16 @@ def _first_float(value: Any) -> torch.Tensor | None:
 
 class _Watch(TorchFunctionMode):
     def __init__(
-        self, probe: Probe, stack: list[str], params: dict[int, nn.Parameter], logits: bool, keep_logits: bool = False
+        self,
+        probe: Probe,
+        stack: list[str],
+        params: dict[int, nn.Parameter],
+        logits: bool,
+        keep_logits: bool = False,
+        size: Callable[[torch.Tensor], float] = rms,
     ) -> None:
         super().__init__()
+        self.size = size
         self.probe, self.stack, self.params, self.watch_logits = probe, stack, params, logits
         self.indexed: dict[int, nn.Parameter] = {}
         self.score_values: dict[str, torch.Tensor] = {}
@@ -154,7 +168,7 @@ class _Watch(TorchFunctionMode):
         """q·kᵀ (a matmul of ≥ 3-D operands) and a scale applied to it, so eager attention's logits are read
         before biases (relative position, ALiBi) are added to them."""
         if func in _MATMUL and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
-            self.scores[here] = (id(out), rms(out), args[0].shape[-1], len(self.probe.events))
+            self.scores[here] = (id(out), self.size(out), args[0].shape[-1], len(self.probe.events))
             self.score_values[here] = out
         elif (func in _MUL or func in _DIV) and here in self.scores and len(args) == 2:
             ident, size, contraction, at = self.scores[here]
@@ -198,7 +212,7 @@ class _Watch(TorchFunctionMode):
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
             logits = q @ k.transpose(-2, -1) * s
-            self._record_logits(where, rms(logits), q.shape[-1], values=logits)
+            self._record_logits(where, self.size(logits), q.shape[-1], values=logits)
 
     def _softmax(self, where: str, x, dim=None, *rest, **kwargs):
         dim = kwargs.get("dim", dim)
@@ -213,7 +227,7 @@ class _Watch(TorchFunctionMode):
         with torch.no_grad():
             values = x.detach().float()
             kept = values[values > _MASKED]
-            self._record_logits(where, rms(kept), None)
+            self._record_logits(where, self.size(kept), None)
 
 
 def merge(probes: list[Probe]) -> Probe:
@@ -260,10 +274,13 @@ def probe(
     uses: bool = False,
     prefix: str = "",
     keep_logits: bool = False,
+    keep_tensors: bool = False,
 ) -> Probe:
     """``run()`` (a forward of ``model``) once, recording what :class:`Probe` holds; module names are relative
     to ``model``, after ``prefix`` (where ``model`` sits in a larger one), wrappers (compile, FSDP) removed."""
     found = Probe()
+    # kept tensors are compared with another pass's (:func:`change`): their own sizes are not needed
+    size = rms if not keep_tensors else _no_size
     stack: list[str] = []
     alive: list[torch.Tensor] = []
     handles = []
@@ -274,21 +291,25 @@ def probe(
             stack.append(name)
             t = _first_float(args) if args else _first_float(list(kwargs.values()))
             if t is not None and name not in found.inputs:
-                found.inputs[name] = rms(t)
+                found.inputs[name] = size(t)
                 found.tensor_ids[("in", name)] = id(t)
                 alive.append(t)  # ids are compared within the pass: no tensor may be freed and its id reused
-                found.other_inputs[name] = [rms(o) for o in _floats(args, kwargs) if o is not t]
+                found.other_inputs[name] = [size(o) for o in _floats(args, kwargs) if o is not t]
                 found.events.append(("in", name))
+                if keep_tensors:
+                    found.input_values[name] = t.detach().float().clone()
 
         def after(m, args, kwargs, output, name=name):
             if stack and stack[-1] == name:
                 stack.pop()
             t = _first_float(output)
             if t is not None and name not in found.outputs:
-                found.outputs[name] = rms(t)
+                found.outputs[name] = size(t)
                 found.tensor_ids[("out", name)] = id(t)
                 alive.append(t)
                 found.events.append(("out", name))
+                if keep_tensors:
+                    found.output_values[name] = t.detach().float().clone()
 
         # first, so an input is seen before any multiplier of the role map scales it (the layer's init already
         # compensates for that multiplier); outputs are seen after the role map's output multipliers
@@ -296,9 +317,27 @@ def probe(
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     params = {id(p): p for p in model.parameters()} if uses else {}
     try:
-        with torch.no_grad(), _Watch(found, stack, params, logits, keep_logits):
+        with torch.no_grad(), _Watch(found, stack, params, logits, keep_logits or keep_tensors, size):
             run()
     finally:
         for handle in handles:
             handle.remove()
     return found
+
+
+def change(before: Probe, after: Probe) -> Probe:
+    """What happened between two passes of one network on the same input (both ``keep_tensors=True``): every size
+    is the RMS of the difference — of each module's input and output and of the attention logits — in the events
+    and tensor identities of the second pass. Tensors whose shape changed are left out."""
+
+    def differences(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: rms(v - old[k]) for k, v in new.items() if k in old and old[k].shape == v.shape}
+
+    return Probe(
+        inputs=differences(before.input_values, after.input_values),
+        outputs=differences(before.output_values, after.output_values),
+        logits=differences(before.logit_values, after.logit_values),
+        head_dims=after.head_dims,
+        events=after.events,
+        tensor_ids=after.tensor_ids,
+    )

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup.parametrize.hooks import ScaleInput, ScaleOutput, remove_hooks
+from lightning_mup.parametrize.tied import untie
 
 FORMAT_VERSION = 1
 
@@ -76,6 +77,7 @@ class Parametrization:
     depth: int | None = None
     base_depth: int | None = None
     notes: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)  # readouts given their own tensor (tied_readout="untie")
 
     # ---------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class Parametrization:
             "params": {name: asdict(p) for name, p in self.params.items()},
             "hooks": [asdict(h) for h in self.hooks],
             "notes": list(self.notes),
+            "untied": list(self.untied),
         }
 
     @classmethod
@@ -103,11 +106,17 @@ class Parametrization:
             depth=data.get("depth"),
             base_depth=data.get("base_depth"),
             notes=list(data.get("notes", [])),
+            untied=list(data.get("untied", [])),
         )
 
     # ---------------------------------------------------------------------------- model side
     def attach(self, model: nn.Module) -> nn.Module:
-        """Install this record's forward multipliers on ``model`` (weights untouched; idempotent)."""
+        """Install this record's forward multipliers on ``model`` (weights untouched; idempotent), after untying
+        the readouts the record untied (a freshly built model has them tied)."""
+        if self.untied:
+            untie(
+                model, [n for n, _ in model.named_parameters(remove_duplicate=False) if unwrap_name(n) in self.untied]
+            )
         self.check_matches(model)
         remove_hooks(model)
         modules = {unwrap_name(n): m for n, m in model.named_modules()}

@@ -111,6 +111,7 @@ def deviations(
     to_base: Callable[[str], str],
     attention_rule: str,
     plain: frozenset[str] = frozenset(),
+    check_logits: bool = True,
 ) -> tuple[list[Deviation], int]:
     """The events of the model's forward that change the size's width exponent where the rule says they must
     not, in execution order, and how many events were compared.
@@ -144,7 +145,7 @@ def deviations(
                 logits_ids.add(model_probe.tensor_ids.get(("out", name)))
                 scopes.append((name, []))
                 continue
-            e = _exponent(model_probe.inputs[name], base_probe.inputs.get(base_name, 0.0), m)
+            e = _exponent(model_probe.inputs.get(name, 0.0), base_probe.inputs.get(base_name, 0.0), m)
             if e is not None and name in cancelled:
                 e += cancelled[name]
             candidates, expected = list(scopes[-1][1]), 0.0
@@ -154,7 +155,7 @@ def deviations(
             if e is not None:
                 inputs[name] = e
         elif kind == "out":
-            e = _exponent(model_probe.outputs[name], base_probe.outputs.get(base_name, 0.0), m)
+            e = _exponent(model_probe.outputs.get(name, 0.0), base_probe.outputs.get(base_name, 0.0), m)
             inside: list[float] = []
             while len(scopes) > 1:  # close the module (and anything that did not report its output)
                 closed, seen = scopes.pop()
@@ -169,13 +170,20 @@ def deviations(
                 logits_ids.add(ident)
                 continue
         else:
-            e = _exponent(model_probe.logits[name], base_probe.logits.get(base_name, 0.0), m)
+            e = _exponent(model_probe.logits.get(name, 0.0), base_probe.logits.get(base_name, 0.0), m)
             # q and k are linear in the module's input (or in a second input, cross-attention): 2·e_in or 0
             candidates = [0.0, 2 * inputs[name]] if name in inputs else [0.0]
             expected = 0.0
             d, d_base = model_probe.head_dims.get(name), base_probe.head_dims.get(base_name)
             if attention_rule == "inverse" and d and d_base and d != d_base:
                 expected = -0.5 * math.log(d / d_base) / math.log(m)
+        # After its logits, an attention module mixes values with probabilities: how peaked they are depends on
+        # the logit scale (μP makes attention at init more uniform as d_head grows), so what follows inside it,
+        # and its output, are not width-independent by rule. Checking resumes after it.
+        if kind == "logits":
+            mixing.add(name)
+            if not check_logits:
+                continue
         if e is None or name == "":
             mixing.discard(name) if kind == "out" else None
             continue
@@ -186,12 +194,7 @@ def deviations(
             if name in mixing:  # the attention module's own output: recorded for what follows, not checked
                 mixing.discard(name)
                 continue
-        # After its logits, an attention module mixes values with probabilities: how peaked they are depends on
-        # the logit scale (μP makes attention at init more uniform as d_head grows), so what follows inside it,
-        # and its output, are not width-independent by rule. Checking resumes after it.
-        if kind == "logits":
-            mixing.add(name)
-        elif name in mixing or any(scope in mixing for scope, _ in scopes):
+        if kind != "logits" and (name in mixing or any(scope in mixing for scope, _ in scopes)):
             continue
         jump = e - min(candidates, key=lambda c: abs(e - expected - c)) if candidates else e
         checked += 1

@@ -1,0 +1,273 @@
+"""The self-check that trains: a few optimizer steps on the model and on base draws, each module's *change*
+compared with the rule.
+
+The initialisation check (:mod:`.verify`) cannot see what only appears once the optimizer moves the weights: a
+readout tied to the input embedding whose random initial part makes the logits' change fall with width, a
+model's own constant that rescales one layer's updates (a weight multiplied inside its forward), a correction
+that fixed the initial sizes but not the dynamics. Under μP (and mean-field) every activation's change, and the
+logits' change, is Θ(1) in the width — the same in the model as in the base, m⁰.
+
+Each network — the model and every base draw, all parametrized the same way — takes :data:`STEPS` steps of the
+optimizer family the user trains with (SGD, Adam or Muon, with the record's scales, as :func:`scale_optimizer`
+gives them) on one synthetic batch, a squared error towards a fixed random target of the logits' shape; every
+module's input, output and attention logits are read before and after on the same input. The changes are then
+compared as the sizes are (:func:`.verify.deviations`: each event's jump where it arises, beyond the base draws'
+sampling noise). The learning rates are small, so the change is in its linear regime, where its width exponent
+does not depend on the learning rate.
+
+A module whose change jumps by a half power of m although its input's does not holds a constant that rescales
+its own updates: its tensors' learning rate is corrected by that power for the family measured, the model is
+trained again from the same start, and the correction is kept only where the module then follows the rule and
+nothing else got worse. The model's weights, buffers and every other state are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_mup._names import join, unwrap_name
+from lightning_mup._untouched import as_in_training
+from lightning_mup.parametrize.optim import scale_optimizer
+from lightning_mup.parametrize.probe import Probe, _first_float, change, merge, probe
+from lightning_mup.parametrize.record import Parametrization
+from lightning_mup.parametrize.verify import (
+    HALF_POWER_TOLERANCE,
+    NOISE_SIGMAS,
+    Deviation,
+    deviations,
+    width_multiplier,
+)
+
+STEPS = 3
+# Small enough for the change to be linear in the learning rate (its width exponent is then the rule's, whatever
+# the rate), large enough to stand far above float32 rounding. The loss is a sum (not a mean over many outputs) so
+# that gradients stand far above Adam's ε (an ε comparable with them makes the update ∝ gradient: a width
+# dependence of the check's own making). SGD's step is sized on the first base draw: one step moves its logits by
+# SGD_STEP of the target's size.
+LEARNING_RATES = {"adam": 1e-3, "muon": 1e-3}
+SGD_STEP = 0.1
+MAX_ROUNDS = 4
+# The logits' change of a zero-initialised μP readout is measured within ±0.1 of m⁰ (41 zoo models); a tied
+# readout's at −0.2 … −0.4 (untied, the same models are within ±0.1)
+LOGITS_TOLERANCE = 0.2
+
+
+@dataclass
+class TrainingReport:
+    family: str
+    steps: int = STEPS
+    seconds: float = 0.0
+    checked: int = 0  # module changes compared
+    logits: float | None = None  # the logits' change ∝ m^logits
+    logits_noise: float = 0.0  # the sampling noise of that exponent
+    deviations: list[Deviation] = field(default_factory=list)  # changes off the rule that nothing corrected
+    corrected: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def logits_off(self) -> bool:
+        return self.logits is not None and abs(self.logits) > max(LOGITS_TOLERANCE, self.logits_noise)
+
+
+def training_check(
+    record: Parametrization,
+    network: nn.Module,
+    base_networks: list[tuple[nn.Module, Parametrization]],
+    call: Callable[[nn.Module], Any],
+    to_base: Callable[[str], str],
+    prefix: str,
+    family: str,
+) -> TrainingReport:
+    """Train ``network`` (``model`` or its part at ``prefix``, parametrized by ``record``) and each parametrized base
+    draw for a few steps; compare every module's change and the logits' change across the widths. Learning-rate
+    corrections land in ``record``; ``network``'s parameters are restored (its buffers and modes are the caller's:
+    :func:`~lightning_mup._untouched.untouched`). Base draws are trained in place."""
+    start = time.perf_counter()
+    report = TrainingReport(family)
+    m = width_multiplier(record)
+    with torch.no_grad(), as_in_training(network):
+        output = _first_float(call(network))
+    with torch.no_grad(), as_in_training(base_networks[0][0]):
+        base_output = _first_float(call(base_networks[0][0]))
+    if output is None or base_output is None or output.shape != base_output.shape:
+        report.skipped = (
+            "the model's output changes shape with the width (no fixed-size readout), so what training does to "
+            "its logits cannot be compared with the base's"
+        )
+        return report
+    target = torch.randn(output.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    lr = LEARNING_RATES.get(family) or _sgd_learning_rate(*base_networks[0], call, target, prefix)
+    changes = [
+        _trained_change(net, base_record, call, target, family, lr, prefix, restore=False)
+        for net, base_record in base_networks
+    ]
+    base = merge(changes)
+    # Where the attention logits are among the events (what follows them inside an attention module is not checked:
+    # how peaked its probabilities are depends on the logit scale, not by rule on the width): one watched pass of the
+    # model; the passes that measure the changes need only module hooks (several times faster)
+    with torch.no_grad(), as_in_training(network):
+        events = probe(network, lambda: call(network), prefix=prefix).events
+    modules = {unwrap_name(n): mod for n, mod in network.named_modules()}
+    plain = frozenset(
+        join(prefix, n)
+        for n, mod in modules.items()
+        if not list(mod.children()) and not any(True for _ in mod.parameters(recurse=False))
+    )
+    rule = record.settings.get("attention", "inverse_sqrt")
+    given_up: set[str] = set()
+    pending: list[tuple[str, dict[str, float]]] = []  # (module, {tensor: its lr scale before}) of the last round
+    for round_ in range(MAX_ROUNDS):
+        model = _trained_change(network, record, call, target, family, lr, prefix, restore=True)
+        model.events = events
+        found, report.checked = deviations(model, base, record, m, to_base, rule, plain, check_logits=False)
+        found = [d for d in found if d.kind != "in"]  # a changed input is its producer's deviation, found there
+        still = {d.module for d in found}
+        failed = [(module, before) for module, before in pending if module in still]
+        for module, before in failed:  # a correction that did not bring its module onto the rule is undone
+            for name, scale in before.items():
+                record.params[name].lr_scale[family] = scale
+            report.corrected = [c for c in report.corrected if not c.startswith(f"{module}: ")]
+            given_up.add(module)
+        pending = []
+        if failed:
+            continue
+        found = [d for d in found if d.module not in given_up]
+        correction = next((c for c in (_lr_correction(d, modules, prefix, record) for d in found[:1]) if c), None)
+        if correction is None or round_ == MAX_ROUNDS - 1:  # (the last round verifies, it corrects nothing new)
+            break
+        d, (power, tensors) = found[0], correction
+        factor = m ** (-power)
+        pending.append((d.module, {name: record.params[name].lr_scale[family] for name in tensors}))
+        for name in tensors:
+            record.params[name].lr_scale[family] *= factor
+        report.corrected.append(
+            f"{d.module}: lr ×{factor:.4g} for {family} (its change measured ∝ m^{d.exponent:+.2f}: a width-dependent "
+            "constant in its forward rescales its updates)"
+        )
+    report.deviations = found
+    root = prefix
+    report.logits = _logits_exponent(model, base, root, m)
+    spread = base.spread.get(("out", root), 0.0) * math.sqrt(1 / base.draws + 1 / m)
+    report.logits_noise = NOISE_SIGMAS * spread / math.log(m)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _logits_exponent(model: Probe, base: Probe, root: str, m: float) -> float | None:
+    size, base_size = model.outputs.get(root, 0.0), base.outputs.get(root, 0.0)
+    if size <= 0 or base_size <= 0:
+        return None
+    return math.log(size / base_size) / math.log(m)
+
+
+def _lr_correction(d: Deviation, modules: dict[str, nn.Module], prefix: str, record: Parametrization):
+    """(power, the module's own tensors) when the deviation is a module's output changing by a half power of m
+    and the module holds weights the correction can rescale the updates of; else None."""
+    if d.kind != "out":
+        return None
+    local = d.module[len(prefix) + 1 :] if prefix and d.module.startswith(prefix + ".") else d.module
+    module = modules.get(local if prefix else d.module)
+    if module is None:
+        return None
+    tensors = [
+        join(d.module, attr)
+        for attr, p in module._parameters.items()
+        if p is not None and p.dim() >= 2 and join(d.module, attr) in record.params
+    ]
+    tensors = [t for t in tensors if record.params[t].role in ("hidden", "input")]
+    if not tensors:
+        return None
+    difference = d.exponent - d.expected
+    power = round(2 * difference) / 2
+    if power == 0 or abs(power) > 1 or abs(difference - power) > HALF_POWER_TOLERANCE:
+        return None
+    return power, tensors
+
+
+def _trained_change(
+    network: nn.Module,
+    record: Parametrization,
+    call: Callable[[nn.Module], Any],
+    target: torch.Tensor,
+    family: str,
+    lr: float,
+    prefix: str,
+    restore: bool,
+) -> Probe:
+    """Sizes of what :data:`STEPS` steps change in every module of ``network`` (see :func:`.probe.change`)."""
+    saved = [(p, p.detach().clone()) for p in network.parameters()] if restore else []
+    try:
+        with as_in_training(network):
+            before = probe(network, lambda: call(network), logits=False, prefix=prefix, keep_tensors=True)
+        optimizers = _optimizers(network, record, family, lr, prefix)
+        for _ in range(STEPS):
+            _step(network, optimizers, call, target)
+        with as_in_training(network):
+            after = probe(network, lambda: call(network), logits=False, prefix=prefix, keep_tensors=True)
+        return change(before, after)
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+                p.grad = None
+
+
+def _step(network: nn.Module, optimizers: list, call: Callable[[nn.Module], Any], target: torch.Tensor) -> None:
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    with as_in_training(network):
+        output = _first_float(call(network))
+        loss = 0.5 * (output.float() - target).pow(2).sum()
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+def _sgd_learning_rate(
+    network: nn.Module, record: Parametrization, call: Callable[[nn.Module], Any], target: torch.Tensor, prefix: str
+) -> float:
+    """The SGD learning rate whose first step moves this (base) network's logits by SGD_STEP × the target's RMS."""
+    saved = [(p, p.detach().clone()) for p in network.parameters()]
+    try:
+        with torch.no_grad(), as_in_training(network):
+            before = _first_float(call(network)).float()
+        _step(network, _optimizers(network, record, "sgd", 1.0, prefix), call, target)
+        with torch.no_grad(), as_in_training(network):
+            moved = float((_first_float(call(network)).float() - before).pow(2).mean().sqrt())
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+                p.grad = None
+    return SGD_STEP * float(target.pow(2).mean().sqrt()) / moved if moved > 0 else 1.0
+
+
+def _optimizers(
+    network: nn.Module, record: Parametrization, family: str, lr: float, prefix: str
+) -> list[torch.optim.Optimizer]:
+    """The family's optimizer with the record's scales (Muon: the hidden matrices, Adam for the rest)."""
+    trainable = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
+    if family == "sgd":
+        return [scale_optimizer(torch.optim.SGD([p for _, p in trainable], lr=lr), record, network, "sgd", prefix)]
+    if family == "muon" and hasattr(torch.optim, "Muon"):
+        matrices = [
+            p
+            for n, p in trainable
+            if p.dim() == 2
+            and record.params[join(prefix, unwrap_name(n))].role == "hidden"
+            and not record.params[join(prefix, unwrap_name(n))].tied
+        ]
+        chosen = {id(p) for p in matrices}
+        rest = [p for _, p in trainable if id(p) not in chosen]
+        found = [scale_optimizer(torch.optim.Adam(rest, lr=lr), record, network, "adam", prefix)] if rest else []
+        if matrices:
+            found.append(scale_optimizer(torch.optim.Muon(matrices, lr=lr), record, network, "muon", prefix))
+        return found
+    return [scale_optimizer(torch.optim.Adam([p for _, p in trainable], lr=lr), record, network, "adam", prefix)]
