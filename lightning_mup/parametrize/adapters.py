@@ -161,11 +161,28 @@ def head_dim(module: nn.Module) -> int | None:
     return None
 
 
+# Logit-scale attributes read at call time, as plain floats: HF's ``scaling`` (passed to every attention backend,
+# set from a config constant in some families: Granite's attention_multiplier), BLOOM's ``inv_norm_factor`` (the
+# ``alpha`` of its ALiBi ``baddbmm``)
+_SCALE_ATTRIBUTES = ("scaling", "inv_norm_factor")
+
+
+def attention_scale(module: nn.Module) -> float | None:
+    """The logit scale an attention module applies, where it is a plain float attribute its forward reads (HF
+    ``scaling``, BLOOM ``inv_norm_factor``, timm and CLIP ``scale``); None where none is (T5: no scale at all)."""
+    for attr in (*_SCALE_ATTRIBUTES, "scale"):
+        value = getattr(module, attr, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
 def attention_scale_hook(module: nn.Module, name: str, factor: float) -> tuple[str, str, float, str] | None:
     """How to multiply this attention module's logits by ``factor`` so that it takes effect, as
     (module, hook kind, value, reason) — or None when its scale is computed where nothing reaches it."""
-    if isinstance(getattr(module, "scaling", None), float):  # HF: passed to every attention backend
-        return name, "scaling", module.scaling * factor, "attention 1/d_head"
+    for attr in _SCALE_ATTRIBUTES:  # read at call time by every backend
+        if isinstance(getattr(module, attr, None), float):
+            return name, attr, getattr(module, attr) * factor, "attention 1/d_head"
     scale = getattr(module, "scale", None)
     if isinstance(scale, float) and isinstance(getattr(module, "q_norm", None), nn.Module):
         # timm: q_norm's output is where the fused and eager paths meet

@@ -14,8 +14,8 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
-from lightning_mup._untouched import untouched
-from lightning_mup.parametrize.adapters import attention_scale_hook, head_dim, layer_kind
+from lightning_mup._untouched import as_in_training, untouched
+from lightning_mup.parametrize.adapters import attention_scale, attention_scale_hook, head_dim, layer_kind
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
 from lightning_mup.parametrize.optim import FAMILIES
@@ -38,7 +38,7 @@ from lightning_mup.parametrize.table import (
 )
 from lightning_mup.parametrize.tied import untie
 from lightning_mup.parametrize.train_check import training_check
-from lightning_mup.parametrize.verify import describe, example_call, self_check, width_multiplier
+from lightning_mup.parametrize.verify import describe, example_calls, self_check, width_multiplier
 
 ModelSpec = nn.Module | Callable[[], nn.Module]
 
@@ -223,7 +223,7 @@ def _parametrize(
     params = {name: _scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
     hooks = _layer_hooks(tensors, params, chosen, settings)
     hooks += _branch_hooks(blocks, depth_alpha or None, depth_mult)
-    hooks += _attention_hooks(model, base_model, base_key, settings["attention"])
+    hooks += _attention_hooks(model, base_model, base_key, settings["attention"], example_input, notes)
 
     _apply_init(tensors, params, settings)
     record = Parametrization(
@@ -302,7 +302,7 @@ def _self_check(
             raise ValueError(note)
         record.notes.append(note)
         return
-    prefix, network, _, call = found
+    prefix, network, _, call, few = found
     bases = [base]
     if not isinstance(spec, nn.Module):  # a factory: more independent draws of the base
         for seed in range(1, _BASE_DRAWS):
@@ -325,7 +325,6 @@ def _self_check(
         # (under SP and NTK what training changes grows or shrinks with width by design: nothing to check against)
         # μP's Θ(1) changes are for widths far above the number of points trained on: at a base of a few dozen
         # units, the check trains on a handful (a change's random part is ∝ √(points / width) of its learnt part)
-        few = example_call(network, batch=2, length=2) if example_input is None else call
         _training_self_check(model, record, bases, spec, prefix, network, few, base_key, family, residual_blocks)
 
 
@@ -396,8 +395,8 @@ def _logits_message(record: Parametrization, report, m: float) -> str:
             "tensor; recorded in mup.json), or keep the tie knowing the narrow models learn their logits faster"
         )
     return (
-        f"self-check of training: {what}, where μP predicts m^0; no module's change explains it (a readout-side constant "
-        "lightning_mup does not know: check it with coord_check)"
+        f"self-check of training: {what}, where μP predicts m^0; no module's change explains it (a readout-side "
+        "constant lightning_mup does not know: check it with coord_check)"
     )
 
 
@@ -427,15 +426,17 @@ def _uses_in_forward(model: nn.Module, base: nn.Module, example_input: Any = Non
     found = _checkable(model, base, example_input)
     if found is None:
         return None
-    _, network, _, call = found
+    _, network, _, call, _ = found
     with torch.no_grad():
         return probe(network, lambda: call(network), logits=False, uses=True).uses
 
 
 def _checkable(model: nn.Module, base: nn.Module, example_input: Any = None):
-    """(prefix, network, base network, call): the outermost part of ``model`` that an example input is known
-    for and that runs on it, with its counterpart in the base — or None. A given ``example_input`` is for
-    ``model`` itself."""
+    """(prefix, network, base network, call, few): the outermost part of ``model`` that an example input is known
+    for and that runs on it, with its counterpart in the base, and the same kind of input with a handful of points
+    (what the self-check trains on: μP's Θ(1) changes are for widths far above the number of points, so at a base
+    of a few dozen units a change's random part, ∝ √(points / width) of its learnt part, must stay small) — or
+    None. A given ``example_input`` is for ``model`` itself, and serves for both."""
     if example_input is not None:
         call = _given_call(example_input)
         try:
@@ -446,19 +447,18 @@ def _checkable(model: nn.Module, base: nn.Module, example_input: Any = None):
                 f"example_input does not run on the base model: {type(error).__name__}: {error}. Give an input both "
                 "widths accept (the model's own input, not a hidden state)"
             ) from error
-        return "", model, base, call
+        return "", model, base, call, call
     base_modules = dict(base.named_modules())
     for name, network in model.named_modules():
         counterpart = base_modules.get(name)
-        call = example_call(network) if counterpart is not None else None
-        if call is None:
-            continue
-        try:
-            with torch.no_grad():
-                call(counterpart)
-        except Exception:  # e.g. a LightningModule without forward, or an input of the wrong kind: look inside
-            continue
-        return unwrap_name(name), network, counterpart, call
+        calls = example_calls(network) if counterpart is not None else []
+        for i, call in enumerate(calls):
+            try:
+                with torch.no_grad():
+                    call(counterpart)
+            except Exception:  # a LightningModule without forward, an input of the wrong kind or size: look further
+                continue
+            return unwrap_name(name), network, counterpart, call, example_calls(network, batch=2, length=2)[i]
     return None
 
 
@@ -741,29 +741,73 @@ def _branch_hooks(blocks: Blocks, depth_alpha: float | None, depth_mult: float) 
     ]
 
 
-def _attention_hooks(model: nn.Module, base: nn.Module, to_base: Callable[[str], str], rule: str) -> list[ModuleHook]:
-    """μP's 1/d_head logit scale, calibrated to equal the model's own scale at the base head_dim."""
+def _attention_hooks(
+    model: nn.Module,
+    base: nn.Module,
+    to_base: Callable[[str], str],
+    rule: str,
+    example_input: Any,
+    notes: list[str],
+) -> list[ModuleHook]:
+    """μP's 1/d_head logit scale, calibrated to equal the model's own scale at the base head_dim.
+
+    Read, not assumed: the head dimension is the measured contraction of each module's logits (one forward of
+    model and base; a module's ``head_dim`` attribute where no example input is known), and the model's own scale
+    is the float its forward reads (``scaling``, ``scale``, ``inv_norm_factor``) in the model and in the base — a
+    config constant (Granite's attention_multiplier) is not 1/√d_head. Only where no such attribute exists (T5)
+    is the model's own scale taken to be 1/√d_head; the self-check measures the logits either way."""
     if rule != "inverse":
         return []
+    measured = _measured_contractions(model, base, example_input)
     base_modules = {unwrap_name(n): m for n, m in base.named_modules()}
     hooks = []
     for name, module in model.named_modules():
-        d = head_dim(module)
         base_module = base_modules.get(to_base(name))
-        d_base = head_dim(base_module) if base_module is not None else None
+        if base_module is None:
+            continue
+        d, d_base = head_dim(module), head_dim(base_module)
+        key = unwrap_name(name)
+        if measured is not None and key in measured[0]:
+            contraction, base_contraction = measured[0][key], measured[1].get(to_base(key))
+            if contraction == base_contraction and d is not None and d != d_base:
+                notes.append(
+                    f"{key}: head_dim {d_base}→{d}, but its logits contract over {contraction} entries at both widths "
+                    "(e.g. cross-covariance attention, over tokens): their scale does not depend on head_dim, "
+                    "left as it is"
+                )
+            d, d_base = contraction, base_contraction
         if d is None or d_base is None or d == d_base:
             continue
-        factor = math.sqrt(d_base / d)  # s·sqrt(d_base/d): ∝ 1/d, equal at the base head_dim
+        # the scale the module applies, as it applies it at both widths; where none can be read (T5), taken to be
+        # 1/√d_head (and measured by the self-check)
+        scale, base_scale = attention_scale(module), attention_scale(base_module)
+        factor = base_scale * d_base / (d * scale) if scale and base_scale else math.sqrt(d_base / d)
         found = attention_scale_hook(module, name, factor)
         if found is None:
             raise ValueError(
                 f"{name} ({type(module).__name__}) changes head_dim {d_base}→{d} with width; μP scales attention "
-                "logits by 1/head_dim, but this module computes its scale internally where it cannot be "
-                "changed. Keep head_dim fixed and grow the number of heads instead, or pass "
-                "attention='unchanged' to keep 1/sqrt(head_dim) (not μP)."
+                "logits by 1/head_dim, but this module computes its scale inside its forward, in no attribute or "
+                "projection lightning_mup can rescale. Keep head_dim fixed and grow the number of heads instead, or "
+                "pass attention='unchanged' to keep 1/sqrt(head_dim) (not μP)."
             )
         hooks.append(ModuleHook(*found))
     return hooks
+
+
+def _measured_contractions(
+    model: nn.Module, base: nn.Module, example_input: Any
+) -> tuple[dict[str, int], dict[str, int]] | None:
+    """{attention module: the size its logits contract over}, for the model and the base, from one watched
+    forward of each (see :mod:`.probe`); None where no example input is known."""
+    found = _checkable(model, base, example_input)
+    if found is None:
+        return None
+    prefix, network, base_network, call, _ = found
+    sizes = []
+    for net in (network, base_network):
+        with torch.no_grad(), as_in_training(net):
+            sizes.append(probe(net, lambda net=net: call(net), prefix=prefix).head_dims)
+    return sizes[0], sizes[1]
 
 
 def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], settings: dict[str, Any]) -> None:

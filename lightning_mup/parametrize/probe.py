@@ -31,6 +31,7 @@ from lightning_mup._names import unwrap_name
 _MASKED = -1e4  # logits below this are masked-out positions (-inf, finfo.min, -1e9 ...), not logits
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+_BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}  # β·bias + α·q·kᵀ in one op (BLOOM's ALiBi attention)
 _GROUPED = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
 _MUL = {
     torch.mul,
@@ -156,6 +157,7 @@ class _Watch(TorchFunctionMode):
             self._sdpa(here, *args, **kwargs)
         elif self.watch_logits and func in _SOFTMAX:
             self._softmax(here, *args, **kwargs)
+        self._kwargs = kwargs
         out = func(*args, **kwargs)
         if func is torch.Tensor.__getitem__ and id(args[0]) in self.params and isinstance(out, torch.Tensor):
             self.indexed[id(out)] = self.params[id(args[0])]  # W[expert] with a tensor index: a copy, not a view
@@ -164,12 +166,23 @@ class _Watch(TorchFunctionMode):
             self._track_scores(func, here, args, out)
         return out
 
+    def _kwarg(self, key: str, positional: Any) -> Any:
+        return self._kwargs.get(key, positional)
+
     def _track_scores(self, func, here: str, args: tuple, out: torch.Tensor) -> None:
         """q·kᵀ (a matmul of ≥ 3-D operands) and a scale applied to it, so eager attention's logits are read
         before biases (relative position, ALiBi) are added to them."""
         if func in _MATMUL and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
             self.scores[here] = (id(out), self.size(out), args[0].shape[-1], len(self.probe.events))
             self.score_values[here] = out
+        elif func in _BADDBMM:  # the logits are α·q·kᵀ, before the bias is added
+            batch1 = self._kwarg("batch1", args[1] if len(args) > 1 else None)
+            batch2 = self._kwarg("batch2", args[2] if len(args) > 2 else None)
+            if isinstance(batch1, torch.Tensor) and isinstance(batch2, torch.Tensor):
+                alpha = self._kwargs.get("alpha", 1.0)
+                scores = torch.bmm(batch1.detach().float(), batch2.detach().float()) * float(alpha)
+                self.scores[here] = (id(out), self.size(scores), batch1.shape[-1], len(self.probe.events))
+                self.score_values[here] = scores
         elif (func in _MUL or func in _DIV) and here in self.scores and len(args) == 2:
             ident, size, contraction, at = self.scores[here]
             a, b = args

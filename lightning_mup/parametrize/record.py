@@ -57,7 +57,8 @@ class ParamScale:
 @dataclass
 class ModuleHook:
     """A multiplier on a module: ``input`` (pre-hook on its first input), ``output`` (forward hook),
-    ``scaling`` / ``scale`` (the module's attention ``scaling`` / ``scale`` attribute set to ``value``), or
+    ``scaling`` / ``scale`` / ``inv_norm_factor`` (the module's attention scale attribute of that name set to
+    ``value``), or
     ``eager_scale`` (timm: ``scale`` set and the eager attention path taken, the one that reads it)."""
 
     module: str
@@ -126,8 +127,8 @@ class Parametrization:
                 module.register_forward_pre_hook(ScaleInput(hook.value))
             elif hook.kind == "output":
                 module.register_forward_hook(ScaleOutput(hook.value))
-            elif hook.kind == "scaling":
-                module.scaling = hook.value
+            elif hook.kind in ("scaling", "inv_norm_factor"):  # HF's, BLOOM's logit scale (read at call time)
+                setattr(module, hook.kind, hook.value)
             elif hook.kind == "scale":
                 module.scale = hook.value
             elif hook.kind == "eager_scale":  # timm: the fused path would ignore ``scale``

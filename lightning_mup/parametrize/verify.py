@@ -339,6 +339,28 @@ def _message(d: Deviation, m: float, why: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the inputs
+def example_calls(model: nn.Module, batch: int = 16, length: int = 16) -> list[Callable[[nn.Module], Any]]:
+    """:func:`example_call`, then — for a network starting with a 2-D convolution, whose image size nothing
+    declares — the same at larger images (windowed or strided models need more than 32×32 pixels)."""
+    call = example_call(model, batch, length)
+    if call is None:
+        return []
+    first = next((mod for mod in model.modules() if isinstance(mod, _FIRST_LAYERS)), None)
+    if isinstance(first, nn.Conv2d) and getattr(model, "config", None) is None and not _timm_size(model):
+        generator = torch.Generator().manual_seed(0)
+        larger = [torch.randn(min(batch, 4), first.in_channels, s, s, generator=generator) for s in (64, 224)]
+        return [call, *[(lambda net, x=x: net(x)) for x in larger]]
+    return [call]
+
+
+_FIRST_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+
+
+def _timm_size(model: nn.Module) -> bool:
+    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
+    return getattr(embed, "img_size", None) is not None or bool(getattr(model, "pretrained_cfg", None))
+
+
 def example_call(model: nn.Module, batch: int = 16, length: int = 16) -> Callable[[nn.Module], Any] | None:
     """A call of ``model`` on a small synthetic input of the right kind, or None when none is known:
     HF models (token ids, pixel values, encoder-decoder ids), timm models (images of their size), and plain
