@@ -360,6 +360,7 @@ def _training_self_check(
         )
         draws.append((dict(draw.named_modules())[prefix], draw_record))
     report = training_check(record, network, draws, call, base_key, prefix, family)
+    record.attach(model)  # with what it corrected
     if report.skipped:
         record.notes.append(f"self-check of training skipped: {report.skipped}")
         return

@@ -34,9 +34,10 @@ from torch import nn
 
 from lightning_mup._names import join, unwrap_name
 from lightning_mup._untouched import as_in_training
+from lightning_mup.parametrize.hooks import ScaleInput
 from lightning_mup.parametrize.optim import scale_optimizer
 from lightning_mup.parametrize.probe import Probe, _first_float, change, merge, probe
-from lightning_mup.parametrize.record import Parametrization
+from lightning_mup.parametrize.record import ModuleHook, Parametrization
 from lightning_mup.parametrize.verify import (
     HALF_POWER_TOLERANCE,
     NOISE_SIGMAS,
@@ -121,17 +122,48 @@ def training_check(
         if not list(mod.children()) and not any(True for _ in mod.parameters(recurse=False))
     )
     rule = record.settings.get("attention", "inverse_sqrt")
-    given_up: set[str] = set()
-    pending: list[tuple[str, dict[str, float]]] = []  # (module, {tensor: its lr scale before}) of the last round
-    for round_ in range(MAX_ROUNDS):
+    spread = base.spread.get(("out", prefix), 0.0) * math.sqrt(1 / base.draws + 1 / m)
+    report.logits_noise = NOISE_SIGMAS * spread / math.log(m)
+
+    def measure() -> list[Deviation]:
         model = _trained_change(network, record, call, target, family, lr, prefix, restore=True)
         model.events = events
         found, report.checked = deviations(model, base, record, m, to_base, rule, plain, check_logits=False)
-        found = [d for d in found if d.kind != "in"]  # a changed input is its producer's deviation, found there
+        report.logits = _logits_exponent(model, base, prefix, m)
+        return [d for d in found if d.kind != "in"]  # a changed input is its producer's deviation, found there
+
+    found = measure()
+    # The readout first: a zero-initialised readout is all the first step moves, and everything after follows it.
+    # A model that divides its logits by the width itself gets lightning_mup's 1/m on top: cancelled, when that
+    # brings the logits onto the rule and no module off it.
+    readout = _readout(record, events)
+    hook = _readout_correction(report, readout, m, family)
+    handle = None
+    if hook is not None:
+        before = (report.logits, report.checked)
+        handle = network.get_submodule(readout[len(prefix) + 1 :] if prefix else readout).register_forward_pre_hook(
+            ScaleInput(hook.value)
+        )
+        fixed = measure()
+        if report.logits_off or len(fixed) > len(found):
+            handle.remove()
+            handle, (report.logits, report.checked) = None, before
+        else:
+            record.hooks.append(hook)
+            report.corrected.append(
+                f"{readout}: input ×{hook.value:.4g} (what {family} steps add to the logits measured ∝ "
+                f"m^{before[0]:+.2f}: a width-dependent constant in the model's own readout)"
+            )
+            found = fixed
+    given_up: set[str] = set()
+    pending: list[tuple[str, dict[str, float]]] = []  # (module, {tensor: its lr scale before}) of the last round
+    for round_ in range(MAX_ROUNDS):
+        if round_:
+            found = measure()
         still = {d.module for d in found}
         failed = [(module, before) for module, before in pending if module in still]
-        for module, before in failed:  # a correction that did not bring its module onto the rule is undone
-            for name, scale in before.items():
+        for module, scales in failed:  # a correction that did not bring its module onto the rule is undone
+            for name, scale in scales.items():
                 record.params[name].lr_scale[family] = scale
             report.corrected = [c for c in report.corrected if not c.startswith(f"{module}: ")]
             given_up.add(module)
@@ -151,13 +183,37 @@ def training_check(
             f"{d.module}: lr ×{factor:.4g} for {family} (its change measured ∝ m^{d.exponent:+.2f}: a width-dependent "
             "constant in its forward rescales its updates)"
         )
+    if handle is not None:  # (the caller attaches the record, the readout's correction with it)
+        handle.remove()
     report.deviations = found
-    root = prefix
-    report.logits = _logits_exponent(model, base, root, m)
-    spread = base.spread.get(("out", root), 0.0) * math.sqrt(1 / base.draws + 1 / m)
-    report.logits_noise = NOISE_SIGMAS * spread / math.log(m)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# how the logits' first-order change scales with a multiplier c on a zero-initialised readout's input: Adam's and
+# Muon's updates do not depend on the gradient's size (∝ c), SGD's do (∝ c²)
+_READOUT_POWER = {"sgd": 2.0, "adam": 1.0, "muon": 1.0}
+
+
+def _readout_correction(report: TrainingReport, readout: str | None, m: float, family: str):
+    """An input multiplier on the readout that cancels a half power of m in the logits' change (a model that
+    divides its logits by the width itself: lightning_mup's 1/m comes on top), or None."""
+    if readout is None or not report.logits_off:
+        return None
+    per_power = _READOUT_POWER[family]
+    difference = report.logits / per_power
+    power = round(2 * difference) / 2
+    if power == 0 or abs(power) > 1 or abs(difference - power) > HALF_POWER_TOLERANCE:
+        return None
+    return ModuleHook(readout, "input", m ** (-power), "cancels a width-dependent constant in the readout")
+
+
+def _readout(record: Parametrization, events: list[tuple[str, str]]) -> str | None:
+    """The module producing the logits: the last untied readout (an output-role tensor's holder) to run."""
+    tied = {alias for p in record.params.values() for alias in p.tied}
+    holders = {n.rsplit(".", 1)[0] for n, p in record.params.items() if p.role == "output" and n not in tied}
+    ran = [name for kind, name in events if kind == "out" and name in holders]
+    return ran[-1] if ran else None
 
 
 def _logits_exponent(model: Probe, base: Probe, root: str, m: float) -> float | None:
