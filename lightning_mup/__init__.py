@@ -9,6 +9,7 @@ from lightning_mup.parametrize import (
     muon_param_groups,
     parametrize,
     register_block,
+    register_layer,
     scale_optimizer,
     scaling_param_groups,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "muon_param_groups",
     "parametrize",
     "register_block",
+    "register_layer",
     "scale_optimizer",
     "scaling_param_groups",
 ]

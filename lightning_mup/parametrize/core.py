@@ -101,7 +101,8 @@ def parametrize(
         check: the self-check: one forward of the model and of base draws on a small synthetic input (:mod:`.verify`),
             then a few optimizer steps of each (:mod:`.train_check`); what deviates from the parameterization by a
             width-dependent constant is corrected (recorded in the role map) and verified, what cannot be is raised
-            or warned about. ``False`` turns it off, ``"require"`` raises when no example input is known.
+            or warned about. ``False`` turns it off, ``"require"`` raises when no example input is known,
+            ``"report"`` measures and warns about every deviation but corrects nothing.
         check_optimizer: the optimizer family the self-check trains with — the one you will train with
             (``"sgd"``, ``"adam"``, ``"muon"``); ``None`` checks the initialisation only.
         example_input: what the self-check feeds the model where lightning_mup knows no example (HF, timm and
@@ -110,6 +111,8 @@ def parametrize(
     """
     chosen = form(parametrization)
     check_options(chosen, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
+    if check not in (True, False, "require", "report"):
+        raise ValueError(f"check={check!r}; choose True, False, 'require' or 'report'")
     if tied_readout not in TIED_READOUTS:
         raise ValueError(f"tied_readout={tied_readout!r}; choose one of {TIED_READOUTS}")
     if check_optimizer is not None and check_optimizer not in FAMILIES:
@@ -246,7 +249,7 @@ def _parametrize(
             base,
             record,
             base_key,
-            check == "require",
+            check if check in ("require", "report") else None,
             check_optimizer,
             example_input,
             residual_blocks,
@@ -278,7 +281,7 @@ def _self_check(
     spec: ModelSpec,
     record: Parametrization,
     base_key: Callable[[str], str],
-    required: bool,
+    mode: str | None,  # "require", "report" or None (see parametrize's check)
     family: str | None,
     example_input: Any,
     residual_blocks: Mapping[str, Sequence[str]] | None,
@@ -298,7 +301,7 @@ def _self_check(
             "a Linear/Conv/Embedding are): pass example_input= (a tensor, a tuple of arguments, a dict of keyword "
             "arguments, or a function net -> net(...))"
         )
-        if required:
+        if mode == "require":
             raise ValueError(note)
         record.notes.append(note)
         return
@@ -310,7 +313,8 @@ def _self_check(
                 torch.manual_seed(seed)
                 bases.append(_build(spec, "cpu", "base"))
     draws = [dict(b.named_modules())[prefix] for b in bases]
-    report = self_check(model, record, network, draws, call, base_key, prefix)
+    correct = mode != "report"
+    report = self_check(model, record, network, draws, call, base_key, prefix, correct)
     if report.skipped:
         record.notes.append(f"self-check skipped: {report.skipped}")
         return
@@ -325,7 +329,9 @@ def _self_check(
         # (under SP and NTK what training changes grows or shrinks with width by design: nothing to check against)
         # μP's Θ(1) changes are for widths far above the number of points trained on: at a base of a few dozen
         # units, the check trains on a handful (a change's random part is ∝ √(points / width) of its learnt part)
-        _training_self_check(model, record, bases, spec, prefix, network, few, base_key, family, residual_blocks)
+        _training_self_check(
+            model, record, bases, spec, prefix, network, few, base_key, family, residual_blocks, correct
+        )
 
 
 def _training_self_check(
@@ -339,6 +345,7 @@ def _training_self_check(
     base_key: Callable[[str], str],
     family: str,
     residual_blocks: Mapping[str, Sequence[str]] | None,
+    correct: bool,
 ) -> None:
     if isinstance(spec, nn.Module):  # the user's own base: trained on a copy only
         try:
@@ -359,7 +366,7 @@ def _training_self_check(
             check=False,
         )
         draws.append((dict(draw.named_modules())[prefix], draw_record))
-    report = training_check(record, network, draws, call, base_key, prefix, family)
+    report = training_check(record, network, draws, call, base_key, prefix, family, correct)
     record.attach(model)  # with what it corrected
     if report.skipped:
         record.notes.append(f"self-check of training skipped: {report.skipped}")

@@ -207,8 +207,9 @@ def _shape(
         )
     raise ValueError(
         f"{use.name} (shape {shape}, base {base_shape}) changes {len(width_dims)} dims with width and is not the "
-        "weight of a known layer type, so its role is ambiguous. Register its layer type in "
-        "lightning_mup.parametrize.adapters.LAYERS."
+        "weight of a known layer type, so its role is ambiguous. Say which of its dims are fan-out and fan-in: "
+        f"lightning_mup.register_layer({type(use.module).__module__}.{type(use.module).__qualname__}, "
+        f"({use.attr!r},), out_dim=..., in_dim=...) (any other dims count stacked matrices)."
     )
 
 

@@ -85,11 +85,12 @@ def training_check(
     to_base: Callable[[str], str],
     prefix: str,
     family: str,
+    correct: bool = True,
 ) -> TrainingReport:
     """Train ``network`` (``model`` or its part at ``prefix``, parametrized by ``record``) and each parametrized base
-    draw for a few steps; compare every module's change and the logits' change across the widths. Learning-rate
-    corrections land in ``record``; ``network``'s parameters are restored (its buffers and modes are the caller's:
-    :func:`~lightning_mup._untouched.untouched`). Base draws are trained in place."""
+    draw for a few steps; compare every module's change and the logits' change across the widths. Corrections
+    (none with ``correct=False``) land in ``record``; ``network``'s parameters are restored (its buffers and modes
+    are the caller's: :func:`~lightning_mup._untouched.untouched`). Base draws are trained in place."""
     start = time.perf_counter()
     report = TrainingReport(family)
     m = width_multiplier(record)
@@ -128,16 +129,21 @@ def training_check(
     def measure() -> list[Deviation]:
         model = _trained_change(network, record, call, target, family, lr, prefix, restore=True)
         model.events = events
-        found, report.checked = deviations(model, base, record, m, to_base, rule, plain, check_logits=False)
+        found, report.checked = deviations(
+            model, base, record, m, to_base, rule, plain, check_logits=False, expected=shifted
+        )
         report.logits = _logits_exponent(model, base, prefix, m)
         return [d for d in found if d.kind != "in"]  # a changed input is its producer's deviation, found there
 
+    # submodules whose updates a correction made for their parent rescaled (h + c·W(h): W's lr × c^-1): their own
+    # change is meant to move by that power
+    shifted: dict[str, float] = {}
     found = measure()
     # The readout first: a zero-initialised readout is all the first step moves, and everything after follows it.
     # A model that divides its logits by the width itself gets lightning_mup's 1/m on top: cancelled, when that
     # brings the logits onto the rule and no module off it.
     readout = _readout(record, events)
-    hook = _readout_correction(report, readout, m, family)
+    hook = _readout_correction(report, readout, m, family) if correct else None
     handle = None
     if hook is not None:
         before = (report.logits, report.checked)
@@ -156,15 +162,17 @@ def training_check(
             )
             found = fixed
     given_up: set[str] = set()
-    pending: list[tuple[str, dict[str, float]]] = []  # (module, {tensor: its lr scale before}) of the last round
+    pending: list[tuple[str, dict[str, float], dict[str, float]]] = []  # (module, {tensor: lr scale}, shifted)
     for round_ in range(MAX_ROUNDS):
         if round_:
             found = measure()
         still = {d.module for d in found}
-        failed = [(module, before) for module, before in pending if module in still]
-        for module, scales in failed:  # a correction that did not bring its module onto the rule is undone
+        failed = [entry for entry in pending if entry[0] in still]
+        for module, scales, moved in failed:  # a correction that did not bring its module onto the rule is undone
             for name, scale in scales.items():
                 record.params[name].lr_scale[family] = scale
+            for name in moved:
+                shifted.pop(name, None)
             report.corrected = [c for c in report.corrected if not c.startswith(f"{module}: ")]
             given_up.add(module)
         pending = []
@@ -172,16 +180,19 @@ def training_check(
             continue
         found = [d for d in found if d.module not in given_up]
         correction = next((c for c in (_lr_correction(d, modules, prefix, record) for d in found[:1]) if c), None)
+        correction = correction if correct else None
         if correction is None or round_ == MAX_ROUNDS - 1:  # (the last round verifies, it corrects nothing new)
             break
         d, (power, tensors) = found[0], correction
         factor = m ** (-power)
-        pending.append((d.module, {name: record.params[name].lr_scale[family] for name in tensors}))
+        moved = {t.rsplit(".", 1)[0]: -power for t in tensors if t.rsplit(".", 1)[0] != d.module}
+        pending.append((d.module, {name: record.params[name].lr_scale[family] for name in tensors}, moved))
+        shifted.update(moved)
         for name in tensors:
             record.params[name].lr_scale[family] *= factor
         report.corrected.append(
-            f"{d.module}: lr ×{factor:.4g} for {family} (its change measured ∝ m^{d.exponent:+.2f}: a width-dependent "
-            "constant in its forward rescales its updates)"
+            f"{d.module}: lr ×{factor:.4g} for {family} on {', '.join(tensors)} (its change measured ∝ "
+            f"m^{d.exponent:+.2f}: a width-dependent constant in its forward rescales their updates)"
         )
     if handle is not None:  # (the caller attaches the record, the readout's correction with it)
         handle.remove()
@@ -232,11 +243,11 @@ def _lr_correction(d: Deviation, modules: dict[str, nn.Module], prefix: str, rec
     module = modules.get(local if prefix else d.module)
     if module is None:
         return None
-    tensors = [
-        join(d.module, attr)
-        for attr, p in module._parameters.items()
-        if p is not None and p.dim() >= 2 and join(d.module, attr) in record.params
-    ]
+    # its own weights, or — for a module whose inline code rescales what its submodules compute (h + c·W(h)) —
+    # those of its submodules
+    own = [(attr, p) for attr, p in module._parameters.items() if p is not None]
+    weights = own if own else [(n, p) for n, p in module.named_parameters() if p is not None]
+    tensors = [join(d.module, n) for n, p in weights if p.dim() >= 2 and join(d.module, n) in record.params]
     tensors = [t for t in tensors if record.params[t].role in ("hidden", "input")]
     if not tensors:
         return None

@@ -112,6 +112,7 @@ def deviations(
     attention_rule: str,
     plain: frozenset[str] = frozenset(),
     check_logits: bool = True,
+    expected: Mapping[str, float] | None = None,
 ) -> tuple[list[Deviation], int]:
     """The events of the model's forward that change the size's width exponent where the rule says they must
     not, in execution order, and how many events were compared.
@@ -126,7 +127,7 @@ def deviations(
     readouts = _readouts(record)
     # what the record's own output multipliers do on purpose (inputs are seen before theirs); a multiplier that
     # cancels a measured constant leaves the size as predicted, so it changes nothing expected
-    known: dict[str, float] = {}
+    known: dict[str, float] = dict(expected or {})  # module -> the exponent its output is meant to jump by
     cancelled: dict[str, float] = {}  # input corrections: the layer sees its input after them
     for hook in record.hooks:
         if hook.kind == "output" and hook.value > 0 and not hook.reason.startswith("cancels"):
@@ -216,8 +217,10 @@ def self_check(
     call: Callable[[nn.Module], Any],
     to_base: Callable[[str], str],
     prefix: str = "",
+    correct: bool = True,
 ) -> CheckReport:
     """Measure, correct where the cause is a width-dependent constant, repeat; raise where it cannot.
+    ``correct=False``: measure only, every deviation reported as unresolved.
 
     ``network`` is ``model`` itself or its submodule at ``prefix`` (the part an example input is known for),
     ``base_networks`` its counterpart in independent draws of the base (averaged: a small base is a noisy
@@ -275,7 +278,7 @@ def self_check(
         # follows a deviating module deviates with it.
         sizes = [d for d in found if d.kind != "logits"][:1]
         for d in [d for d in found if d.kind == "logits"] + sizes:
-            hook = _correction(d, modules, m, record)
+            hook = _correction(d, modules, m, record) if correct else None
             if hook is None:
                 report.unresolved.append(d)
                 given_up.add((d.kind, d.module))
