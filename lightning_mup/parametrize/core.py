@@ -807,6 +807,8 @@ def _measured_contractions(
 ) -> tuple[dict[str, int], dict[str, int]] | None:
     """{attention module: the size its logits contract over}, for the model and the base, from one watched
     forward of each (see :mod:`.probe`); None where no example input is known."""
+    if not any(_looks_like_attention(m) for m in model.modules()):  # (a watched forward costs: CNNs skip it)
+        return None
     found = _checkable(model, base, example_input)
     if found is None:
         return None
@@ -816,6 +818,14 @@ def _measured_contractions(
         with torch.no_grad(), as_in_training(net):
             sizes.append(probe(net, lambda net=net: call(net), prefix=prefix).head_dims)
     return sizes[0], sizes[1]
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    if head_dim(module) is not None or isinstance(module, nn.MultiheadAttention):
+        return True
+    if any(isinstance(getattr(module, a, None), int) for a in ("num_heads", "num_attention_heads", "n_head", "heads")):
+        return True
+    return any(word in type(module).__name__.lower() for word in ("attention", "attn"))
 
 
 def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], settings: dict[str, Any]) -> None:

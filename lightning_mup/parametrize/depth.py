@@ -76,9 +76,29 @@ def structural_blocks(model: nn.Module) -> Blocks:
     return Blocks(names, ends, "structure", ambiguous)
 
 
+_TRACED: dict[tuple, list[str] | None] = {}  # block structure -> its branch ends (a trace costs tens of ms)
+
+
 def _residual_branch_ends(block: nn.Module) -> list[str] | None:
     """Branch ends of ``block`` if its forward is residual; [] if residual with an unclear branch end;
-    None if it is not residual (or does not trace)."""
+    None if it is not residual (or does not trace). Remembered by the block's structure — the types of it and its
+    submodules and their plain attributes (a forward may branch on ``self.has_skip``): the same block drawn
+    again (another seed, the base draws of the self-check) is not traced again."""
+    key = tuple((n, type(m), _plain_attributes(m)) for n, m in block.named_modules())
+    if key not in _TRACED:
+        if len(_TRACED) > 4096:
+            _TRACED.clear()
+        _TRACED[key] = _traced_branch_ends(block)
+    found = _TRACED[key]
+    return None if found is None else list(found)
+
+
+def _plain_attributes(module: nn.Module) -> tuple:
+    plain = (bool, int, float, str, type(None))
+    return tuple((k, v) for k, v in vars(module).items() if isinstance(v, plain) and k != "training")
+
+
+def _traced_branch_ends(block: nn.Module) -> list[str] | None:
     try:
         graph = torch.fx.symbolic_trace(block).graph
     except Exception:
