@@ -775,6 +775,14 @@ def _attention_hooks(
             continue
         d, d_base = head_dim(module), head_dim(base_module)
         key = unwrap_name(name)
+        if measured is not None and key in measured[2]:
+            if d is not None and d != d_base:
+                notes.append(
+                    f"{key}: head_dim {d_base}→{d}; its logits are cosines of unit-length queries and keys (times a "
+                    "learned temperature): random ones shrink as d_head^-½ and aligned ones stay O(1) — μP's 1/d_head "
+                    "already, left as they are"
+                )
+            continue
         if measured is not None and key in measured[0]:
             contraction, base_contraction = measured[0][key], measured[1].get(to_base(key))
             if contraction == base_contraction and d is not None and d != d_base:
@@ -804,20 +812,21 @@ def _attention_hooks(
 
 def _measured_contractions(
     model: nn.Module, base: nn.Module, example_input: Any
-) -> tuple[dict[str, int], dict[str, int]] | None:
-    """{attention module: the size its logits contract over}, for the model and the base, from one watched
-    forward of each (see :mod:`.probe`); None where no example input is known."""
+) -> tuple[dict[str, int], dict[str, int], set[str]] | None:
+    """{attention module: the size its logits contract over}, for the model and the base, and the modules whose
+    logits are cosines, from one watched forward of each (see :mod:`.probe`); None where no example input is
+    known."""
     if not any(_looks_like_attention(m) for m in model.modules()):  # (a watched forward costs: CNNs skip it)
         return None
     found = _checkable(model, base, example_input)
     if found is None:
         return None
     prefix, network, base_network, call, _ = found
-    sizes = []
+    probes = []
     for net in (network, base_network):
         with torch.no_grad(), as_in_training(net):
-            sizes.append(probe(net, lambda net=net: call(net), prefix=prefix).head_dims)
-    return sizes[0], sizes[1]
+            probes.append(probe(net, lambda net=net: call(net), prefix=prefix))
+    return probes[0].head_dims, probes[1].head_dims, probes[0].cosine & probes[1].cosine
 
 
 def _looks_like_attention(module: nn.Module) -> bool:

@@ -67,6 +67,9 @@ class Probe:
     draws: int = 1  # how many random draws of the network these sizes average
     tensor_ids: dict[tuple[str, str], int] = field(default_factory=dict)  # ("in"/"out", module) -> id of that tensor
     logit_values: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its logits (keep_logits=True)
+    # module -> the scalar its caller multiplies its output by, inline (Marian's embeddings × √d_model)
+    inline_scales: dict[str, float] = field(default_factory=dict)
+    cosine: set[str] = field(default_factory=set)  # attention modules whose q and k are unit vectors (Swin v2)
     # module -> its first float input / output (keep_tensors=True): what a change between two passes is read from
     input_values: dict[str, torch.Tensor] = field(default_factory=dict)
     output_values: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -75,6 +78,14 @@ class Probe:
 def rms(t: torch.Tensor) -> float:
     t = t.detach().float()
     return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+def _unit_rows(t: torch.Tensor, dim: int) -> bool:
+    """Whether ``t``'s vectors along ``dim`` have unit length (F.normalize'd queries or keys)."""
+    if not t.is_floating_point() or t.shape[dim] < 2:
+        return False
+    norms = t.detach().float().norm(dim=dim)
+    return bool(((norms - 1).abs() < 1e-3).all())
 
 
 def _no_size(t: torch.Tensor) -> float:
@@ -113,6 +124,8 @@ class _Watch(TorchFunctionMode):
     ) -> None:
         super().__init__()
         self.size = size
+        self.owners: dict[int, str] = {}  # id of a module's output -> the module (set by the probe's hooks)
+        self.unit: dict[str, int] = {}  # module -> id of its last q·kᵀ of unit vectors
         self.probe, self.stack, self.params, self.watch_logits = probe, stack, params, logits
         self.indexed: dict[int, nn.Parameter] = {}
         self.score_values: dict[str, torch.Tensor] = {}
@@ -175,6 +188,8 @@ class _Watch(TorchFunctionMode):
         if func in _MATMUL and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
             self.scores[here] = (id(out), self.size(out), args[0].shape[-1], len(self.probe.events))
             self.score_values[here] = out
+            if _unit_rows(args[0], -1) and isinstance(args[1], torch.Tensor) and _unit_rows(args[1], -2):
+                self.unit[here] = id(out)  # cosine similarities: a size independent of the contraction
         elif func in _BADDBMM:  # the logits are α·q·kᵀ, before the bias is added
             batch1 = self._kwarg("batch1", args[1] if len(args) > 1 else None)
             batch2 = self._kwarg("batch2", args[2] if len(args) > 2 else None)
@@ -183,7 +198,9 @@ class _Watch(TorchFunctionMode):
                 scores = torch.bmm(batch1.detach().float(), batch2.detach().float()) * float(alpha)
                 self.scores[here] = (id(out), self.size(scores), batch1.shape[-1], len(self.probe.events))
                 self.score_values[here] = scores
-        elif (func in _MUL or func in _DIV) and here in self.scores and len(args) == 2:
+        if (func in _MUL or func in _DIV) and len(args) == 2:
+            self._inline_scale(func, args, here)
+        if (func in _MUL or func in _DIV) and here in self.scores and len(args) == 2:
             ident, size, contraction, at = self.scores[here]
             a, b = args
             other = (
@@ -193,6 +210,19 @@ class _Watch(TorchFunctionMode):
                 factor = abs(float(other))
                 self.scores[here] = (id(out), size * factor if func in _MUL else size / factor, contraction, at)
                 self.score_values[here] = out
+
+    def _inline_scale(self, func, args: tuple, here: str) -> None:
+        """A module's output multiplied (or divided) by a constant by its direct caller: a scale between modules."""
+        a, b = args
+        for tensor, other, divides in [(a, b, func in _DIV)] + ([(b, a, False)] if func in _MUL else []):
+            owner = self.owners.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+            if owner is not None and owner.rpartition(".")[0] != here:  # (further up, other modules saw it first)
+                continue
+            constant = (isinstance(other, (int, float)) and not isinstance(other, bool)) or (
+                isinstance(other, torch.Tensor) and other.numel() == 1 and not other.requires_grad
+            )
+            if owner is not None and owner not in self.probe.inline_scales and constant and float(other) != 0.0:
+                self.probe.inline_scales[owner] = 1.0 / float(other) if divides else float(other)
 
     def _record_logits(
         self, where: str, value: float, head_dim: int | None, at: int | None = None, values: torch.Tensor | None = None
@@ -234,6 +264,8 @@ class _Watch(TorchFunctionMode):
         # the q·kᵀ of this module, or of the nearest module around it (an nn.Softmax submodule, Swin's)
         owner = next((name for name in reversed(self.stack) if name in self.scores), where)
         scores = self.scores.pop(owner, None)
+        if scores is not None and owner in self.unit:
+            self.probe.cosine.add(owner)
         if scores is not None:  # q·kᵀ·scale, before biases and masks
             self._record_logits(owner, scores[1], scores[2], scores[3], values=self.score_values.pop(owner, None))
             return
@@ -276,6 +308,8 @@ def merge(probes: list[Probe]) -> Probe:
         tensor_ids=first.tensor_ids,
         spread=spread,
         draws=len(probes),
+        inline_scales=first.inline_scales,
+        cosine=set.intersection(*(p.cosine for p in probes)),
     )
 
 
@@ -295,6 +329,7 @@ def probe(
     # kept tensors are compared with another pass's (:func:`change`): their own sizes are not needed
     size = rms if not keep_tensors else _no_size
     stack: list[str] = []
+    owners: dict[int, str] = {}
     alive: list[torch.Tensor] = []
     handles = []
     for local, module in model.named_modules():
@@ -319,6 +354,8 @@ def probe(
             if t is not None and name not in found.outputs:
                 found.outputs[name] = size(t)
                 found.tensor_ids[("out", name)] = id(t)
+                if t is output or (isinstance(output, tuple) and output[0] is t):  # (an output a hook can scale)
+                    owners[id(t)] = name
                 alive.append(t)
                 found.events.append(("out", name))
                 if keep_tensors:
@@ -329,8 +366,11 @@ def probe(
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True, prepend=True))
         handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
     params = {id(p): p for p in model.parameters()} if uses else {}
+    watch = _Watch(found, stack, params, logits, keep_logits or keep_tensors, size)
+    owners.update(watch.owners)
+    watch.owners = owners
     try:
-        with torch.no_grad(), _Watch(found, stack, params, logits, keep_logits or keep_tensors, size):
+        with torch.no_grad(), watch:
             run()
     finally:
         for handle in handles:

@@ -113,6 +113,8 @@ def deviations(
     plain: frozenset[str] = frozenset(),
     check_logits: bool = True,
     expected: Mapping[str, float] | None = None,
+    model_noise: float | None = None,
+    tolerance: float = TOLERANCE,
 ) -> tuple[list[Deviation], int]:
     """The events of the model's forward that change the size's width exponent where the rule says they must
     not, in execution order, and how many events were compared.
@@ -200,10 +202,12 @@ def deviations(
         jump = e - min(candidates, key=lambda c: abs(e - expected - c)) if candidates else e
         checked += 1
         # significant beyond sampling noise: the base draws' spread σ, for their mean (σ/√draws) and for one model
-        # draw m times wider (σ/√m), in exponent units (/log m)
-        spread = base_probe.spread.get((kind, base_name), 0.0) * math.sqrt(1 / base_probe.draws + 1 / m)
+        # draw m times wider (σ/√m; ``model_noise`` × σ where a wider draw is not known to be less noisy), in
+        # exponent units (/log m)
+        own = 1 / m if model_noise is None else model_noise**2
+        spread = base_probe.spread.get((kind, base_name), 0.0) * math.sqrt(1 / base_probe.draws + own)
         noise = NOISE_SIGMAS * spread / math.log(m)
-        if abs(jump - expected) > max(TOLERANCE, noise):
+        if abs(jump - expected) > max(tolerance, noise):
             found.append(Deviation(kind, name, jump, expected))
     return found, checked
 
@@ -253,6 +257,14 @@ def self_check(
         report.rounds += 1
         with as_in_training(network):
             model_probe = probe(network, lambda: call(network), prefix=prefix)
+        if report.rounds == 1 and correct:  # constants read exactly off the forward, before any size is compared
+            offsets = _inline_offsets(model_probe, base_probe, to_base, m)
+            if offsets:
+                record.hooks += offsets
+                report.corrected += [_described(h) for h in offsets]
+                record.attach(model)
+                with as_in_training(network):
+                    model_probe = probe(network, lambda: call(network), prefix=prefix)
         found, report.checked = deviations(model_probe, base_probe, record, m, to_base, rule, plain)
         report.head_dims = {}
         for name, d in model_probe.head_dims.items():
@@ -291,6 +303,33 @@ def self_check(
         raise SelfCheckError(f"the self-check still finds deviations after {MAX_ROUNDS} rounds: {found[:3]}")
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _inline_offsets(model_probe: Probe, base_probe: Probe, to_base: Callable[[str], str], m: float) -> list[ModuleHook]:
+    """Output multipliers that offset a width-dependent constant a caller applies to a module's output (Marian's
+    embeddings × √d_model): the constant is read in the model's and the base's forward, exactly — sizes cannot
+    show it where something larger is added to it (sinusoidal positions), yet training would."""
+    hooks = []
+    attention = tuple(f"{a}." for a in model_probe.logits)
+    for name, scale in model_probe.inline_scales.items():
+        if name.startswith(attention):  # q·1/√d_head inside attention: the attention rule's, checked on its logits
+            continue
+        base_scale = base_probe.inline_scales.get(to_base(name))
+        if not base_scale or scale == base_scale or (scale > 0) != (base_scale > 0):
+            continue
+        power = math.log(scale / base_scale) / math.log(m)
+        if abs(power) > 1 or abs(power - round(2 * power) / 2) > HALF_POWER_TOLERANCE:
+            continue
+        hooks.append(
+            ModuleHook(
+                name,
+                "output",
+                base_scale / scale,
+                f"offsets a width-dependent constant its caller multiplies its output by (×{scale:.4g}, "
+                f"×{base_scale:.4g} at the base)",
+            )
+        )
+    return hooks
 
 
 def _described(hook: ModuleHook) -> str:

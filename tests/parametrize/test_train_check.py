@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import warnings
 
 import pytest
@@ -125,36 +126,54 @@ def test_a_readout_the_model_divides_by_the_width_itself_is_cancelled():
 
 # --------------------------------------------------------------------- a constant only training can see
 class _ZeroGate(nn.Module):
-    """h + √width · W h with W zero-initialised: nothing to see at initialisation; every update of W lands √width
-    times larger than μP's hidden rule intends."""
+    """F.linear(h, (width / 16) · W), W zero-initialised (an "equalised learning rate" layer): nothing to see at
+    initialisation, nor in the forward's constants around modules; every update of W lands m times larger than
+    μP's hidden rule intends."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(width, width))
+        self.gain = width / 16
+
+    def forward(self, h):
+        return F.linear(h, self.weight * self.gain)
+
+
+class _GatedOutput(nn.Module):
+    """The same constant on a layer's output, in its caller: read off the forward at initialisation, exactly."""
 
     def __init__(self, width):
         super().__init__()
         self.proj = nn.Linear(width, width, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self.gain = math.sqrt(width)
+        self.gain = width / 16
 
     def forward(self, h):
-        return h + self.gain * self.proj(h)
+        return self.gain * self.proj(h)
 
 
-def _gated(width):
-    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), _ZeroGate(width), nn.Tanh(), nn.Linear(width, 2))
+class _Residual(nn.Module):
+    def __init__(self, gate):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, h):
+        return h + self.gate(h)
 
 
-def test_a_constant_that_rescales_updates_only_gets_an_lr_correction():
-    _, _, warned = _notes(_gated, check="report")
-    assert any("2: what 3 adam steps change in its output scales as m^+0.4" in w for w in warned), warned
-    model, record, warned = _notes(_gated)
-    assert record.params["2.proj.weight"].lr_scale["adam"] == pytest.approx(0.25 * 0.5)  # μP's 1/m, × m^-½
-    assert not warned
+def _gated(width, gate=_ZeroGate):
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), _Residual(gate(width)), nn.Tanh(), nn.Linear(width, 2))
 
-    def change(width, seed):  # an independent check: what 4 Adam steps change in the gated layer's output
+
+def _gate_change_slope(build) -> float:
+    """An independent check: what 4 Adam steps change in the residual block's output, widths 16 and 64."""
+
+    def change(width, seed):
         torch.manual_seed(seed)
-        net = _gated(width)
+        net = build(width)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rec = parametrize(net, base=lambda: _gated(16), delta=(lambda: _gated(64)) if width == 16 else None)
+            rec = parametrize(net, base=lambda: build(16), delta=(lambda: build(64)) if width == 16 else None)
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             before = net[:3](x)
@@ -167,7 +186,29 @@ def test_a_constant_that_rescales_updates_only_gets_an_lr_correction():
             return float((net[:3](x) - before).abs().mean())
 
     sizes = {w: sum(change(w, s) for s in (0, 1)) for w in (16, 64)}
-    assert abs(math.log(sizes[64] / sizes[16]) / math.log(4)) <= 0.2
+    return math.log(sizes[64] / sizes[16]) / math.log(4)
+
+
+def test_a_constant_that_rescales_updates_only_gets_an_lr_correction():
+    _, _, warned = _notes(_gated, check="report")
+    assert any(
+        re.search(r"2.gate: what 3 adam steps change in its output scales as m\^\+(0\.9|1\.)", w) for w in warned
+    )
+    model, record, warned = _notes(_gated)
+    assert record.params["2.gate.weight"].lr_scale["adam"] == pytest.approx(0.25 * 0.25)  # μP's 1/m, × m^-1
+    assert not warned
+    assert abs(_gate_change_slope(_gated)) <= 0.2
+
+
+def test_a_constant_on_a_layers_output_is_read_off_the_forward():
+    def build(w):
+        return _gated(w, _GatedOutput)
+
+    _, record, warned = _notes(build)
+    offset = [h for h in record.hooks if h.module == "2.gate.proj"]
+    assert offset and offset[0].value == pytest.approx(0.25) and offset[0].reason.startswith("offsets"), record.hooks
+    assert not warned
+    assert abs(_gate_change_slope(build)) <= 0.2
 
 
 # ------------------------------------------------------------- measured in the state training computes in
