@@ -19,9 +19,9 @@ class Arch:
     build: Callable[[int], nn.Module]
     kind: str  # "image", "causal_lm", "masked_lm", "seq2seq", "text_encoder"
     image_size: int = 16
-    # a tied readout cannot be zero-initialised: its random part adds ∝ m^-½ to what the first steps change
-    # in the logits, fading as training's O(1) part grows — measured after more steps
-    steps: int | None = None
+    # what one Adam step adds to the unmodified model's logits grows with width (as in SP); not where the model's
+    # own config already divides its logits by the width, or its head normalises a fixed-size bottleneck
+    sp_logits_grow: bool = True
 
 
 def _quiet():
@@ -330,7 +330,6 @@ HF = {
             num_attention_heads=2,
         ),
         "masked_lm",
-        steps=10,
     ),
     "hf_roberta": Arch(
         _hf(
@@ -343,7 +342,6 @@ HF = {
             pad_token_id=1,
         ),
         "masked_lm",
-        steps=10,
     ),
     "hf_distilbert": Arch(
         _hf(
@@ -357,7 +355,6 @@ HF = {
             max_position_embeddings=32,
         ),
         "masked_lm",
-        steps=10,
     ),
     "hf_modernbert": Arch(
         _hf(
@@ -387,7 +384,6 @@ HF = {
             num_attention_heads=2,
         ),
         "masked_lm",
-        steps=10,
     ),
     # encoder-decoder
     "hf_t5": Arch(
@@ -476,7 +472,210 @@ HF = {
     ),
 }
 
-ZOO: dict[str, Arch] = {**TIMM, **HF}
+
+# ------------------------------------------------------------------------------------------- new kinds
+# Chosen to stress the mechanisms a model outside the zoo depends on: ALiBi attention read through an attribute,
+# a model's own multipliers (a constant attention scale, logits divided by the width), relative-position attention
+# with a query projection, shared layers and a factorised embedding, a state-space LM, embeddings scaled inline and
+# hidden by sinusoidal positions, latent attention with a routed MoE, cosine and cross-covariance attention,
+# BatchNorm'd conv/attention hybrids with squeeze-excite, a parallel block, and plain PyTorch recurrent and
+# batch-second transformer models; tied readouts where the family ties.
+def _maxxvit(width: int) -> nn.Module:
+    from timm.models.maxxvit import MaxxVit, MaxxVitCfg, MaxxVitConvCfg, MaxxVitTransformerCfg
+
+    cfg = MaxxVitCfg(
+        embed_dim=(width, 2 * width, 4 * width, 8 * width),
+        depths=(1, 1, 1, 1),
+        block_type=("C", "C", "T", "T"),
+        stem_width=(width // 2, width),
+        conv_cfg=MaxxVitConvCfg(attn_layer="se"),
+        transformer_cfg=MaxxVitTransformerCfg(dim_head=width // 2),
+    )
+    return MaxxVit(cfg, img_size=64, num_classes=10)
+
+
+class _GRULanguageModel(nn.Module):
+    """Embedding → GRU (stacked gate matrices [3·hidden, in]) → readout tied to the embedding."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, width)
+        self.rnn = nn.GRU(width, width, num_layers=2, batch_first=True)
+        self.head = nn.Linear(width, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+class _TorchTransformer(nn.Module):
+    """nn.TransformerEncoder with batch_first=False (nn.MultiheadAttention's fused in_proj), positions learnt."""
+
+    def __init__(self, width: int, heads: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, width)
+        self.position = nn.Parameter(torch.randn(16, 1, width) * 0.02)
+        heads = heads or width // 8  # head_dim fixed: nn.MultiheadAttention's scale is internal to torch
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids.T) + self.position[: ids.shape[1]]  # [T, B, width]
+        return self.head(self.encoder(h)).transpose(0, 1)
+
+
+NEW = {
+    "hf_bloom": Arch(
+        _hf("BloomConfig", "BloomForCausalLM", vocab_size=64, hidden_size=lambda w: w, n_layer=2, n_head=2),
+        "causal_lm",
+    ),
+    "hf_granite": Arch(  # a μP-ready config: constant attention multiplier, logits divided by the width multiplier
+        _hf(
+            "GraniteConfig",
+            "GraniteForCausalLM",
+            **_DECODER,
+            attention_multiplier=0.125,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            logits_scaling=lambda w: w / 16,
+        ),
+        "causal_lm",
+        sp_logits_grow=False,
+    ),
+    "hf_deberta_v2": Arch(  # heads grow (head_dim fixed): relative attention, tied MLM head
+        _hf(
+            "DebertaV2Config",
+            "DebertaV2ForMaskedLM",
+            **_LM,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=lambda w: w // 8,
+            relative_attention=True,
+            position_buckets=8,
+            pos_att_type=["p2c", "c2p"],
+        ),
+        "masked_lm",
+    ),
+    "hf_albert": Arch(
+        _hf(
+            "AlbertConfig",
+            "AlbertForMaskedLM",
+            **_LM,
+            embedding_size=16,
+            hidden_size=lambda w: w,
+            intermediate_size=lambda w: 2 * w,
+            num_attention_heads=2,
+        ),
+        "masked_lm",
+        sp_logits_grow=False,
+    ),
+    "hf_mamba": Arch(
+        _hf(
+            "MambaConfig",
+            "MambaForCausalLM",
+            vocab_size=64,
+            hidden_size=lambda w: w,
+            state_size=8,
+            num_hidden_layers=2,
+            tie_word_embeddings=True,
+        ),
+        "causal_lm",
+    ),
+    "hf_marian": Arch(
+        _hf(
+            "MarianConfig",
+            "MarianMTModel",
+            vocab_size=64,
+            d_model=lambda w: w,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=lambda w: 2 * w,
+            decoder_ffn_dim=lambda w: 2 * w,
+            max_position_embeddings=32,
+            pad_token_id=1,
+            decoder_start_token_id=1,
+            scale_embedding=True,
+        ),
+        "seq2seq",
+    ),
+    "hf_deepseek_v3": Arch(
+        _hf(
+            "DeepseekV3Config",
+            "DeepseekV3ForCausalLM",
+            **{**_DECODER, "num_key_value_heads": 2},
+            moe_intermediate_size=lambda w: w,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=lambda w: w // 2,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=lambda w: w // 2,
+            v_head_dim=lambda w: w // 2,
+            n_group=1,
+            topk_group=1,
+        ),
+        "causal_lm",
+    ),
+    "hf_phi": Arch(
+        _hf(
+            "PhiConfig",
+            "PhiForCausalLM",
+            **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"},
+            partial_rotary_factor=0.5,
+        ),
+        "causal_lm",
+    ),
+    "hf_swinv2": Arch(
+        _hf(
+            "Swinv2Config",
+            "Swinv2ForImageClassification",
+            image_size=16,
+            patch_size=2,
+            window_size=4,
+            embed_dim=lambda w: w,
+            depths=[1, 1],
+            num_heads=[2, 4],
+            num_labels=10,
+        ),
+        "image",
+    ),
+    "timm_xcit": Arch(
+        _timm(
+            "xcit_nano_12_p16_224",
+            img_size=32,
+            patch_size=16,
+            embed_dim=lambda w: w,
+            depth=2,
+            num_heads=2,
+            cls_attn_layers=1,
+        ),
+        "image",
+        32,
+    ),
+    "timm_coatnet": Arch(_maxxvit, "image", 64),
+    "timm_levit": Arch(
+        _timm(
+            "levit_128s",
+            img_size=32,
+            embed_dim=lambda w: (w, 2 * w, 3 * w),
+            depth=(1, 1, 1),
+            num_heads=(2, 2, 2),
+            key_dim=lambda w: w // 4,
+        ),
+        "image",
+        32,
+    ),
+    "torch_gru_lm": Arch(_GRULanguageModel, "plain_lm"),
+    "torch_transformer": Arch(_TorchTransformer, "plain_lm"),
+    "torch_transformer_head_dim": Arch(lambda w: _TorchTransformer(w, heads=2), "plain_lm"),
+}
+
+ZOO: dict[str, Arch] = {**TIMM, **HF, **NEW}
 
 
 def batch_for(arch: Arch, generator: torch.Generator) -> Any:
@@ -494,6 +693,8 @@ def loss_for(arch: Arch) -> Callable[[nn.Module, Any], torch.Tensor]:
         return lambda model, ids: model(input_ids=ids).text_embeds.pow(2).mean()
     if arch.kind == "seq2seq":
         return lambda model, ids: model(input_ids=ids, labels=ids).loss
+    if arch.kind == "plain_lm":
+        return lambda model, ids: F.cross_entropy(model(ids)[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
     return lambda model, ids: model(input_ids=ids, labels=ids).loss
 
 

@@ -219,7 +219,7 @@ def attention_scale_hook(module: nn.Module, name: str, factor: float) -> tuple[s
         return name, "eager_scale", scale * factor, "attention 1/d_head (timm's eager attention)"
     if isinstance(scale, float):  # HF modules that pass scaling=self.scale at call time (CLIP)
         return name, "scale", scale * factor, "attention 1/d_head"
-    for query in ("q", "q_proj", "query"):  # a separate query projection (T5, no scale at all): scale q
+    for query in ("q", "q_proj", "query", "query_proj"):  # a separate query projection (T5, DeBERTa): scale q
         if isinstance(getattr(module, query, None), nn.Linear):
             return f"{name}.{query}", "output", factor, "attention 1/d_head (query projection)"
     return None

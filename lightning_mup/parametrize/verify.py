@@ -388,19 +388,19 @@ def example_calls(model: nn.Module, batch: int = 16, length: int = 16) -> list[C
     if call is None:
         return []
     first = next((mod for mod in model.modules() if isinstance(mod, _FIRST_LAYERS)), None)
-    if isinstance(first, nn.Conv2d) and getattr(model, "config", None) is None and not _timm_size(model):
+    embed = getattr(model, "patch_embed", None)
+    if (
+        isinstance(first, nn.Conv2d)
+        and getattr(model, "config", None) is None
+        and getattr(embed, "img_size", None) is None
+    ):
         generator = torch.Generator().manual_seed(0)
-        larger = [torch.randn(min(batch, 4), first.in_channels, s, s, generator=generator) for s in (64, 224)]
-        return [call, *[(lambda net, x=x: net(x)) for x in larger]]
+        others = [torch.randn(min(batch, 4), first.in_channels, s, s, generator=generator) for s in (32, 64, 224)]
+        return [call, *[(lambda net, x=x: net(x)) for x in others]]
     return [call]
 
 
 _FIRST_LAYERS = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
-
-
-def _timm_size(model: nn.Module) -> bool:
-    embed = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
-    return getattr(embed, "img_size", None) is not None or bool(getattr(model, "pretrained_cfg", None))
 
 
 def example_call(model: nn.Module, batch: int = 16, length: int = 16) -> Callable[[nn.Module], Any] | None:
