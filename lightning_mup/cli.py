@@ -4,6 +4,7 @@
     lightning-mup sweep --config ... --widths 64,128,256        a grid of runs
     lightning-mup report sweeps/gegenbauer                       figures and a report of a sweep
     lightning-mup coord-check --parametrization mup,sp           a coordinate check of a small MLP
+    lightning-mup coord-check --config my_recipe.yaml --widths 64,256,1024   ... of your own recipe
     lightning-mup limit --config recipes/gegenbauer_limit.yaml   the infinite-width limit of a recipe
 
 A mistake in what you ask for (an unknown option, a missing file, a setting lightning_mup refuses) ends in
@@ -27,7 +28,8 @@ COMMANDS = {
     **TRAINER_COMMANDS,
     "sweep": "a grid of runs of one recipe over widths, seeds, learning rates, parametrizations, resumable",
     "report": "turn a sweep folder into figures, report.html and report.md",
-    "coord-check": "coordinate check of a 3-layer tanh MLP: activation sizes against width, per parametrization",
+    "coord-check": "coordinate check — of a recipe (--config: your LightningModule, its optimizer, its data) or of a "
+    "3-layer tanh MLP: activation sizes against width",
     "limit": "the infinite-width (DMFT) limit of a full-batch recipe, for the report to compare widths with",
 }
 
@@ -47,6 +49,19 @@ def coord_check_main(argv: list[str]) -> None:
         description=COMMANDS["coord-check"],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a recipe (LightningCLI config with MuPStrategy): check its LightningModule with its own optimizer and "
+        "its first training batch (without it: a 3-layer tanh MLP on a random regression batch)",
+    )
+    parser.add_argument(
+        "--width-key",
+        default=None,
+        help="with --config: the hyperparameter the widths set (default: the one key of the strategy's base)",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: an override")
     parser.add_argument("--widths", default="64,128,256,512,1024,2048", help="comma-separated widths")
     parser.add_argument("--parametrization", default="mup,sp", help="comma-separated forms, e.g. mup,sp,ntk")
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="the optimizer family")
@@ -68,7 +83,77 @@ def coord_check_main(argv: list[str]) -> None:
         parser.error(
             f"unknown parametrization {unknown}; choose from {sorted(FORMS)}" if unknown else "give two widths or more"
         )
+    if args.config is not None:
+        if not args.config.is_file():
+            parser.error(f"--config {args.config}: no such file")
+        overrides = [f"--{item}" if "=" in item else item for item in args.set]
+        recipe_coord_check(args.config, widths, args.width_key, args.steps, args.seeds, args.out, overrides)
+        return
     coord_check_command(widths, forms, args.optimizer, args.lr, args.steps, args.seeds, args.batch_size, args.out)
+
+
+def recipe_coord_check(
+    config: Path, widths: list[int], width_key: str | None, steps: int, seeds: int, out: Path, overrides: list[str]
+) -> None:
+    """The coordinate check of a recipe: its LightningModule rebuilt at each width from its hyperparameters, put
+    into the recipe's parametrization as MuPStrategy would, trained with its own ``configure_optimizers`` on its
+    datamodule's first training batch for ``steps`` steps; prints the table and saves the figure."""
+    import warnings
+    from collections.abc import Mapping
+
+    import torch
+
+    from lightning_mup._hparams import rebuild_with_overrides
+    from lightning_mup.parametrize.coord_check import coord_check, plot_coord_checks
+    from lightning_mup.strategy import _MuP
+
+    cli = lightning_cli(["--config", str(config), *overrides], run=False)
+    module, data, strategy = cli.model, cli.datamodule, cli.trainer.strategy
+    kwargs = dict(getattr(strategy, "parametrize_kwargs", {}) or {})
+    if not isinstance(strategy, _MuP) or kwargs.get("parametrization") is None:
+        raise ValueError(
+            f"{config}: trainer.strategy is not a MuPStrategy with a parametrization, so there is no μP to check; "
+            "set trainer.strategy.class_path: lightning_mup.MuPStrategy with init_args.base"
+        )
+    base = strategy.base
+    if not isinstance(base, Mapping) or not base:
+        raise ValueError(f"{config}: the strategy's base must be hyperparameter overrides (e.g. base: {{width: 64}})")
+    key = width_key or (next(iter(base)) if len(base) == 1 else None)
+    if key not in base:
+        raise ValueError(f"the strategy's base has {sorted(base)}: say which one the widths set with --width-key")
+    parametrization = kwargs.pop("parametrization")
+    for unused in ("check", "keep_weights"):
+        kwargs.pop(unused, None)
+    if data is None:
+        raise ValueError(f"{config}: no datamodule (data:) to take a training batch from")
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+
+    def loss(model: torch.nn.Module, batch) -> torch.Tensor:
+        found = model.training_step(batch, 0)
+        return found["loss"] if isinstance(found, Mapping) else found
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # (no trainer here: the recipe's logging is off)
+        check = coord_check(
+            lambda w: rebuild_with_overrides(module, {key: w})(),
+            widths,
+            batch,
+            loss,
+            parametrization=parametrization,
+            base_width=base[key],
+            optimizer="module",
+            steps=steps,
+            seeds=tuple(range(seeds)),
+            progress=True,
+            **{k: v for k, v in kwargs.items() if v is not None},
+        )
+    print(check.table())
+    print(f"({time.perf_counter() - start:.1f} s)\n")
+    path = plot_coord_checks([check], out, title=f"coordinate check of {config.name} ({parametrization}): |h| vs width")
+    print(f"figure: {path}")
 
 
 def coord_check_command(

@@ -71,3 +71,14 @@ def test_real_ddp_launch_from_the_command_line(tmp_path):
     assert len(runs) == 1  # one run folder, written by rank 0 only
     assert (runs[0] / "mup.json").exists()
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+
+
+def test_coord_check_of_a_users_recipe(tmp_path, capsys):
+    """The user's own LightningModule, optimizer and data (the recipe), at several widths: flat under μP."""
+    figure = tmp_path / "coord.png"
+    main(["coord-check", f"--config={RECIPE}", "--widths=64,256", "--steps=4", "--seeds=2", f"--out={figure}"])
+    out = capsys.readouterr().out
+    assert figure.is_file() and "coordinate check (mup), widths [64, 256]" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("model.features")}
+    changes = [float(row[5]) for row in rows.values()]  # |Δh| over the steps after the first: slope ≈ 0 under μP
+    assert len(changes) == 4 and all(abs(c) < 0.2 for c in changes), rows

@@ -169,7 +169,8 @@ def coord_check(
         loss: ``loss(model, batch) -> scalar``.
         parametrization: a form of :func:`parametrize` (base ``make_model(base_width)``), or
             ``None`` to train the models as built.
-        optimizer: ``"sgd"``, ``"adam"``, a factory ``params -> Optimizer`` (given ``lr=``), or a Muon pair:
+        optimizer: ``"sgd"``, ``"adam"``, ``"module"`` (the model's own ``configure_optimizers``, a LightningModule's:
+            ``lr`` unused), a factory ``params -> Optimizer`` (given ``lr=``), or a Muon pair:
             ``"muon"`` (torch's Muon, ``adjust_lr_fn="original"``) / ``"muon_match_rms_adamw"`` on the hidden
             matrices at ``lr``, Adam on the rest at ``other_lr`` (default ``lr``).
         modules: module names to record (default: every leaf module except dropout/identity, and
@@ -210,7 +211,7 @@ def coord_check(
                 raise ValueError("a Muon pair needs the roles of a parametrization (parametrization='sp' for SP)")
             opt = _muon_pair(model, record, lr, other_lr if other_lr is not None else lr, MUON_PAIRS[optimizer])
         else:
-            opt = make_optimizer(model.parameters(), lr=lr)
+            opt = _configured(model) if optimizer == "module" else make_optimizer(model.parameters(), lr=lr)
             if parametrization is not None:
                 scale_optimizer(opt, record, model)
         names = names or _module_names(model, modules)
@@ -277,7 +278,7 @@ def _muon_pair(model, record, lr: float, other_lr: float, adjust_lr_fn: str) -> 
 
 
 def _optimizer_factory(optimizer):
-    if optimizer in MUON_PAIRS:
+    if optimizer in MUON_PAIRS or optimizer == "module":
         return None
     if optimizer == "sgd":
         return torch.optim.SGD
@@ -286,6 +287,20 @@ def _optimizer_factory(optimizer):
     if callable(optimizer):
         return optimizer
     raise ValueError(f"optimizer={optimizer!r}; use 'sgd', 'adam' or a factory params -> Optimizer")
+
+
+def _configured(model: nn.Module) -> torch.optim.Optimizer:
+    """The first optimizer a LightningModule's ``configure_optimizers`` returns (an optimizer, a list, a tuple of
+    lists or a dict): the user's own, with its learning rate, that μP then scales."""
+    found: Any = model.configure_optimizers()
+    while not isinstance(found, torch.optim.Optimizer):
+        if isinstance(found, dict):
+            found = found["optimizer"]
+        elif isinstance(found, (list, tuple)) and found:
+            found = found[0]
+        else:
+            raise ValueError(f"configure_optimizers returned {type(found).__name__}: no optimizer to train with")
+    return found
 
 
 def _module_names(model: nn.Module, modules: Sequence[str] | None) -> list[str]:
