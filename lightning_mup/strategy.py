@@ -45,7 +45,7 @@ from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
 from lightning_mup.parametrize.core import check_options
-from lightning_mup.parametrize.optim import describe_groups
+from lightning_mup.parametrize.optim import describe_groups, optimizer_family
 from lightning_mup.parametrize.table import form
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
@@ -71,7 +71,8 @@ class _MuP:
         attention: str | None = None,
         residual_blocks: dict[str, list[str]] | None = None,
         keep_weights: bool = False,
-        check: bool = True,
+        tied_readout: str = "keep",
+        check: bool | str = True,
         optimizer_family: str | None = None,
         **strategy_kwargs: Any,
     ) -> None:
@@ -91,6 +92,7 @@ class _MuP:
             attention=attention,
             residual_blocks=residual_blocks,
             keep_weights=keep_weights,
+            tied_readout=tied_readout,
             check=check,
         )
         self.optimizer_family = optimizer_family
@@ -140,7 +142,9 @@ class _MuP:
                     f"a second model at {delta_spec}, built on meta"
                 )
         delta = self._resolve(delta_spec, module, "delta")
-        record = parametrize(module, base, delta=delta, **self.parametrize_kwargs)
+        record = parametrize(
+            module, base, delta=delta, check_optimizer=self._check_family(module), **self.parametrize_kwargs
+        )
         # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
         if (
             torch.distributed.is_available()
@@ -150,6 +154,20 @@ class _MuP:
             record = Parametrization.from_dict(self.broadcast(record.to_dict(), src=0))
             record.attach(module)
         return record
+
+    def _check_family(self, module: nn.Module) -> str:
+        """The optimizer family the self-check trains with: ``optimizer_family``, else the class a recipe's
+        ``optimizer: OptimizerCallable`` holds (configure_optimizers has not run yet), else Adam."""
+        if self.optimizer_family is not None:
+            return self.optimizer_family
+        callable_ = getattr(module, "optimizer", None)
+        for candidate in (callable_, getattr(callable_, "func", None), *getattr(callable_, "args", ())):
+            if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
+                try:
+                    return optimizer_family(candidate)
+                except ValueError:  # a class lightning_mup does not know: it is refused when the optimizer is built
+                    break
+        return "adam"
 
     @staticmethod
     def _resolve(spec: Base, module: nn.Module, what: str) -> nn.Module | Callable[[], nn.Module] | None:
@@ -233,10 +251,12 @@ class MuPStrategy(_MuP, DDPStrategy):
         delta: the same for a third width, needed only when training at the base width itself
             (overrides, module or factory).
         parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
-            eps, attention, residual_blocks: see :func:`lightning_mup.parametrize`.
+            eps, attention, residual_blocks, tied_readout: see :func:`lightning_mup.parametrize`.
         keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
-        check: run the self-check (see :func:`lightning_mup.parametrize`); ``False`` skips it.
-        optimizer_family: ``"sgd"`` or ``"adam"`` for optimizers lightning_mup does not know.
+        check: run the self-check (see :func:`lightning_mup.parametrize`): at initialisation, then a few steps of
+            the optimizer family training will use; ``False`` skips it, ``"report"`` corrects nothing.
+        optimizer_family: ``"sgd"``, ``"adam"`` or ``"muon"``: for optimizers lightning_mup does not know, and the
+            family the self-check trains with (default: the class of the module's ``optimizer`` callable, else Adam).
         independent_members: every process trains its own ensemble member: it is initialised from
             seed ``member_seed + rank`` (rebuilt from the module's saved hyperparameters), reads every
             batch in the same order as the others (no data sharding), and never synchronises gradients
