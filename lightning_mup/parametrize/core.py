@@ -319,7 +319,13 @@ def _self_check(
         record.notes.append(f"self-check skipped: {report.skipped}")
         return
     text = f"self-check: {report.checked} sizes and attention logits against the base in {report.seconds:.1f} s"
-    record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else ", as predicted"))
+    if report.gave_up:
+        text += (
+            f"; each size correction uncovered another deviation right after it for {report.rounds} rounds — measured "
+            "noise, not constants of the model: those corrections are undone"
+        )
+    verdict = "" if report.gave_up else ", as predicted"
+    record.notes.append(text + (f"; corrected {'; '.join(report.corrected)}" if report.corrected else verdict))
     if report.attention_axes():
         record.notes.append(report.attention_axes())
     m = width_multiplier(record)

@@ -66,6 +66,7 @@ class CheckReport:
     unresolved: list[Deviation] = field(default_factory=list)  # deviations no half power of m explains
     checked: int = 0  # module sizes and attention logits compared
     skipped: str | None = None
+    gave_up: bool = False  # corrections kept uncovering deviations for MAX_ROUNDS rounds: undone
     head_dims: dict[tuple[int, int], int] = field(default_factory=dict)  # (base, model) head_dim -> attention modules
 
     def attention_axes(self) -> str:
@@ -300,7 +301,15 @@ def self_check(
             pending.append(((d.kind, d.module), hook))
         record.attach(model)
     else:
-        raise SelfCheckError(f"the self-check still finds deviations after {MAX_ROUNDS} rounds: {found[:3]}")
+        # Each correction uncovered another deviation just after it (a chain of half powers through BatchNorm'd
+        # blocks on a few images, one seed in four of an EfficientNet): not constants of the model — measured noise
+        # the corrections chased. Nothing of the chain is kept; what is left is reported.
+        for hook in [h for h in record.hooks if _described(h) in report.corrected and h.reason.startswith("cancels")]:
+            record.hooks.remove(hook)
+            report.corrected.remove(_described(hook))
+        record.attach(model)
+        report.unresolved += [d for d in found if (d.kind, d.module) not in given_up]
+        report.gave_up = True
     report.seconds = time.perf_counter() - start
     return report
 
