@@ -371,6 +371,11 @@ def _training_self_check(
             residual_blocks=residual_blocks,
             check=False,
         )
+        # what the user froze in the model stays frozen in the base draws: both train the same tensors
+        frozen = {base_key(unwrap_name(n)) for n, p in model.named_parameters() if not p.requires_grad}
+        for name, p in draw.named_parameters():
+            if unwrap_name(name) in frozen:
+                p.requires_grad_(False)
         draws.append((dict(draw.named_modules())[prefix], draw_record))
     report = training_check(record, network, draws, call, base_key, prefix, family, correct)
     record.attach(model)  # with what it corrected

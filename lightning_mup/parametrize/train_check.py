@@ -127,6 +127,7 @@ def training_check(
     )
     rule = record.settings.get("attention", "inverse_sqrt")
     before_logits = _before_logits(events)
+    norms = {join(prefix, n) for n, mod in modules.items() if _is_norm(mod)}
     spread = base.spread.get(("out", prefix), 0.0) * math.sqrt(1 / base.draws + 1 / m)
     report.logits_noise = NOISE_SIGMAS * spread / math.log(m)
 
@@ -149,8 +150,10 @@ def training_check(
             tolerance=CHANGE_TOLERANCE,
         )
         report.logits = _logits_exponent(model, base, prefix, m)
-        # a changed input is its producer's deviation, found there; queries and keys are left out (see _before_logits)
-        return [d for d in found if d.kind != "in" and d.module not in before_logits]
+        # a changed input is its producer's deviation, found there; queries and keys are left out (see _before_logits),
+        # and normalisation layers: what a change of their input does to their output is that change over the
+        # input's size — a size the initialisation check has compared already
+        return [d for d in found if d.kind != "in" and d.module not in before_logits and d.module not in norms]
 
     # submodules whose updates a correction made for their parent rescaled (h + c·W(h): W's lr × c^-1): their own
     # change is meant to move by that power
@@ -219,6 +222,11 @@ def training_check(
     report.deviations = found
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+    return isinstance(module, norms) or type(module).__name__.endswith(("Norm", "Norm1d", "Norm2d", "NormAct2d"))
 
 
 def _before_logits(events: list[tuple[str, str]]) -> set[str]:

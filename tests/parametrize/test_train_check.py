@@ -257,3 +257,15 @@ def test_an_unknown_stacked_layer_is_refused_with_a_fix_that_works():
     record = parametrize(_cell_net(64), base=lambda: _cell_net(16))
     gates = record.params["1.gates"]
     assert gates.role == "hidden" and gates.fan_in_mult == 4.0 and gates.lr_scale["adam"] == 0.25
+
+
+def test_what_the_user_froze_stays_frozen_in_the_base_draws():
+    # the first layer frozen in the model (and only there): the base draws must not train it either, or every
+    # change downstream would differ between the widths for a reason of the check's own making
+    model = _gated(64)
+    model[0].weight.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = parametrize(model, base=lambda: _gated(16))
+    assert not [str(w.message) for w in caught if "2.gate" not in str(w.message)], [str(w.message) for w in caught]
+    assert not model[0].weight.requires_grad and record.params["2.gate.weight"].lr_scale["adam"] == pytest.approx(1 / 16)
