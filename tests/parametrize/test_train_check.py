@@ -268,4 +268,6 @@ def test_what_the_user_froze_stays_frozen_in_the_base_draws():
         warnings.simplefilter("always")
         record = parametrize(model, base=lambda: _gated(16))
     assert not [str(w.message) for w in caught if "2.gate" not in str(w.message)], [str(w.message) for w in caught]
-    assert not model[0].weight.requires_grad and record.params["2.gate.weight"].lr_scale["adam"] == pytest.approx(1 / 16)
+    assert not model[0].weight.requires_grad and record.params["2.gate.weight"].lr_scale["adam"] == pytest.approx(
+        1 / 16
+    )
