@@ -32,6 +32,14 @@ The forms (N = width, m = N / N_base; abc notation W = N^-a w, w ~ N(0, N^-2b), 
   Adam: η0·γ0 (input, readout, vectors), η0·γ0/sqrt(N) (hidden). Same class as ``mup`` (abc-symmetry).
 
 Depth (residual branches h + m_L^-α·F(h), Depth-μP α=½, CompleteP α=1) is in :data:`DEPTH`.
+
+Routers (an MoE's width → experts gate) are readouts, ``output`` role: zero-initialised under ``mup`` with the
+readout's 1/m, Adam lr η, SGD lr η·m. Why: any O(1/√N) initial router (SP's) sends a backward signal √N times μP's
+into the residual stream and makes the routing at init a random projection whose weight in the gradient grows
+with width; a zero router routes uniformly at initialisation, as the infinite-width limit does, and what training
+adds to its logits is Θ(1) — measured flat across widths 16 → 64 → 256 on Mixtral, Qwen2-MoE, OLMoE and
+DeepSeek-V3 (8 seeds; −0.08 … +0.15) by the zoo. A readout tied to the input embedding keeps the embedding's
+``input`` role and gets 1/m in its forward (the ``mup`` package's rule), or its own tensor (``tied_readout``).
 """
 
 from __future__ import annotations
