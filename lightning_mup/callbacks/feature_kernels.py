@@ -26,7 +26,9 @@ from lightning_mup._names import glob_match
 from lightning_mup.callbacks._base import (
     LossFn,
     MeasurementCallback,
+    MeasurementError,
     Targets,
+    _batch_size,
     concat_batches,
     default_targets,
 )
@@ -39,6 +41,8 @@ from lightning_mup.measure.kernels import (
     kernel_target_alignment,
 )
 from lightning_mup.measure.layers import capturing, resolve_layers
+from lightning_mup.measure.observe import eval_mode
+from lightning_mup.measure.rows import PointAxis, point_axis, take_points
 
 
 class FeatureKernels(MeasurementCallback):
@@ -80,6 +84,7 @@ class FeatureKernels(MeasurementCallback):
         self.reference = Path(reference) if reference is not None else None
         self.debiased = debiased
         self.initial: dict[str, torch.Tensor] = {}
+        self._rows: tuple[tuple[str, ...], dict[str, PointAxis]] | None = None
 
     def _spatial(self, layer: str) -> str:
         if isinstance(self.spatial, str):
@@ -93,20 +98,64 @@ class FeatureKernels(MeasurementCallback):
     def kernels(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``phi/<layer>`` and ``grad/<layer>`` kernels on ``batch`` (runs in the caller's context)."""
         names = getattr(self, "_layer_names", None) or resolve_layers(pl_module, self.layers, "stream")
+        points = _batch_size(batch)
+        rows = self._point_rows(pl_module, batch, names, points)
+        names = [n for n in names if n in rows]
         with torch.set_grad_enabled(self.gradient), capturing(pl_module, names) as seen:
             loss = self.training_loss(pl_module, batch)
         missing = [n for n in names if n not in seen]
         if missing:
             raise RuntimeError(f"layers {missing} produced no tensor output during training_step")
-        out = {f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n))) for n in names}
+        for n in names:
+            if seen[n].shape[rows[n].axis] != points * rows[n].fold:
+                raise RuntimeError(
+                    f"{n}'s output {tuple(seen[n].shape)} no longer has {rows[n].fold} row(s) per probe point along "
+                    f"dimension {rows[n].axis}, as it had on the first probe batch"
+                )
+        out = {
+            f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n), rows[n], points)) for n in names
+        }
         if self.gradient:
             # a frozen part's outputs carry no gradient (nothing flows back into it): no G there
             live = [n for n in names if seen[n].requires_grad]
             grads = torch.autograd.grad(loss, [seen[n] for n in live], allow_unused=True) if live else []
             for n, g in zip(live, grads):
-                if g is not None:
-                    out[f"grad/{n}"] = gradient_kernel(features(g * g.shape[0], self._spatial(n)))
+                if g is not None:  # ×P: the per-point gradient of a loss averaged over the points
+                    out[f"grad/{n}"] = gradient_kernel(features(g * points, self._spatial(n), rows[n], points))
         return out
+
+    def _point_rows(self, pl_module: L.LightningModule, batch: Any, names: list[str], points: int) -> dict[str, PointAxis]:
+        """Where the probe points are in each layer's output, measured once (on the first probe) from forwards on
+        all points and on the first half; a layer where no one dimension holds them is left out, said once."""
+        if self._rows is not None and self._rows[0] == tuple(names):
+            return self._rows[1]
+        half = max(1, points // 2)
+        with torch.no_grad(), eval_mode(pl_module):  # per-point rows: batch statistics would mix the points
+            with capturing(pl_module, names) as full:
+                self.training_loss(pl_module, batch)
+            with capturing(pl_module, names) as part:
+                self.training_loss(pl_module, take_points(batch, 0, half, points))
+        rows: dict[str, PointAxis] = {}
+        for n in names:
+            where = point_axis(full[n], part[n], points, half) if n in full and n in part else None
+            if where is None:
+                message = (
+                    f"cannot tell which rows of {n}'s output belong to which probe point (no one dimension of it "
+                    f"grows with the points, point by point: {tuple(full[n].shape) if n in full else 'no output'} on "
+                    f"{points} points); its kernels are not measured"
+                )
+                if self.layers is not None:
+                    raise MeasurementError(f"{message}. Leave it out of layers=")
+                self.warn_once(f"rows:{n}", message)
+                continue
+            if full.calls[n] > 1:
+                self.warn_once(
+                    f"calls:{n}",
+                    f"{n} runs {full.calls[n]} times per forward (shared weights); its kernels are those of its last call",
+                )
+            rows[n] = where
+        self._rows = (tuple(names), rows)
+        return rows
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         batch = concat_batches(self.probe)

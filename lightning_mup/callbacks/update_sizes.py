@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_mup._names import select, unwrap_name
 from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
-from lightning_mup.measure.layers import capturing
+from lightning_mup.measure.rows import linear_uses
 from lightning_mup.measure.updates import update_sizes
 
 QUANTITIES = ("dW_x", "W_dx", "h", "spectral", "alignment")
@@ -99,12 +99,28 @@ class UpdateSizes(MeasurementCallback):
                 )
 
     def _state(self, pl_module: L.LightningModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (weight, its inputs on the probe)} now."""
+        """{layer: (weight, the rows its weight multiplied on the probe)} now: every ``F.linear`` of the weight,
+        also where the layer runs more than once or its weight is used without calling it."""
         names = self.linear_layers(pl_module)
         modules = {unwrap_name(n): m for n, m in pl_module.named_modules()}
-        with torch.no_grad(), capturing(pl_module, names, inputs=True) as seen:
-            self.training_loss(pl_module, concat_batches(self.probe))
-        return {n: (modules[n].weight.detach().clone(), seen[n].detach().clone()) for n in names if n in seen}
+        weights = {n: modules[n].weight for n in names}
+        with torch.no_grad():
+            uses = linear_uses(lambda: self.training_loss(pl_module, concat_batches(self.probe)), weights)
+        rows: dict[str, list[torch.Tensor]] = {}
+        for use in uses.linear:
+            if use.weight is not None and not use.transposed:
+                rows.setdefault(use.weight, []).append(use.input.detach().reshape(-1, use.input.shape[-1]))
+        unseen = [n for n in names if n not in rows or n in uses.other]
+        if unseen:
+            self.warn_once(
+                "unseen:" + ",".join(unseen),
+                f"{len(unseen)} Linear layer(s) are not measured: their weight is not used as F.linear(x, weight) "
+                f"alone on the probe (used inside another function, e.g. nn.MultiheadAttention's out_proj, or not at "
+                f"all): {', '.join(unseen[:4])}{' ...' if len(unseen) > 4 else ''}",
+            )
+        return {
+            n: (weights[n].detach().clone(), torch.cat(rows[n]).clone()) for n in names if n in rows and n not in unseen
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

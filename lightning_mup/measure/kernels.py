@@ -13,17 +13,33 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from lightning_mup.measure.rows import PointAxis
 
-def features(output: torch.Tensor, spatial: str = "flatten") -> torch.Tensor:
+
+def features(
+    output: torch.Tensor, spatial: str = "flatten", rows: PointAxis | None = None, points: int | None = None
+) -> torch.Tensor:
     """[P, ...] layer output → [P, N] features: ``"flatten"`` keeps positions/tokens as features,
-    ``"mean"`` averages over them (channels last for tokens [P, T, D], first for maps [P, C, H, W])."""
-    if output.dim() <= 2:
+    ``"mean"`` averages over them (channels last for tokens [P, T, D], first for maps [P, C, H, W]).
+
+    ``rows``: where the ``points`` probe points are when it is not the leading dimension alone (tokens first,
+    windows folded into the batch: :func:`~lightning_mup.measure.rows.point_axis`); every other entry of a
+    point's rows is one of its features."""
+    if spatial not in ("flatten", "mean"):
+        raise ValueError(f"spatial={spatial!r}; use 'flatten' or 'mean'")
+    channels_first = output.dim() >= 4 and (rows is None or rows.axis == 0)  # conv maps [N, C, H, W, ...]
+    if rows is not None and (rows.axis, rows.fold) != (0, 1):
+        if points is None:
+            raise ValueError("features(rows=...) needs points=")
+        split = rows.split(output, points)  # [P, fold, *the other dimensions]
+        if spatial == "flatten":
+            return split.reshape(points, -1)
+        if channels_first:
+            return split.transpose(1, 2).flatten(2).mean(dim=2)  # [P, C, fold·H·W] -> [P, C]
+        return split.reshape(points, -1, split.shape[-1]).mean(dim=1)
+    if output.dim() <= 2 or spatial == "flatten":
         return output.reshape(output.shape[0], -1)
-    if spatial == "flatten":
-        return output.reshape(output.shape[0], -1)
-    if spatial == "mean":
-        return output.mean(dim=1) if output.dim() == 3 else output.flatten(2).mean(dim=2)
-    raise ValueError(f"spatial={spatial!r}; use 'flatten' or 'mean'")
+    return output.flatten(2).mean(dim=2) if channels_first else output.flatten(1, -2).mean(dim=1)
 
 
 def feature_kernel(phi: torch.Tensor) -> torch.Tensor:

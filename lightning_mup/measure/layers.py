@@ -7,7 +7,8 @@ uses), else the outputs of activation functions; preactivations are the inputs o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -77,20 +78,31 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-@contextmanager
-def capturing(model: nn.Module, names: Sequence[str], *, inputs: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, every forward through ``model`` stores each named module's output (or first
-    input) in the yielded dict; tensors stay in the graph, so gradients w.r.t. them can be taken."""
-    modules = {unwrap_name(n): m for n, m in model.named_modules()}
-    seen: dict[str, torch.Tensor] = {}
+class Captured(dict):
+    """Each named module's last output (or first input), and ``calls``: how often each ran."""
 
-    def store(name: str) -> Callable:
-        if inputs:
-            return lambda m, args: seen.__setitem__(name, args[0]) if isinstance(args[0], torch.Tensor) else None
-        return lambda m, args, out: seen.__setitem__(name, t) if (t := _first_tensor(out)) is not None else None
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+
+@contextmanager
+def capturing(model: nn.Module, names: Sequence[str], *, inputs: bool = False) -> Iterator[Captured]:
+    """Inside the block, every forward through ``model`` stores each named module's output (or first
+    input) in the yielded dict — the last call's, where a module runs more than once (``.calls`` counts them);
+    tensors stay in the graph, so gradients w.r.t. them can be taken."""
+    modules = {unwrap_name(n): m for n, m in model.named_modules()}
+    seen = Captured()
+
+    def keep(name: str, value: Any) -> None:
+        if (t := _first_tensor(value)) is not None:
+            seen[name] = t
+            seen.calls[name] += 1
 
     handles = [
-        modules[n].register_forward_pre_hook(store(n)) if inputs else modules[n].register_forward_hook(store(n))
+        modules[n].register_forward_pre_hook(lambda m, args, n=n: keep(n, args[0] if args else None))
+        if inputs
+        else modules[n].register_forward_hook(lambda m, args, out, n=n: keep(n, out))
         for n in names
     ]
     try:

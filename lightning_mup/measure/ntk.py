@@ -3,12 +3,15 @@ and the kernel-flow prediction of the loss curve (Vyas et al. 2023, Section 4, F
 
 Two ways to the kernel, chosen per parameter (``method="auto"``):
 
-* ``"layerwise"`` for weights and biases of Linear / Conv / HF Conv1D layers: the per-sample gradient of
-  a weight is an outer product of the layer's output gradient and its input, so K is assembled from
-  input activations and output gradients — (G Gᵀ) ⊙ (A Aᵀ) when there is one position per sample,
-  per-sample gradient Grams in bounded chunks when there are tokens or conv positions;
-* ``"jacobian"`` (torch.func ``jacrev`` + contraction) for every other parameter (norms, embeddings,
-  positional and class tokens, attention internals), in chunks of probe points.
+* ``"layerwise"`` for parameters used only as the weight or bias of linear maps and 2-D convolutions
+  (``F.linear``, HF's ``Conv1D``, ``x @ W``, ``conv2d``; every call of a shared or tied one): the per-sample
+  gradient of a weight is a sum of outer products of each use's output gradient and input over the rows
+  that belong to that point, so K is assembled from input activations and output gradients — (G Gᵀ) ⊙
+  (A Aᵀ) when there is one row per point, per-sample gradient Grams in bounded chunks otherwise. Which
+  rows belong to which point is measured (:mod:`lightning_mup.measure.rows`), not assumed: a use whose
+  rows are not one dimension of points (windows folded, tokens first) is read that way or left to
+* ``"jacobian"`` (torch.func ``jacrev`` + contraction), also for every other parameter (norms,
+  embeddings, positional and class tokens, ``nn.MultiheadAttention``'s projections), in chunks of probe points.
 
 Peak memory for the per-sample gradient blocks is bounded by ``memory_budget`` bytes.
 """
@@ -28,22 +31,12 @@ from lightning_mup._names import select
 from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.observe import math_attention
 from lightning_mup.measure.outputs import default_output
-from lightning_mup.parametrize.adapters import type_names
-from lightning_mup.parametrize.roles import parameter_uses
+from lightning_mup.measure.rows import LinearUse, PointAxis, Uses, layerwise_rows, linear_uses
 
 OutputFn = Callable[[Any], torch.Tensor]
 _MAX_JACOBIAN_POINTS = 32
 MODES = ("full", "blocks", "trace")
 METHODS = ("auto", "layerwise", "jacobian")
-
-
-def _kind(module: nn.Module) -> str | None:
-    names = type_names(module)
-    if isinstance(module, nn.Linear) or "transformers.pytorch_utils.Conv1D" in names:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        return "conv2d"
-    return None
 
 
 def empirical_ntk(
@@ -67,8 +60,8 @@ def empirical_ntk(
         params: glob patterns of parameter names (default: all trainable), e.g. the last layers only.
         mode: ``"full"`` [P·C, P·C] (rows ordered point-major), ``"blocks"`` [C, P, P] (K_cc),
             ``"trace"`` [P, P] (Σ_c K_cc).
-        method: ``"auto"`` (layer structure where possible), ``"layerwise"`` (the same; errors if a chosen
-            parameter is not in a supported layer), or ``"jacobian"`` (torch.func for everything).
+        method: ``"auto"`` (layer structure where it is verified), ``"layerwise"`` (the same; errors if a
+            chosen parameter has no verified layer-wise form), or ``"jacobian"`` (torch.func for everything).
         memory_budget: bytes allowed for per-sample gradient blocks.
         param_weights: per-parameter weights s_θ, giving Σ_θ s_θ ∇f ∇fᵀ — with the optimizer's per-parameter
             learning-rate scales, the kernel that drives training (μP gives groups different rates).
@@ -76,20 +69,32 @@ def empirical_ntk(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     call = _as_call(model, inputs)
-    chosen, layers, rest = _partition(model, params, method)
-    if method == "layerwise" and rest:
-        raise ValueError(f"method='layerwise' cannot handle {rest[:5]} (not in Linear/Conv layers); use 'auto'")
-
+    chosen = _chosen(model, params, method)
+    weights = param_weights or {}
+    diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
     with math_attention():
         kernel = None
-        weights = param_weights or {}
-        diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
-        if layers:
-            kernel = _layerwise(call, output_fn, layers, chosen, memory_budget, weights, diagonal)
+        rest = list(chosen)
+        if method != "jacobian":
+            layout = _layout(call, output_fn, chosen)
+            rest = layout.rest
+            if method == "layerwise" and rest:
+                raise ValueError(
+                    f"method='layerwise' cannot handle {rest[:5]}: {layout.why(rest[0])}; use 'auto' (per-point "
+                    "Jacobians for those)"
+                )
+            if layout.structured:
+                kernel = _layerwise(layout, weights, memory_budget, diagonal)
+            layout.release()
         if rest:
             part = _jacobian(call, output_fn, rest, memory_budget, weights, diagonal)
             kernel = part if kernel is None else kernel + part
-    assert kernel is not None
+    if kernel is None:  # nothing chosen reaches the outputs
+        points = call.points
+        with torch.no_grad():
+            classes = output_fn(call.take(0, 1)()).shape[1]
+        kernel = torch.zeros((classes, points, points) if diagonal else (points * classes,) * 2, dtype=torch.float64)
+        kernel = kernel.to(next(model.parameters()).device)
     if diagonal:
         return kernel if mode == "blocks" else kernel.sum(0)
     return kernel
@@ -105,27 +110,75 @@ def _reduce(full: torch.Tensor, mode: str, classes: int) -> torch.Tensor:
     return blocks if mode == "blocks" else blocks.sum(0)
 
 
-def _partition(model: nn.Module, params: Sequence[str] | None, method: str):
-    """The chosen trainable parameters, the Linear/Conv layers that hold some of them (their Grams come
-    from activations and output gradients) and the rest (per-point Jacobians)."""
+def _chosen(model: nn.Module, params: Sequence[str] | None, method: str) -> dict[str, torch.Tensor]:
+    """The trainable parameters the kernel is taken over, by name."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}; choose one of {METHODS}")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     chosen = set(select(params, named) if params is not None else named)
     if not chosen:
         raise ValueError(f"params={list(params or [])} match no trainable parameter")
-    layers: dict[str, nn.Module] = {}
-    if method != "jacobian":
-        shared = {pid for pid, uses in parameter_uses(model).items() if len(uses) > 1}  # tied: every use counts
-        for name, module in model.named_modules():
-            if _kind(module) is None or any(id(p) in shared for p in module._parameters.values() if p is not None):
-                continue
-            owned = {f"{name}.{a}" if name else a for a, p in module._parameters.items() if p is not None}
-            if owned & chosen:
-                layers[name] = module
-    structured = {f"{n}.{a}" for n, m in layers.items() for a, p in m._parameters.items() if p is not None} & chosen
-    rest = [n for n in named if n in chosen - structured]
-    return chosen, layers, rest
+    return {n: p for n, p in named.items() if n in chosen}
+
+
+@dataclass
+class _Layout:
+    """Which chosen parameters have a verified layer-wise form on this call, and the forward that showed it."""
+
+    uses: Uses  # the forward on all the points, with its graph
+    rows: dict[int, PointAxis]  # linear use → where its points are
+    structured: dict[str, list[int]]  # parameter → the linear uses that are all of its uses
+    rest: list[str]  # per-point Jacobians
+    reasons: dict[str, str]
+    points: int
+
+    def why(self, name: str) -> str:
+        return self.reasons.get(name, "it is not used as the weight or bias of a linear map or convolution")
+
+    def release(self) -> None:
+        self.uses = Uses([], set(), None)  # the graph of the forward goes with it
+
+
+def _layout(call: ModelCall, output_fn: OutputFn, chosen: dict[str, torch.Tensor], grad: bool = True) -> _Layout:
+    """Run the network on all points (recording the linear uses of ``chosen``) and on the first half of them, and
+    sort the parameters: layer-wise where every use is a linear map or convolution whose rows are verified to be
+    the points', per-point Jacobians otherwise. Parameters the outputs do not depend on are left out."""
+    points = call.points
+    half = max(1, points // 2)
+    part = None
+    if points > 1:
+        with torch.no_grad():
+            part = linear_uses(lambda: call.take(0, half)(), chosen)
+    with torch.set_grad_enabled(grad):
+        full = linear_uses(lambda: output_fn(call()), chosen)
+    rows = layerwise_rows(full, part, points, half)
+    found: dict[str, list[int]] = {}
+    for i, use in enumerate(full.linear):
+        for name in {use.weight, use.bias} - {None}:
+            found.setdefault(name, []).append(i)
+    structured: dict[str, list[int]] = {}
+    rest: list[str] = []
+    reasons: dict[str, str] = {}
+    for name in chosen:
+        if name in full.other:
+            reasons[name] = "it is used otherwise than as the weight or bias of a linear map or convolution"
+        elif name in found and any(i not in rows for i in found[name]):
+            reasons[name] = "its layer's rows are not one dimension of probe points (checked on two forwards)"
+        elif name in found:
+            structured[name] = found[name]
+            continue
+        rest.append(name)
+    unseen = [n for n in rest if n not in reasons]
+    if unseen:  # no use recorded: not on the way to the outputs, or used where the recorder cannot look
+        if grad and full.result.requires_grad:
+            reached = torch.autograd.grad(
+                full.result.sum(), [chosen[n] for n in unseen], allow_unused=True, retain_graph=True
+            )
+            dropped = {n for n, g in zip(unseen, reached) if g is None}
+        else:
+            dropped = set(unseen)  # a forward without a graph cannot tell: counted as unused
+        rest = [n for n in rest if n not in dropped]
+    return _Layout(full, rows, structured, rest, reasons, points)
 
 
 @dataclass
@@ -134,7 +187,7 @@ class NTKCost:
 
     points: int
     outputs: int  # C, per point
-    jacobian_params: dict[str, int]  # parameters outside Linear/Conv layers -> numel (per-point Jacobians)
+    jacobian_params: dict[str, int]  # parameters without a layer-wise form -> numel (per-point Jacobians)
     jacobian_bytes_per_point: int  # the smallest chunk of the torch.func path
 
     @property
@@ -150,12 +203,19 @@ def ntk_cost(
     params: Sequence[str] | None = None,
     method: str = "auto",
 ) -> NTKCost:
-    """The size of :func:`empirical_ntk` on ``inputs`` from one forward pass on a single point."""
+    """The size of :func:`empirical_ntk` on ``inputs``, from forwards on two points and on one."""
     call = _as_call(model, inputs)
-    _, _, rest = _partition(model, params, method)
-    with torch.no_grad():
-        outputs = output_fn(call.take(0, 1)()).shape[1]
-    sizes = {n: p.numel() for n, p in model.named_parameters() if n in rest}
+    chosen = _chosen(model, params, method)
+    if method == "jacobian":
+        rest = list(chosen)
+        with torch.no_grad():
+            outputs = output_fn(call.take(0, 1)()).shape[1]
+    else:
+        with math_attention():
+            layout = _layout(call.take(0, min(2, call.points)), output_fn, chosen, grad=False)
+        outputs = layout.uses.result.shape[1]
+        rest = layout.rest
+    sizes = {n: p.numel() for n, p in chosen.items() if n in rest}
     return NTKCost(call.points, outputs, sizes, 4 * outputs * sum(sizes.values()))
 
 
@@ -165,95 +225,102 @@ def _as_call(model: nn.Module, inputs: Any) -> ModelCall:
     return ModelCall(model, (inputs,))
 
 
-def _layerwise(call: ModelCall, output_fn, layers, chosen, budget, weights, diagonal) -> torch.Tensor:
-    """Σ over Linear/Conv weights and biases of the gradient Grams, from layer inputs and output gradients.
-    Returns [C, P, P] same-output blocks when ``diagonal``, else the full [P·C, P·C] (point-major)."""
-    acts: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in layers.items():
-        # inputs after any μP input multiplier (it scales what W multiplies); outputs before any output
-        # multiplier (prepended), so gradients are w.r.t. W·a + b itself
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=name: acts.__setitem__(n, a[0].detach())))
-        handles.append(module.register_forward_hook(lambda m, a, out, n=name: outs.__setitem__(n, out), prepend=True))
-    try:
-        with torch.enable_grad():
-            f = output_fn(call())
-            points, classes = f.shape
-            shape = (classes, points, points) if diagonal else (points * classes, points * classes)
-            kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
-            targets = [outs[n] for n in layers]
-            kept: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-            for c in range(classes):
-                gs = torch.autograd.grad(f[:, c].sum(), targets, retain_graph=c < classes - 1, allow_unused=True)
-                gs = [torch.zeros_like(outs[n]) if g is None else g.detach() for n, g in zip(layers, gs)]
-                if diagonal:  # same-output pairs only: use this output's gradients now, keep nothing
-                    _accumulate(
-                        layers,
-                        acts,
-                        dict(zip(layers, [g.unsqueeze(1) for g in gs])),
-                        chosen,
-                        weights,
-                        budget,
-                        kernel[c : c + 1],
-                        True,
-                    )
-                else:
-                    for n, g in zip(layers, gs):
-                        kept[n].append(g)
-            if not diagonal:
-                _accumulate(
-                    layers,
-                    acts,
-                    {n: torch.stack(v, dim=1) for n, v in kept.items()},
-                    chosen,
-                    weights,
-                    budget,
-                    kernel,
-                    False,
-                )
-    finally:
-        for h in handles:
-            h.remove()
+def _layerwise(layout: _Layout, weights: dict[str, float], budget: int, diagonal: bool) -> torch.Tensor:
+    """Σ over the structured parameters of their per-point gradient Grams, from each linear use's input rows and
+    output gradients. Returns [C, P, P] same-output blocks when ``diagonal``, else the full [P·C, P·C]."""
+    f = layout.uses.result
+    points, classes = f.shape
+    needed = sorted({i for uses in layout.structured.values() for i in uses})
+    targets = [layout.uses.linear[i].output for i in needed]
+    shape = (classes, points, points) if diagonal else (points * classes, points * classes)
+    kernel = torch.zeros(shape, dtype=torch.float64, device=f.device)
+    inputs = {i: _input_rows(layout.uses.linear[i], layout.rows[i], points) for i in needed}
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in needed}
+    for c in range(classes):
+        gs = torch.autograd.grad(f[:, c].sum(), targets, retain_graph=c < classes - 1, allow_unused=True)
+        grads = {
+            i: _output_rows(layout.uses.linear[i], layout.rows[i], points, torch.zeros_like(t) if g is None else g)
+            for i, t, g in zip(needed, targets, gs)
+        }
+        if diagonal:  # same-output pairs only: use this output's gradients now, keep nothing
+            _accumulate(layout, inputs, {i: g.unsqueeze(1) for i, g in grads.items()}, weights, budget, kernel[c : c + 1], True)
+        else:
+            for i, g in grads.items():
+                kept[i].append(g)
+    if not diagonal:
+        _accumulate(layout, inputs, {i: torch.stack(v, dim=1) for i, v in kept.items()}, weights, budget, kernel, False)
     return kernel
 
 
-def _accumulate(layers, acts, grads, chosen, weights, budget, kernel, diagonal) -> None:
-    """Add each layer's weight and bias Grams, from inputs and output gradients [P, C', ...], to ``kernel``."""
-    for name, module in layers.items():
-        a, g = _positions(module, acts[name], grads[name])  # a [P,T,in], g [P,C',T,out]
-        prefix = f"{name}." if name else ""
-        weight, bias = weights.get(prefix + "weight", 1.0), weights.get(prefix + "bias", 1.0)
-        has_bias = prefix + "bias" in chosen and getattr(module, "bias", None) is not None
-        for rows_g, rows_a, out in _row_sets(g, a, kernel, diagonal):
+def _input_rows(use: LinearUse, where: PointAxis, points: int) -> torch.Tensor:
+    """What the use's weight multiplies, as [P, rows per point, in] (a convolution's input patches)."""
+    x = use.input.detach()
+    if use.kind == "conv2d":
+        x = _patches(x, use)  # [N, L, in·k·k], N along dimension 0 like the input
+        return where.split(x, points).reshape(points, -1, x.shape[-1])
+    return where.split(x, points).reshape(points, -1, x.shape[-1])
+
+
+def _output_rows(use: LinearUse, where: PointAxis, points: int, g: torch.Tensor) -> torch.Tensor:
+    """The gradient at the use's output, [P, rows per point, out], rows in the order of :func:`_input_rows`."""
+    g = g.detach()
+    if use.kind == "conv2d":
+        g = g.flatten(2).transpose(1, 2)  # [N, L, out]
+    return where.split(g, points).reshape(points, -1, g.shape[-1])
+
+
+def _patches(x: torch.Tensor, use: LinearUse) -> torch.Tensor:
+    """A convolution's input as [N, positions, in·k·k] (what its weight meets at each output position)."""
+    kernel_size = tuple(use.conv.get("kernel_size") or ())
+    padding, stride, dilation = use.conv["padding"], use.conv["stride"], use.conv["dilation"]
+    if isinstance(padding, str):
+        dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+        total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(dil, kernel_size)]
+        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+        padding = 0
+    return F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
+
+
+def _accumulate(layout: _Layout, inputs, grads, weights, budget, kernel, diagonal) -> None:
+    """Add each structured parameter's Gram to ``kernel``, from its uses' input rows [P, T, in] and output
+    gradients [P, C', T, out] (all its uses' rows together: the per-point gradient sums over them)."""
+    for name, uses in layout.structured.items():
+        weight = weights.get(name, 1.0)
+        lefts, rights, biases = [], [], []
+        for i in uses:
+            use = layout.uses.linear[i]
+            g, a = grads[i], inputs[i].unsqueeze(1).expand(-1, grads[i].shape[1], -1, -1)
+            if use.bias == name:
+                biases.append(g)
+            if use.weight == name:  # the gradient's first index runs over the weight's first dimension
+                lefts.append(a if use.transposed else g)
+                rights.append(g if use.transposed else a)
+        for out, rows in _row_sets(kernel, diagonal, lefts, rights, biases):
+            left, right, bias = rows
             with torch.no_grad():
-                if prefix + "weight" in chosen:
-                    out += weight * _outer_gram(rows_g, rows_a, budget).double()
-                if has_bias:
-                    b = rows_g.sum(dim=1)
-                    out += bias * (b @ b.T).double()
+                if left is not None:
+                    out += weight * _outer_gram(left, right, budget).double()
+                if bias is not None:
+                    b = bias.sum(dim=1)
+                    out += weight * (b @ b.T).double()
 
 
-def _row_sets(g: torch.Tensor, a: torch.Tensor, kernel: torch.Tensor, diagonal: bool):
-    """(gradient rows, input rows, kernel view) triples: one per output when ``diagonal``, else one for
-    all (point, output) rows in point-major order."""
-    points, classes = g.shape[:2]
+def _row_sets(kernel: torch.Tensor, diagonal: bool, lefts, rights, biases):
+    """(kernel view, (left rows, right rows, bias rows)) pairs — [R, T, ·] with every use's positions along T —
+    one per output when ``diagonal``, else one for all (point, output) rows in point-major order."""
+    classes = (lefts or biases)[0].shape[1]
+
+    def rows(parts: list[torch.Tensor], c: int | None) -> torch.Tensor | None:
+        if not parts:
+            return None
+        picked = [p[:, c] if c is not None else p.reshape(p.shape[0] * classes, *p.shape[2:]) for p in parts]
+        return torch.cat(picked, dim=1)
+
     if diagonal:
         for c in range(classes):
-            yield g[:, c], a, kernel[c]
+            yield kernel[c], (rows(lefts, c), rows(rights, c), rows(biases, c))
     else:
-        yield g.reshape(points * classes, *g.shape[2:]), a.repeat_interleave(classes, dim=0), kernel
-
-
-def _positions(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer input [P, T, in] and output gradient [P, C, T, out] with every position as a row T."""
-    points, classes = g.shape[:2]
-    if _kind(module) == "conv2d":
-        cols = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # [P, in·k·k, L]
-        a = cols.transpose(1, 2)
-        g = g.flatten(3).transpose(2, 3)  # [P, C, L, out]
-        return a, g
-    return a.reshape(points, -1, a.shape[-1]), g.reshape(points, classes, -1, g.shape[-1])
+        yield kernel, (rows(lefts, None), rows(rights, None), rows(biases, None))
 
 
 def _outer_gram(g: torch.Tensor, a: torch.Tensor, budget: int) -> torch.Tensor:
