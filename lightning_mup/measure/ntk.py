@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_mup._names import select
 from lightning_mup.measure.calls import ModelCall
-from lightning_mup.measure.observe import math_attention
+from lightning_mup.measure.observe import fresh_caches, math_attention
 from lightning_mup.measure.outputs import default_output
 from lightning_mup.measure.rows import LinearUse, PointAxis, Uses, layerwise_rows, linear_uses
 
@@ -72,7 +72,7 @@ def empirical_ntk(
     chosen = _chosen(model, params, method)
     weights = param_weights or {}
     diagonal = mode != "full"  # blocks and trace need only same-output pairs: C times less work
-    with math_attention():
+    with math_attention(), fresh_caches(model):
         kernel = None
         rest = list(chosen)
         if method != "jacobian":
@@ -415,7 +415,7 @@ def naive_ntk(
     """The reference: one autograd call per (point, output), per-sample gradients stacked, J Jᵀ."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
-    with math_attention():
+    with math_attention(), fresh_caches(model):
         for i in range(len(inputs)):
             f = output_fn(model(inputs[i : i + 1]))[0]
             for c in range(f.shape[0]):

@@ -5,7 +5,8 @@ off, batch normalisation still normalising with batch statistics (as the trainin
 running statistics restored afterwards, the RNG streams restored, gradients restored, autocast off
 (measurements run in float32), and every plain attribute of every submodule restored — the user's
 counters, cached tensors, lists of step outputs and torchmetrics states, which re-running the user's
-training step on a probe batch would otherwise advance. Compiled submodules run eagerly (double
+training step on a probe batch would otherwise advance — and caches that a module fills from its parameters
+in eval mode are emptied before each of its forwards. Compiled submodules run eagerly (double
 backward and ``torch.func`` transforms need the eager module). A run with observers ends with weights,
 metrics and logged values bit-identical to one without.
 """
@@ -61,7 +62,7 @@ def observing(model: nn.Module) -> Iterator[None]:
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
-        with preserved_attributes(model), eager_submodules(model):
+        with preserved_attributes(model), eager_submodules(model), fresh_caches(model):
             for module in model.modules():
                 # Train-mode statistics are part of the training loss; everything else random is switched off.
                 module.training = modes[module] and isinstance(module, _BatchNorm)
@@ -80,6 +81,42 @@ def observing(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@contextmanager
+def fresh_caches(model: nn.Module) -> Iterator[None]:
+    """Inside, every forward of a submodule starts with the caches it had on entry: a container attribute that
+    was empty then (timm's ``attention_bias_cache``, filled in eval mode) is empty again before each call. A
+    value cached from the parameters in one forward would be a constant in the next — its graph freed after one
+    backward, its parameters missing from every gradient, Hessian and kernel, with no error."""
+    modes = {m: m.training for m in model.modules()}
+    for module in model.modules():  # a module that manages state with its mode (timm clears its caches) does so now
+        if type(module).train is not nn.Module.train:
+            module.train(module.training)
+    for module, mode in modes.items():
+        module.training = mode
+    handles = []
+    emptied: list[tuple[nn.Module, str, Any]] = []
+    for module in model.modules():
+        empty = [k for k, v in vars(module).items() if k not in _MODULE_INTERNALS and type(v) in (dict, list) and not v]
+        if empty:
+            emptied += [(module, name, vars(module)[name]) for name in empty]
+
+            def reset(m: nn.Module, args: Any, names: list[str] = empty) -> None:
+                for name in names:
+                    value = vars(m).get(name)
+                    if type(value) in (dict, list):
+                        value.clear()
+
+            handles.append(module.register_forward_pre_hook(reset))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, name, original in emptied:  # as on entry: the same, empty, object
+            original.clear()
+            vars(module)[name] = original
 
 
 @contextmanager
