@@ -12,6 +12,8 @@
   caught and nothing steps), or ``loss_fn``;
 * results to every logger at the measurement's step and as arrays in ``<log_dir>/<name>/``, with the
   probe's fingerprint, so arrays of two runs are compared only on the same points;
+* its cost said once before training: one measurement timed against a training step (forward and
+  backward on the first batch), and the cadence that keeps it under ``max_cost_share`` of training time;
 * mistakes are refused before training (at the first batch, with what is wrong and the fix); a failure
   later (NaN, an op without double backward, ...) is a warning and a NaN, never a crashed run.
 """
@@ -19,10 +21,12 @@
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -70,7 +74,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         num_batches: int = 1,
         probe: Sequence[Any] | None = None,
         loss_fn: LossFn | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
+        if not 0 < max_cost_share < 1:
+            raise ValueError(f"max_cost_share={max_cost_share!r}: the share of training time to stay under, in (0, 1)")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"every_n_steps={every_n_steps!r}: measure every n ≥ 1 steps, or pass None")
         if not isinstance(num_batches, int) or num_batches < 1:
@@ -80,6 +87,8 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn={loss_fn!r} is not callable: give loss_fn(module, batch) -> scalar loss")
         self.every_n_steps, self.num_batches, self.loss_fn = every_n_steps, num_batches, loss_fn
+        self.max_cost_share = max_cost_share
+        self.cost: Cost | None = None  # estimated before the first training step
         self.probe: list[Any] = [] if probe is None else list(probe)
         self._given_probe = probe is not None
         self.run_dir: Path | None = None
@@ -123,6 +132,8 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._collect(trainer, batch)
         self._initial(trainer, pl_module)
+        if self.cost is None and self._probe_ready and trainer.global_step == 0 and self.every_n_steps is not None:
+            self._estimate_cost(trainer, pl_module, batch, None)
 
     def _initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure the initial model once the probe is complete (from the kept initial weights if it took
@@ -133,7 +144,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             snapshot, self._initial_state = self._initial_state, None
             if trainer.global_step == 0 or snapshot is not None:
                 with snapshot.restored(pl_module) if snapshot is not None else nullcontext():
+                    start = time.perf_counter()
                     self._safely_measure(trainer, pl_module, 0, initial=True)
+                    seconds = time.perf_counter() - start
+                self._estimate_cost(trainer, pl_module, self.probe[-1], seconds)
             self.initial_done = True
         elif trainer.global_step == 0 and self._initial_state is None:
             # the probe needs more batches: check it can be measured now, keep the initial model until then
@@ -271,6 +285,30 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             f"{type(self).__name__} cannot measure {type(trainer.lightning_module).__name__}: "
             f"{type(error).__name__}: {error}"
         ) from error
+
+    # --------------------------------------------------------------------------------- cost, said up front
+    def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
+        """Seconds one measurement takes on this model, from ``initial`` (the step-0 measurement's time, None when
+        there is none) or a timed trial of its own. Runs before the first training step."""
+        if initial is None:
+            raise NotImplementedError(f"{type(self).__name__} has no initial measurement to time")
+        return initial
+
+    def _estimate_cost(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, initial: float | None) -> None:
+        """Say once, before training, what one measurement costs against a training step and which cadence keeps
+        it under ``max_cost_share`` of training time. Never stops training: an estimate that fails is skipped."""
+        if trainer.global_rank != 0 or self.cost is not None:
+            return
+        try:
+            step = _training_step_seconds(self, pl_module, batch)
+            seconds = self.measurement_seconds(trainer, pl_module, initial)
+        except Exception as error:  # the estimate is advice; the measurements report their own failures
+            self.warn_once("cost", f"could not estimate its cost ({type(error).__name__}: {error})")
+            return
+        total = trainer.estimated_stepping_batches
+        self.cost = Cost(seconds, step, self.every_n_steps, total if math.isfinite(total) else None)
+        # an info line, not a warning: advice about time, which a warnings-as-errors test setup must not turn into a failure
+        self.warn_once("cost-estimate", self.cost.describe(self.max_cost_share), expected=True)
 
     def nan_keys(self) -> list[str]:
         return [self.name]
@@ -565,3 +603,71 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_size(next(iter(batch.values())))
     raise TypeError(f"cannot tell the size of a batch of type {type(batch).__name__}")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """One measurement's time against a training step's, estimated before training."""
+
+    seconds: float  # one measurement
+    step_seconds: float  # one training step: forward and backward of the training loss, timed on the first batch
+    every_n_steps: int | None  # None: once, at fit end
+    total_steps: int | None
+
+    @property
+    def steps(self) -> float:
+        """One measurement in training steps."""
+        return self.seconds / max(self.step_seconds, 1e-9)
+
+    def share(self) -> float | None:
+        """Measurement time over training time at the cadence (once per fit: over the run's steps)."""
+        if self.every_n_steps:
+            return self.steps / self.every_n_steps
+        return self.steps / self.total_steps if self.total_steps else None
+
+    def affordable(self, limit: float) -> bool:
+        share = self.share()
+        return share is not None and share <= limit
+
+    def cadence_for(self, limit: float) -> int:
+        """The smallest every_n_steps that keeps the measurements under ``limit`` of training time."""
+        return max(1, math.ceil(self.steps / limit))
+
+    def describe(self, limit: float) -> str:
+        head = (
+            f"one measurement takes ≈ {_seconds(self.seconds)} ≈ {self.steps:,.1f} training steps of this model (a "
+            f"step ≈ {_seconds(self.step_seconds)}, timed on the first batch)"
+        )
+        share = self.share()
+        if self.every_n_steps:
+            head += f"; every {self.every_n_steps} steps that adds ≈ {share:.0%} to training time"
+        elif share is not None:
+            head += f"; once at fit end that adds ≈ {share:.1%} to this run's {self.total_steps:,} steps"
+        if share is None or share <= limit:
+            return head
+        return head + f". every_n_steps ≥ {self.cadence_for(limit):,} keeps it under {limit:.0%}"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+_STEP_SECONDS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+def _training_step_seconds(callback: MeasurementCallback, module: L.LightningModule, batch: Any) -> float:
+    """A training step's time: forward and backward of the training loss on ``batch``, the faster of two tries
+    (the first pays for warm-up), inside an observation (gradients, statistics and RNG restored). Timed once per
+    module for all callbacks."""
+    if module in _STEP_SECONDS:
+        return _STEP_SECONDS[module]
+    times = []
+    with callback.observation(module):
+        for _ in range(2):
+            start = time.perf_counter()
+            loss = callback.training_loss(module, batch)
+            if loss.requires_grad:
+                loss.backward()
+            times.append(time.perf_counter() - start)
+    _STEP_SECONDS[module] = min(times)
+    return _STEP_SECONDS[module]

@@ -20,6 +20,7 @@ and compares widths.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,8 +88,9 @@ class AfterNTK(MeasurementCallback):
         flow_points: int = 101,
         task_power_at: Sequence[int] = (1, 5, 10, 20, 50),
         loss_fn: LossFn | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         if at not in ("fit_end", None):
             raise ValueError(f"at={at!r}; use 'fit_end' or None (with every_n_steps)")
         if at is None and every_n_steps is None:
@@ -167,6 +169,31 @@ class AfterNTK(MeasurementCallback):
                 memory_budget=self.memory_budget,
             )
         return self.measure(trainer, pl_module) if self.every_n_steps else {}
+
+    def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
+        """With a cadence, the initial measurement was one. At fit end only: kernels on 2 and 4 probe points timed
+        now, extrapolated linearly to the probe (one backward pass per point and output dominates)."""
+        if self.every_n_steps and initial is not None:
+            return initial
+        times = {}
+        with self.observation(pl_module):
+            call = self.network(pl_module, concat_batches(self.probe))  # runs the training step: observed
+            points = call.points
+            for size in (2, 2, min(4, points)):  # the first pays for warm-up
+                start = time.perf_counter()
+                with eval_mode(call.module):
+                    empirical_ntk(
+                        call.module,
+                        call.take(0, size),
+                        output_fn=self.output_fn,
+                        params=self.params,
+                        mode=self.mode,
+                        method=self.method,
+                        memory_budget=self.memory_budget,
+                    )
+                times[size] = time.perf_counter() - start
+        per_point = max(0.0, (times[max(times)] - times[2]) / max(1, max(times) - 2))
+        return times[2] + per_point * (points - 2)
 
     def _param_weights(self, trainer: L.Trainer, module: torch.nn.Module) -> dict[str, float] | None:
         if self.weights is None or not trainer.optimizers:

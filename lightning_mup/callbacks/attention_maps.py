@@ -49,8 +49,9 @@ class AttentionMaps(MeasurementCallback):
         num_batches: int = 1,
         probe: Sequence[Any] | None = None,
         loss_fn: LossFn | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         self.layers, self.heads, self.points = layers, heads, points
         self.reference = Path(reference) if reference is not None else None
 

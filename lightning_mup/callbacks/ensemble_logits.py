@@ -64,8 +64,9 @@ class EnsembleLogits(MeasurementCallback):
         logits_fn: LogitsFn | None = None,
         reference: str | Path | None = None,
         next_width: str | Path | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, None)
+        super().__init__(every_n_steps, num_batches, probe, None, max_cost_share)
         self.logits_fn = logits_fn
         self.reference = Path(reference) if reference is not None else None
         self.next_width = Path(next_width) if next_width is not None else None

@@ -77,8 +77,9 @@ class FeatureKernels(MeasurementCallback):
         reference: str | Path | None = None,
         loss_fn: LossFn | None = None,
         debiased: bool = True,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         self.layers, self.spatial, self.gradient = layers, spatial, gradient
         self.targets = targets or default_targets
         self.reference = Path(reference) if reference is not None else None

@@ -54,8 +54,9 @@ class PreactivationHistograms(MeasurementCallback):
         num_batches: int = 1,
         probe: Sequence[Any] | None = None,
         loss_fn: LossFn | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         self.layers, self.points, self.max_samples = layers, points, max_samples
         self.edges = np.asarray(edges if edges is not None else np.linspace(-6, 6, 122), dtype=np.float64)
 

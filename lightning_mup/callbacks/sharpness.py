@@ -75,8 +75,9 @@ class Sharpness(MeasurementCallback):
         loss_fn: LossFn | None = None,
         warm_start: bool = True,
         seed: int = 0,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r} must be an integer ≥ 1")
         if method not in EIGEN_METHODS:

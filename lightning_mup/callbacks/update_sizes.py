@@ -17,6 +17,7 @@ scales with width. Arrays go to ``<log_dir>/update_sizes/step_<step>.npz``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,8 +55,9 @@ class UpdateSizes(MeasurementCallback):
         num_batches: int = 1,
         probe: Sequence[Any] | None = None,
         loss_fn: LossFn | None = None,
+        max_cost_share: float = 0.05,
     ) -> None:
-        super().__init__(every_n_steps, num_batches, probe, loss_fn)
+        super().__init__(every_n_steps, num_batches, probe, loss_fn, max_cost_share)
         self.layers = layers
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._before_step: int | None = None
@@ -121,6 +123,14 @@ class UpdateSizes(MeasurementCallback):
         return {
             n: (weights[n].detach().clone(), torch.cat(rows[n]).clone()) for n in names if n in rows and n not in unseen
         }
+
+    def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
+        """Two captures of the layers' state (before and after a step), timed now."""
+        with self.observation(pl_module):
+            self._state(pl_module)  # warm-up, and what it cannot see is said here, before training
+            start = time.perf_counter()
+            self._state(pl_module)
+        return 2 * (time.perf_counter() - start)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)

@@ -143,7 +143,7 @@ def test_callbacks_leave_the_run_bit_identical(runs, name):
 
 @pytest.mark.parametrize("name", ["hf_gpt2_dict_batches", "hf_bert_mlm"])
 def test_after_ntk_refuses_sequence_logits_before_training(tmp_path, name):
-    with pytest.raises(MeasurementError, match=r"output has shape \(1, 8, 64\).*output_fn="):
+    with pytest.raises(MeasurementError, match=r"output has shape \(2, 8, 64\).*output_fn="):
         _fit(name, tmp_path, [AfterNTK()])
 
 

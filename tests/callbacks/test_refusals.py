@@ -211,3 +211,34 @@ def test_after_ntk_refuses_a_per_point_jacobian_over_its_memory_budget(tmp_path)
     ntk = AfterNTK(output_fn=lambda out: out.logits[:, -1, :16], memory_budget=2**20)
     with pytest.raises(MeasurementError, match=r"per-point Jacobian .*transformer.wte.weight.* needs 0.1 GiB"):
         quiet_trainer(tmp_path, 2, [ntk]).fit(module, loader(TokenDataset(16, vocab=64)))
+
+
+def test_the_cost_is_said_once_before_training_with_the_cadence_that_fits(tmp_path, caplog):
+    module = MLPRegressor(width=32, optimizer=SGD)
+    callbacks = [FeatureKernels(every_n_steps=1), AfterNTK()]
+    with caplog.at_level("INFO"):
+        quiet_trainer(tmp_path, 3, callbacks).fit(module, GegenbauerDataModule(batch_size=16, batches_per_epoch=4))
+    kernels, ntk = callbacks
+    said = [r.getMessage() for r in caplog.records if "one measurement takes" in r.getMessage()]
+    assert len(said) == 2  # once per callback, not per measurement
+    assert kernels.cost.every_n_steps == 1 and kernels.cost.steps > 0
+    assert ntk.cost.every_n_steps is None and ntk.cost.total_steps == 3
+    share = kernels.cost.share()
+    if share > 0.05:
+        needed = kernels.cost.cadence_for(0.05)
+        assert f"every_n_steps ≥ {needed:,} keeps it under 5%" in said[0]
+        assert needed * 0.05 >= kernels.cost.steps > (needed - 1) * 0.05
+    assert "once at fit end" in said[1]
+
+
+def test_the_cost_message_in_numbers():
+    from lightning_mup.callbacks._base import Cost
+
+    cost = Cost(seconds=1.0, step_seconds=0.01, every_n_steps=5, total_steps=None)
+    assert cost.steps == pytest.approx(100) and cost.share() == pytest.approx(20)
+    text = cost.describe(0.05)
+    assert "≈ 1.0 s ≈ 100.0 training steps" in text and "≈ 2000% to training time" in text
+    assert text.endswith("every_n_steps ≥ 2,000 keeps it under 5%")
+    assert "keeps it under" not in Cost(1.0, 0.01, 5000, None).describe(0.05)
+    with pytest.raises(ValueError, match="max_cost_share"):
+        FeatureKernels(max_cost_share=5)
