@@ -294,7 +294,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             raise NotImplementedError(f"{type(self).__name__} has no initial measurement to time")
         return initial
 
-    def _estimate_cost(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, initial: float | None) -> None:
+    def _estimate_cost(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, initial: float | None
+    ) -> None:
         """Say once, before training, what one measurement costs against a training step and which cadence keeps
         it under ``max_cost_share`` of training time. Never stops training: an estimate that fails is skipped."""
         if trainer.global_rank != 0 or self.cost is not None:

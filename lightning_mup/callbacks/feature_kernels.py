@@ -15,6 +15,7 @@ Saves every kernel to ``<log_dir>/feature_kernels/step_<step>.npz`` (keys ``phi/
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,7 @@ class FeatureKernels(MeasurementCallback):
                     f"{n}'s output {tuple(seen[n].shape)} no longer has {rows[n].fold} row(s) per probe point along "
                     f"dimension {rows[n].axis}, as it had on the first probe batch"
                 )
-        out = {
-            f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n), rows[n], points)) for n in names
-        }
+        out = {f"phi/{n}": feature_kernel(features(seen[n].detach(), self._spatial(n), rows[n], points)) for n in names}
         if self.gradient:
             # a frozen part's outputs carry no gradient (nothing flows back into it): no G there
             live = [n for n in names if seen[n].requires_grad]
@@ -125,12 +124,15 @@ class FeatureKernels(MeasurementCallback):
                     out[f"grad/{n}"] = gradient_kernel(features(g * points, self._spatial(n), rows[n], points))
         return out
 
-    def _point_rows(self, pl_module: L.LightningModule, batch: Any, names: list[str], points: int) -> dict[str, PointAxis]:
+    def _point_rows(
+        self, pl_module: L.LightningModule, batch: Any, names: list[str], points: int
+    ) -> dict[str, PointAxis]:
         """Where the probe points are in each layer's output, measured once (on the first probe) from forwards on
         all points and on the first half; a layer where no one dimension holds them is left out, said once."""
         if self._rows is not None and self._rows[0] == tuple(names):
             return self._rows[1]
         half = max(1, points // 2)
+        start = time.perf_counter()
         with torch.no_grad(), eval_mode(pl_module):  # per-point rows: batch statistics would mix the points
             with capturing(pl_module, names) as full:
                 self.training_loss(pl_module, batch)
@@ -156,7 +158,12 @@ class FeatureKernels(MeasurementCallback):
                 )
             rows[n] = where
         self._rows = (tuple(names), rows)
+        self._rows_seconds = time.perf_counter() - start
         return rows
+
+    def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
+        """The initial measurement, less the two forwards that found each layer's rows (done once)."""
+        return super().measurement_seconds(trainer, pl_module, initial) - getattr(self, "_rows_seconds", 0.0)
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         batch = concat_batches(self.probe)

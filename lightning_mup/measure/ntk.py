@@ -243,7 +243,9 @@ def _layerwise(layout: _Layout, weights: dict[str, float], budget: int, diagonal
             for i, t, g in zip(needed, targets, gs)
         }
         if diagonal:  # same-output pairs only: use this output's gradients now, keep nothing
-            _accumulate(layout, inputs, {i: g.unsqueeze(1) for i, g in grads.items()}, weights, budget, kernel[c : c + 1], True)
+            _accumulate(
+                layout, inputs, {i: g.unsqueeze(1) for i, g in grads.items()}, weights, budget, kernel[c : c + 1], True
+            )
         else:
             for i, g in grads.items():
                 kept[i].append(g)

@@ -72,15 +72,25 @@ class SharedAndFunctional(nn.Module):
 
 def _tiny_vit():
     model = TinyVit(
-        embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_sizes=(4, 4, 4, 2),
-        num_classes=3, drop_path_rate=0.0,
+        embed_dims=(8, 16, 16, 16),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 2, 2),
+        window_sizes=(4, 4, 4, 2),
+        num_classes=3,
+        drop_path_rate=0.0,
     )
     return model, torch.randn(4, 3, 64, 64)
 
 
 def _swin():
     model = SwinTransformer(
-        img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), num_classes=3,
+        img_size=32,
+        patch_size=4,
+        window_size=4,
+        embed_dim=8,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        num_classes=3,
         drop_path_rate=0.0,
     )
     return model, torch.randn(4, 3, 32, 32)
@@ -118,7 +128,9 @@ def test_ntk_at_the_defaults_equals_the_per_point_jacobian(name):
     reference = naive_ntk(model, x, mode="full")
     for mode in ("full", "trace"):
         kernel = empirical_ntk(model, x, mode=mode)
-        expected = reference if mode == "full" else reference.reshape(len(x), 3, len(x), 3).diagonal(dim1=1, dim2=3).sum(-1)
+        expected = (
+            reference if mode == "full" else reference.reshape(len(x), 3, len(x), 3).diagonal(dim1=1, dim2=3).sum(-1)
+        )
         torch.testing.assert_close(kernel, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -208,7 +220,7 @@ def test_update_sizes_see_every_use_and_say_which_they_cannot():
         shared.network.shared.weight.add_(0.01)
     w1, rows1 = callback._state(shared)["network.shared"]
     ours = update_sizes(w0, w1, rows, rows1)
-    assert ours["dW_x"] == pytest.approx(0.01 * float(rows.sum(1).pow(2).mean().sqrt()) , rel=1e-5)
+    assert ours["dW_x"] == pytest.approx(0.01 * float(rows.sum(1).pow(2).mean().sqrt()), rel=1e-5)
     assert h.shape == (5, 3)
 
 
