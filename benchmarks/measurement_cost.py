@@ -208,78 +208,12 @@ def callback_costs(steps: int, measurements: int, only: str | None = None) -> No
             print(f"{name:14s} {type(callback).__name__:24s} {per:14.3f} {in_steps:8.1f} {label:>8s} {share:7.1%}")
 
 
-def estimate_accuracy(steps: int = 8) -> None:
-    """Each callback's own estimate (said before training) against what its measurements then took."""
-    print("\nthe cost each callback states before training, against what it then took (s per measurement)")
-    print(f"{'model':14s} {'callback':16s} {'estimated':>10s} {'measured':>10s} {'ratio':>6s} {'step est.':>10s} {'step':>8s}")
-    for name in MODELS:
-        lm = "gpt2" in name
-        for callback in (
-            Sharpness(every_n_steps=2),
-            FeatureKernels(every_n_steps=2),
-            UpdateSizes(every_n_steps=2),
-            AfterNTK(output_fn=(lambda out: out.logits[:, -1]) if lm else None),
-        ):
-            measures: list[float] = []  # measure() at steps > 0
-            befores: list[float] = []  # UpdateSizes: the state kept just before the step, outside measure()
-            inside = [False]
-
-            def wrap(fn, collect, nested: bool):
-                def run(*args, **kwargs):
-                    inside[0], was = (True if nested else inside[0]), inside[0]
-                    start = time.perf_counter()
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        inside[0] = was
-                        if callback.cost is not None and (nested and callback.step > 0 or not nested and not was):
-                            collect(time.perf_counter() - start)
-
-                return run
-
-            callback.measure = wrap(callback.measure, measures.append, True)
-            if isinstance(callback, UpdateSizes):
-                callback._state = wrap(callback._state, befores.append, False)
-            timer = _StepTimer()
-            _fit_with(name, [timer, callback], steps)
-            measured = statistics.mean(measures) + (statistics.mean(befores) if befores else 0.0)
-            cost = callback.cost
-            step = statistics.median(timer.times[2:])
-            print(
-                f"{name:14s} {type(callback).__name__:16s} {cost.seconds:10.3f} {measured:10.3f} "
-                f"{cost.seconds / measured:6.2f} {cost.step_seconds:10.4f} {step:8.4f}"
-            )
-
-
-def _fit_with(name: str, callbacks, steps: int) -> None:
-    make, data, base = MODELS[name]
-    torch.manual_seed(0)
-    strategy = MuPStrategy(base=base) if base is not None else "auto"
-    with tempfile.TemporaryDirectory() as root:
-        L.Trainer(
-            default_root_dir=root,
-            accelerator="cpu",
-            max_steps=steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            limit_val_batches=0,
-            callbacks=callbacks,
-            strategy=strategy,
-        ).fit(make(), data())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--measurements", type=int, default=3)
     parser.add_argument("--only", default=None, help="one callback's cost only, e.g. --only UpdateSizes")
-    parser.add_argument("--estimates", action="store_true", help="only the stated estimates against the measured cost")
     args = parser.parse_args()
-    if args.estimates:
-        estimate_accuracy()
-        return
     if args.only is None:
         step_ratios()
         recompiles()

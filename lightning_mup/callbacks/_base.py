@@ -309,7 +309,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             return
         total = trainer.estimated_stepping_batches
         self.cost = Cost(seconds, step, self.every_n_steps, total if math.isfinite(total) else None)
-        # an info line, not a warning: advice about time, which a warnings-as-errors test setup must not turn into a failure
+        # an info line, not a warning: advice about time, which warnings-as-errors must not turn into a failure
         self.warn_once("cost-estimate", self.cost.describe(self.max_cost_share), expected=True)
 
     def nan_keys(self) -> list[str]:

@@ -154,7 +154,8 @@ class FeatureKernels(MeasurementCallback):
             if full.calls[n] > 1:
                 self.warn_once(
                     f"calls:{n}",
-                    f"{n} runs {full.calls[n]} times per forward (shared weights); its kernels are those of its last call",
+                    f"{n} runs {full.calls[n]} times per forward (shared weights); its kernels are those of its "
+                    "last call",
                 )
             rows[n] = where
         self._rows = (tuple(names), rows)

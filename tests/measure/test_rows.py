@@ -158,8 +158,8 @@ def _per_point(module, layer, x, y):
     target = dict(module.named_modules())[layer]
     phis, grads = [], []
     for i in range(len(x)):
-        seen = []
-        handle = target.register_forward_hook(lambda m, a, out: seen.append(out))
+        seen: list[torch.Tensor] = []
+        handle = target.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out))
         loss = module.training_step((x[i : i + 1], y[i : i + 1]), 0)
         handle.remove()
         (g,) = torch.autograd.grad(loss, seen[-1])
