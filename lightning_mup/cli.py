@@ -44,10 +44,12 @@ def coord_check_main(argv: list[str]) -> None:
     """``lightning-mup coord-check``: argparse, with the same flag style as ``sweep``."""
     import argparse
 
+    from lightning_mup._help import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="lightning-mup coord-check",
         description=COMMANDS["coord-check"],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--config",

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mup._help import HelpFormatter
+
 LIMIT_FILE = "limit.npz"
 
 
@@ -189,7 +191,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-mup limit",
         description="the infinite-width (DMFT) limit of a recipe in the solver's scope, written to limit.npz",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (e.g. recipes/gegenbauer_limit.yaml)")
     parser.add_argument("--out", type=Path, default=Path(LIMIT_FILE), help="where limit.npz goes (a sweep folder)")

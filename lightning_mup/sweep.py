@@ -470,10 +470,17 @@ def main(argv: list[str]) -> None:
     """``lightning-mup sweep`` (argparse: ``--config`` is this command's own flag, not a config file of it)."""
     import argparse
 
-    if argv[:1] == ["--status"]:
+    from lightning_mup._help import HelpFormatter
+
+    if "--status" in argv:
         status = argparse.ArgumentParser(prog="lightning-mup sweep --status", description="where a sweep stands")
         status.add_argument("out", type=Path, help="the sweep folder")
-        folder = status.parse_args(argv[1:]).out
+        rest = [a for a in argv if a != "--status"]
+        if len(rest) != 1:
+            status.error(
+                f"--status takes the sweep folder alone, e.g. lightning-mup sweep --status sweeps/mlp; got {rest}"
+            )
+        folder = status.parse_args(rest).out
         try:
             print_status(folder)
         except FileNotFoundError as error:
@@ -483,23 +490,28 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-mup sweep",
         description=sweep_command.__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (LightningCLI YAML using MuPStrategy)")
-    parser.epilog = "lightning-mup sweep --status SWEEP_DIR shows which runs are done, running, interrupted or failed."
     parser.add_argument("--widths", required=True, help="comma-separated widths, e.g. 64,128,256,512")
     parser.add_argument("--seeds", type=int, default=1, help="initialisation seeds per cell")
-    parser.add_argument("--lrs", default=None, help="comma-separated learning rates")
-    parser.add_argument("--parametrization", default=None, help="comma-separated forms, e.g. mup,sp,ntk")
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the recipe's)")
+    parser.add_argument(
+        "--parametrization", default=None, help="comma-separated forms, e.g. mup,sp,ntk (default: the recipe's)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--out", type=Path, default=None, help="the sweep folder (default sweeps/<recipe>)")
-    parser.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    parser.add_argument("--out", type=Path, default=None, help="the sweep folder (default: sweeps/<recipe>)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="trainer.max_steps of every run (default: the recipe's)"
+    )
     parser.add_argument("--retries", type=int, default=1, help="restarts of a failed run")
     parser.add_argument("--width-key", default="model.init_args.width", help="where the width lives in the recipe")
     parser.add_argument(
         "--lr-key", default="model.init_args.optimizer.init_args.lr", help="where the learning rate lives"
     )
-    parser.add_argument("--depths", default=None, help="comma-separated depths, e.g. 2,4,8,16")
+    parser.add_argument(
+        "--depths", default=None, help="comma-separated depths, e.g. 2,4,8,16 (default: the recipe's depth alone)"
+    )
     parser.add_argument("--depth-key", default="model.init_args.depth", help="where the depth lives in the recipe")
     parser.add_argument(
         "--grid",
@@ -511,14 +523,24 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
     parser.add_argument("--launcher", default="local", choices=LAUNCHERS, help="where runs run")
-    parser.add_argument("--devices", type=int, default=None, help="devices per run (trainer.devices)")
-    parser.add_argument("--nodes", type=int, default=None, help="nodes per run (trainer.num_nodes)")
+    parser.add_argument(
+        "--devices", type=int, default=None, help="devices per run (default: the recipe's trainer.devices)"
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=None, help="nodes per run (default: the recipe's trainer.num_nodes)"
+    )
     parser.add_argument(
         "--slurm", action="append", default=[], metavar="KEY=VALUE", help="submitit/SLURM parameter (repeatable)"
     )
+    parser.add_argument(
+        "--status",
+        metavar="SWEEP_DIR",
+        help="instead of running: which runs of the sweep in SWEEP_DIR are done, running, interrupted or failed "
+        "(give it alone: lightning-mup sweep --status SWEEP_DIR)",
+    )
     args = parser.parse_args(argv)
     try:
-        sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+        sweep_command(**{k.replace("-", "_"): v for k, v in vars(args).items() if k != "status"})
     except ValueError as error:  # bad flags: say which and how, before any run starts
         parser.error(str(error))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning  # noqa: F401  (imported here, its log handler writes to the real stderr, not one test's capture)
 import pytest
 
 from lightning_mup.cli import main
@@ -107,3 +108,17 @@ def test_coord_check_flags_match_the_sweeps(capsys):
         main(["coord-check", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # help text wraps at the terminal width
     assert "lightning-mup coord-check" in out and "--batch-size" in out and "(default: mup,sp)" in out
+
+
+@pytest.mark.parametrize("command", ["sweep", "limit", "coord-check"])
+def test_help_shows_defaults_that_are_values_once_and_every_mode(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in out and "(default: [])" not in out
+    assert "(default: all; fewer for large P·T — their sampling error is in the error bars) (default" not in out
+    if command == "sweep":
+        assert "--status SWEEP_DIR instead of running" in out  # an option, not an epilogue
+        assert "--seeds SEEDS initialisation seeds per cell (default: 1)" in out
+        assert "--lrs LRS comma-separated learning rates (default: the recipe's)" in out

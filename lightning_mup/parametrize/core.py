@@ -242,6 +242,15 @@ def _parametrize(
         untied=[unwrap_name(n) for n in untied],
     )
     record.attach(model)
+    narrower = sorted({p.width_mult for p in record.params.values() if p.width_mult < 1})
+    if narrower:
+        _warn(
+            record,
+            f"the model is narrower than its base (width× {_span([f'{m:g}' for m in narrower])}): the μP rules "
+            "hold below the base too, but hyperparameters are usually tuned on the small base and carried to "
+            "wider models — check that base= describes the small, tuned model (a sweep that includes narrower "
+            "widths on purpose can ignore this)",
+        )
     if check and not keep_weights:
         _self_check(
             model,

@@ -123,3 +123,9 @@ def test_the_role_map_ignores_compile_wrappers():
 def test_a_module_without_parameters_is_named_as_such():
     with pytest.raises(ValueError, match="has no parameters, so there is nothing to parametrize"):
         parametrize(nn.ReLU(), base=lambda: nn.ReLU())
+
+
+def test_a_model_narrower_than_its_base_is_said():
+    with pytest.warns(UserWarning, match=r"narrower than its base \(width× 0.25\).*base= describes the small"):
+        record = parametrize(mlp(16), base=lambda: mlp(64))
+    assert any("narrower than its base" in note for note in record.notes)
