@@ -12,8 +12,9 @@
   caught and nothing steps), or ``loss_fn``;
 * results to every logger at the measurement's step and as arrays in ``<log_dir>/<name>/``, with the
   probe's fingerprint, so arrays of two runs are compared only on the same points;
-* its cost said once before training: one measurement timed against a training step (forward and
-  backward on the first batch), and the cadence that keeps it under ``max_cost_share`` of training time;
+* its cost said once, up front: one measurement timed before training (the step-0 measurement or a trial),
+  against a training step timed on the first steps, and the cadence that keeps it under
+  ``max_cost_share`` of training time;
 * mistakes are refused before training (at the first batch, with what is wrong and the fix); a failure
   later (NaN, an op without double backward, ...) is a warning and a NaN, never a crashed run.
 """
@@ -88,7 +89,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             raise TypeError(f"loss_fn={loss_fn!r} is not callable: give loss_fn(module, batch) -> scalar loss")
         self.every_n_steps, self.num_batches, self.loss_fn = every_n_steps, num_batches, loss_fn
         self.max_cost_share = max_cost_share
-        self.cost: Cost | None = None  # estimated before the first training step
+        self.cost: Cost | None = None  # said once the first training steps are timed
+        self._measurement_seconds: float | None = None  # one measurement, timed before training
+        self._batch_seconds: list[float] = []
+        self._batch_started: tuple[float, float] | None = None
         self.probe: list[Any] = [] if probe is None else list(probe)
         self._given_probe = probe is not None
         self.run_dir: Path | None = None
@@ -132,8 +136,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._collect(trainer, batch)
         self._initial(trainer, pl_module)
-        if self.cost is None and self._probe_ready and trainer.global_step == 0 and self.every_n_steps is not None:
-            self._estimate_cost(trainer, pl_module, batch, None)
+        if self._measurement_seconds is None and self._probe_ready and self.every_n_steps is not None:
+            self._time_measurement(trainer, pl_module, None)  # no initial measurement: a trial of its own
+        self._batch_started = (time.perf_counter(), _OWN_WORK.seconds)
 
     def _initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure the initial model once the probe is complete (from the kept initial weights if it took
@@ -147,7 +152,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
                     start = time.perf_counter()
                     self._safely_measure(trainer, pl_module, 0, initial=True)
                     seconds = time.perf_counter() - start
-                self._estimate_cost(trainer, pl_module, self.probe[-1], seconds)
+                self._time_measurement(trainer, pl_module, seconds)
             self.initial_done = True
         elif trainer.global_step == 0 and self._initial_state is None:
             # the probe needs more batches: check it can be measured now, keep the initial model until then
@@ -155,6 +160,12 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             self._initial_state = _Snapshot.of(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._batch_started is not None:  # this batch's training time, every measurement's own work left out
+            started, own = self._batch_started
+            self._batch_seconds.append(time.perf_counter() - started - (_OWN_WORK.seconds - own))
+            self._batch_started = None
+            if len(self._batch_seconds) == _TIMED_BATCHES + 1:
+                self._say_cost(trainer)
         if not self._probe_ready and not self._given_probe and batch_idx + 1 >= trainer.num_training_batches:
             self._freeze_probe()  # the epoch ends before the probe is complete: a longer one would repeat points
             self._initial(trainer, pl_module)
@@ -164,6 +175,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._initial_state = None
+        self._say_cost(trainer)  # a run shorter than the steps it waits for
         if not self._probe_ready:
             self.warn_once(
                 "probe",
@@ -233,6 +245,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             yield
 
     def _safely_measure(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, initial=False) -> None:
+        with _OWN_WORK.counting():
+            self._measure_now(trainer, pl_module, step, initial)
+
+    def _measure_now(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, initial: bool) -> None:
         self.step = step
         if self.gather_probe and trainer.global_rank != 0:  # rank 0 measures alone on the gathered probe
             if initial:
@@ -294,21 +310,29 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             raise NotImplementedError(f"{type(self).__name__} has no initial measurement to time")
         return initial
 
-    def _estimate_cost(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, initial: float | None
-    ) -> None:
-        """Say once, before training, what one measurement costs against a training step and which cadence keeps
-        it under ``max_cost_share`` of training time. Never stops training: an estimate that fails is skipped."""
-        if trainer.global_rank != 0 or self.cost is not None:
+    def _time_measurement(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> None:
+        """Keep what one measurement costs (rank 0, before the first training step). Never stops training: a
+        trial that fails is said and skipped."""
+        if trainer.global_rank != 0 or self._measurement_seconds is not None:
             return
         try:
-            step = _training_step_seconds(self, pl_module, batch)
-            seconds = self.measurement_seconds(trainer, pl_module, initial)
+            with _OWN_WORK.counting():
+                self._measurement_seconds = self.measurement_seconds(trainer, pl_module, initial)
         except Exception as error:  # the estimate is advice; the measurements report their own failures
-            self.warn_once("cost", f"could not estimate its cost ({type(error).__name__}: {error})")
+            self._measurement_seconds = math.nan
+            self.warn_once("cost", f"could not time a measurement ({type(error).__name__}: {error})")
+
+    def _say_cost(self, trainer: L.Trainer) -> None:
+        """Say once what one measurement costs against a training step, and which cadence keeps it under
+        ``max_cost_share`` of training time: as soon as the first training steps are timed (the first, which
+        pays for warm-up, left out), or at the end of a shorter run."""
+        seconds = self._measurement_seconds
+        if self.cost is not None or seconds is None or not math.isfinite(seconds) or not self._batch_seconds:
             return
+        timed = self._batch_seconds[1 : _TIMED_BATCHES + 1] or self._batch_seconds
+        step = float(np.median(timed)) * trainer.accumulate_grad_batches
         total = trainer.estimated_stepping_batches
-        self.cost = Cost(seconds, step, self.every_n_steps, total if math.isfinite(total) else None)
+        self.cost = Cost(seconds, step, self.every_n_steps, int(total) if math.isfinite(total) else None)
         # an info line, not a warning: advice about time, which warnings-as-errors must not turn into a failure
         self.warn_once("cost-estimate", self.cost.describe(self.max_cost_share), expected=True)
 
@@ -367,14 +391,22 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def network_call(self, pl_module: L.LightningModule, batch: Any) -> ModelCall:
         """The network the training step runs on ``batch``, with the arguments the step gives it (recorded by
-        running the step once): ``self(x)`` when the module has its own forward, else e.g. ``self.model(**batch)``."""
-        with torch.no_grad():
-            return network_call(
-                pl_module,
-                lambda: self.training_loss(pl_module, batch),
-                own_forward=has_own_forward(pl_module),
-                exclude=(Metric,),
-            )
+        running the step once): ``self(x)`` when the module has its own forward, else e.g. ``self.model(**batch)``.
+        The step's batch-norm statistics updates are undone at once: what is measured next in eval mode must see
+        the running statistics training left, not ones moved by this probe."""
+        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        try:
+            with torch.no_grad():
+                return network_call(
+                    pl_module,
+                    lambda: self.training_loss(pl_module, batch),
+                    own_forward=has_own_forward(pl_module),
+                    exclude=(Metric,),
+                )
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
 
     def probe_weights(self, trainer: L.Trainer) -> list[float]:
         """Each local probe batch's share of the global probe set (sums to 1 over all ranks)."""
@@ -612,7 +644,7 @@ class Cost:
     """One measurement's time against a training step's, estimated before training."""
 
     seconds: float  # one measurement
-    step_seconds: float  # one training step: forward and backward of the training loss, timed on the first batch
+    step_seconds: float  # one training step, timed on the first steps (the callbacks' own work left out)
     every_n_steps: int | None  # None: once, at fit end
     total_steps: int | None
 
@@ -638,7 +670,7 @@ class Cost:
     def describe(self, limit: float) -> str:
         head = (
             f"one measurement takes ≈ {_seconds(self.seconds)} ≈ {self.steps:,.1f} training steps of this model (a "
-            f"step ≈ {_seconds(self.step_seconds)}, timed on the first batch)"
+            f"step ≈ {_seconds(self.step_seconds)}, timed on the first steps)"
         )
         share = self.share()
         if self.every_n_steps:
@@ -651,25 +683,32 @@ class Cost:
 
 
 def _seconds(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1e3:.2g} ms"
     return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
-_STEP_SECONDS: weakref.WeakKeyDictionary[torch.nn.Module, float] = weakref.WeakKeyDictionary()
+_TIMED_BATCHES = 2  # batches timed after the first
 
 
-def _training_step_seconds(callback: MeasurementCallback, module: L.LightningModule, batch: Any) -> float:
-    """A training step's time: forward and backward of the training loss on ``batch``, the faster of two tries
-    (the first pays for warm-up), inside an observation (gradients, statistics and RNG restored). Timed once per
-    module for all callbacks."""
-    if module in _STEP_SECONDS:
-        return _STEP_SECONDS[module]
-    times = []
-    with callback.observation(module):
-        for _ in range(2):
-            start = time.perf_counter()
-            loss = callback.training_loss(module, batch)
-            if loss.requires_grad:
-                loss.backward()
-            times.append(time.perf_counter() - start)
-    _STEP_SECONDS[module] = min(times)
-    return _STEP_SECONDS[module]
+class _OwnWork:
+    """Seconds spent in measurements (every callback's), left out of the training-step times they are set
+    against. Nested counting counts once."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        self._depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.seconds += time.perf_counter() - start
+
+
+_OWN_WORK = _OwnWork()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_mup._names import select, unwrap_name
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
+from lightning_mup.callbacks._base import _OWN_WORK, LossFn, MeasurementCallback, concat_batches
 from lightning_mup.measure.rows import linear_uses
 from lightning_mup.measure.updates import update_sizes
 
@@ -148,7 +148,7 @@ class UpdateSizes(MeasurementCallback):
         if target is None:
             return
         try:
-            with self.observation(pl_module):
+            with _OWN_WORK.counting(), self.observation(pl_module):
                 self._before, self._before_step, self._before_error = self._state(pl_module), target, None
         except Exception as error:  # reported by the measurement after the step; training goes on
             self._before, self._before_step, self._before_error = None, target, f"{type(error).__name__}: {error}"

@@ -60,13 +60,22 @@ def width_axis(ax, widths: Iterable[float]) -> None:
 
 
 def _plain_ticks_within_a_decade(ax) -> None:
-    """On a narrow log axis matplotlib labels minor ticks as 3.85×10⁻¹: print 0.385."""
-    from matplotlib.ticker import FuncFormatter
+    """Readable labels on a narrow log axis: within 3× matplotlib labels minor ticks as 3.85×10⁻¹ (print 0.385);
+    within two decades it labels every minor tick near a decade (0.01, 0.009, 0.008 … overlapping): label 1, 2
+    and 5 of each decade instead, plainly."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if ax.get_yscale() != "log":
         return
     low, high = ax.get_ylim()
-    if low > 0 and high / low < 3:  # wider: matplotlib labels only some minor ticks, keep that
-        plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    if low <= 0:
+        return
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    if high / low < 3:  # too narrow for 1-2-5: label what matplotlib places
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
+    elif high / low < 100:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(low, high)

@@ -108,3 +108,47 @@ def test_fig9_lazy_mlp_spectra_agree_task_power_does_not(tmp_path):
         assert np.max(np.abs(predicted - ensembled) / ensembled) < 0.1, (width, predicted, ensembled)
     final = [merge_runs(runs[w], step=steps)["ensemble_loss"] for w in widths]
     assert final == sorted(final, reverse=True), final  # wider is better, even ensembled
+
+
+def test_window_attention_at_its_defaults_equals_the_per_point_jacobian(tmp_path):
+    """TinyViT at 64²: its window attention folds images × windows into a Linear's leading dimension (the
+    layer-wise kernel once read those rows as points and crashed after the other callbacks had run)."""
+    import lightning as L
+    import torch.nn.functional as F
+    from timm.models.tiny_vit import TinyVit
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_mup.measure.ntk import naive_ntk
+    from lightning_mup.measure.observe import eval_mode
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyVit(
+                embed_dims=(8, 16, 16, 16),
+                depths=(1, 1, 1, 1),
+                num_heads=(1, 1, 2, 2),
+                window_sizes=(4, 4, 4, 2),
+                num_classes=3,
+                drop_path_rate=0.0,
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 64, 64), torch.randint(0, 3, (8,)))
+    module = Classifier()
+    callback = AfterNTK()
+    quiet_trainer(tmp_path, 2, [callback]).fit(module, DataLoader(data, batch_size=4))
+    saved = _arrays(tmp_path)
+    with eval_mode(module):
+        expected = naive_ntk(module, callback.probe[0][0]).numpy()
+    np.testing.assert_allclose(saved["kernel"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

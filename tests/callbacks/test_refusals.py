@@ -213,7 +213,7 @@ def test_after_ntk_refuses_a_per_point_jacobian_over_its_memory_budget(tmp_path)
         quiet_trainer(tmp_path, 2, [ntk]).fit(module, loader(TokenDataset(16, vocab=64)))
 
 
-def test_the_cost_is_said_once_before_training_with_the_cadence_that_fits(tmp_path, caplog):
+def test_the_cost_is_said_once_up_front_with_the_cadence_that_fits(tmp_path, caplog):
     module = MLPRegressor(width=32, optimizer=SGD)
     callbacks = [FeatureKernels(every_n_steps=1), AfterNTK()]
     with caplog.at_level("INFO"):
