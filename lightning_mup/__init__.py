@@ -17,9 +17,12 @@ from lightning_mup.parametrize import (
 __version__ = "0.1.0"
 
 # The Lightning layer is imported on first use: `import lightning_mup` for the pure-torch core stays fast.
-_LAZY = {
-    name: "lightning_mup.strategy"
-    for name in ("MuPStrategy", "MuPModelParallelStrategy", "MuPFSDPStrategy", "EnsembleStrategy")
+_LAZY = {name: "lightning_mup.strategy" for name in ("MuPStrategy", "MuPModelParallelStrategy", "EnsembleStrategy")}
+# Names that once were public: importing one says what replaced it.
+_RETIRED = {
+    "MuPFSDPStrategy": "MuPFSDPStrategy (torch's FSDP1 wrapper) is retired: use lightning_mup.MuPModelParallelStrategy "
+    "and apply torch.distributed.fsdp.fully_shard to your layers in LightningModule.configure_model (CPU and GPU; "
+    "tested in CI on CPU with 2 processes)",
 }
 
 
@@ -28,13 +31,14 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _RETIRED:  # an ImportError: `from lightning_mup import X` shows it as it is
+        raise ImportError(_RETIRED[name])
     raise AttributeError(f"module 'lightning_mup' has no attribute {name!r}")
 
 
 __all__ = [
     "CoordCheck",
     "EnsembleStrategy",
-    "MuPFSDPStrategy",
     "MuPModelParallelStrategy",
     "MuPStrategy",
     "Parametrization",

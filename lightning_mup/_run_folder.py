@@ -5,14 +5,17 @@ report — one place, so the writers and the reader cannot drift apart (no Light
     <sweep>/<run>/run.json, log.txt         one run's settings and status, its output
     <log_dir>/mup.json                      the role map MuPStrategy applied
     <log_dir>/<callback>/step_<step>.npz    a measurement callback's arrays at a global step
+    <sweep>/limit.npz                       the infinite-width limit of the sweep's recipe (lightning-mup limit)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SWEEP_FILE, RUN_FILE, LOG_FILE = "sweep.json", "run.json", "log.txt"
 ROLE_MAP_FILE = "mup.json"
+LIMIT_FILE = "limit.npz"
 
 
 def step_file(step: int) -> str:
@@ -43,3 +46,24 @@ def fingerprint(batch: object) -> str:
             digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def recipe_fingerprint(config: dict) -> str:
+    """What the limit depends on in a run's configuration (LightningCLI's, as each run saves it): the data, the
+    model but its width, the optimizer, μP's form and multipliers, the steps — not the width or member seed. The
+    report compares a sweep's runs with their limit by it."""
+    trainer = config.get("trainer") or {}
+    strategy = (trainer.get("strategy") or {}) if isinstance(trainer.get("strategy"), dict) else {}
+    strategy_args = strategy.get("init_args") or {}
+    model = config.get("model") or {}
+    model_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "width"}
+    kept = {
+        "model": [model.get("class_path"), model_args],
+        "data": config.get("data"),
+        "strategy": {
+            key: strategy_args.get(key)
+            for key in ("parametrization", "gamma0", "output_mult", "readout_zero_init", "lr_mults", "depth_alpha")
+        },
+        "trainer": {key: trainer.get(key) for key in ("max_steps", "accumulate_grad_batches", "gradient_clip_val")},
+    }
+    return json.dumps(kept, sort_keys=True, default=str)

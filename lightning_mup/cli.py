@@ -107,6 +107,7 @@ def recipe_coord_check(
 
     from lightning_mup._hparams import rebuild_with_overrides
     from lightning_mup.parametrize.coord_check import coord_check, plot_coord_checks
+    from lightning_mup.recipe import lightning_cli
     from lightning_mup.strategy import _MuP
 
     cli = lightning_cli(["--config", str(config), *overrides], run=False)
@@ -199,44 +200,6 @@ def coord_check_command(
     print(f"figure: {path}")
 
 
-def lightning_cli(args: list[str], threads: int | None = None, run: bool = True):
-    """LightningCLI over any LightningModule / LightningDataModule given by class_path in the config.
-
-    ``threads``: torch's intra-op threads (default: one per process on CPU — the recipes' small models run
-    fastest so, and a loaded machine far faster: 67 s against 174 s for 300 steps on 2 busy cores).
-    ``run=False``: parse and build model, data and trainer without a subcommand (``args`` then has none)."""
-    import torch
-    from lightning.pytorch.cli import LightningCLI
-
-    import lightning_mup.strategy  # noqa: F401  (registers strategy="mup")
-    from lightning_mup._progress import RunFolder, StepProgressBar
-
-    class CLI(LightningCLI):
-        def _instantiate_trainer(self, config, callbacks):
-            callbacks = [*callbacks, RunFolder()]
-            if config.get("enable_progress_bar", True) is not False:
-                callbacks.append(StepProgressBar())
-            return super()._instantiate_trainer(config, callbacks)
-
-        def parse_arguments(self, parser, args):
-            # The arguments are `args`; LightningCLI warns when it also sees sys.argv. Hide argv only while
-            # parsing: Lightning's DDP launcher re-runs sys.argv in the child processes.
-            saved, sys.argv = sys.argv, sys.argv[:1]
-            try:
-                super().parse_arguments(parser, args)
-            finally:
-                sys.argv = saved
-
-    torch.set_num_threads(threads or int(os.environ.get("LIGHTNING_MUP_THREADS", 1)))
-    return CLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -248,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         if command in TRAINER_COMMANDS:
+            from lightning_mup.recipe import lightning_cli
+
             lightning_cli(argv)
         elif command == "sweep":
             from lightning_mup.sweep import main as sweep_main

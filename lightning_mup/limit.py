@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from lightning_mup._help import HelpFormatter
-
-LIMIT_FILE = "limit.npz"
+from lightning_mup._run_folder import LIMIT_FILE, recipe_fingerprint
 
 
 class OutOfScope(ValueError):
@@ -29,9 +28,9 @@ class OutOfScope(ValueError):
 def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     """The solver's arguments read from a recipe, or :class:`OutOfScope` naming every setting that is not."""
     from lightning_mup._run_folder import fingerprint
-    from lightning_mup.cli import lightning_cli
     from lightning_mup.data.gegenbauer import GegenbauerDataModule
     from lightning_mup.models.regression import MLPRegressor
+    from lightning_mup.recipe import lightning_cli
     from lightning_mup.strategy import MuPStrategy
 
     # the solve that follows keeps this process's threads (lightning_cli's default is one, for runs)
@@ -96,27 +95,6 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         fingerprint=recipe_fingerprint(cli.config.as_dict()),
         probe=fingerprint([x_train, y_train]),  # the full batch as the loader gives it: the callbacks' probe
     )
-
-
-def recipe_fingerprint(config: dict) -> str:
-    """What the limit depends on in a run's configuration (LightningCLI's, as each run saves it): the data, the
-    model but its width, the optimizer, μP's form and multipliers, the steps — not the width or member seed. The
-    report compares a sweep's runs with their limit by it."""
-    trainer = config.get("trainer") or {}
-    strategy = (trainer.get("strategy") or {}) if isinstance(trainer.get("strategy"), dict) else {}
-    strategy_args = strategy.get("init_args") or {}
-    model = config.get("model") or {}
-    model_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "width"}
-    kept = {
-        "model": [model.get("class_path"), model_args],
-        "data": config.get("data"),
-        "strategy": {
-            key: strategy_args.get(key)
-            for key in ("parametrization", "gamma0", "output_mult", "readout_zero_init", "lr_mults", "depth_alpha")
-        },
-        "trainer": {key: trainer.get(key) for key in ("max_steps", "accumulate_grad_batches", "gradient_clip_val")},
-    }
-    return json.dumps(kept, sort_keys=True, default=str)
 
 
 def _activation(name: str):

@@ -413,18 +413,6 @@ class MuPModelParallelStrategy(_MuP, ModelParallelStrategy):
         self._apply_mup(module.trainer)
 
 
-class MuPFSDPStrategy(MuPModelParallelStrategy):
-    """Retired: torch's FSDP1 wrapper is superseded by FSDP2 (``fully_shard``). Use
-    :class:`MuPModelParallelStrategy` and shard in ``configure_model``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError(
-            "MuPFSDPStrategy (torch's FSDP1 wrapper) is retired: use lightning_mup.MuPModelParallelStrategy and "
-            "apply torch.distributed.fsdp.fully_shard to your layers in LightningModule.configure_model "
-            "(CPU and GPU; tested in CI on CPU with 2 processes)"
-        )
-
-
 StrategyRegistry.register(
     "mup",
     MuPStrategy,
@@ -441,11 +429,6 @@ class EnsembleStrategy(MuPStrategy):
         super().__init__(parametrization=None, independent_members=True, member_seed=seed, **strategy_kwargs)
 
 
-StrategyRegistry.register(
-    "mup_fsdp",
-    MuPFSDPStrategy,
-    description="μP via lightning_mup on Lightning's FSDP engine (CUDA); the base comes from `mup_base`",
-)
 StrategyRegistry.register(
     "mup_fork",
     MuPStrategy,

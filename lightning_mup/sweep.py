@@ -180,7 +180,7 @@ def _run_cell(args: list[str], folder: str, threads: int) -> dict[str, Any]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            from lightning_mup.cli import lightning_cli
+            from lightning_mup.recipe import lightning_cli
 
             lightning_cli(args)
             return {"status": "done", "seconds": time.perf_counter() - start}
@@ -374,7 +374,7 @@ def _check_arguments(args: list[str]) -> None:
     import contextlib
     import io
 
-    from lightning_mup.cli import lightning_cli
+    from lightning_mup.recipe import lightning_cli
 
     errors = io.StringIO()
     try:

@@ -290,10 +290,13 @@ def test_role_map_survives_wrapping():
 
 
 def test_the_fsdp1_strategy_is_retired_with_a_pointer():
-    from lightning_mup import MuPFSDPStrategy
+    import lightning_mup
+    from lightning.pytorch.strategies import StrategyRegistry
 
-    with pytest.raises(TypeError, match="retired.*MuPModelParallelStrategy.*fully_shard"):
-        MuPFSDPStrategy(base={"width": 32})
+    with pytest.raises(ImportError, match="retired.*MuPModelParallelStrategy.*fully_shard"):
+        from lightning_mup import MuPFSDPStrategy  # noqa: F401
+    assert "MuPFSDPStrategy" not in lightning_mup.__all__ and "mup_fsdp" not in StrategyRegistry
+    assert "mup" in StrategyRegistry
 
 
 class _Batches(Callback):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_mup._run_folder import PROBE_KEY
+from lightning_mup._run_folder import LIMIT_FILE, PROBE_KEY
 from lightning_mup.measure.distribution import moments
 from lightning_mup.measure.ensemble import (
     distance_to_reference,
@@ -960,11 +960,11 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
     """The sweep's ``limit.npz`` and the runs of its recipe; None (and ``figure.skipped`` says why) if either is
     missing. A run of another configuration (an axis, parametrization or lr the limit is not of) is left out."""
     sweep = runs[0].folder.parent if runs else None
-    path = sweep / "limit.npz" if sweep is not None else None
+    path = sweep / LIMIT_FILE if sweep is not None else None
     if path is None or not path.exists():
         figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
         return None
-    from lightning_mup.limit import recipe_fingerprint
+    from lightning_mup._run_folder import recipe_fingerprint
 
     with np.load(path) as data:
         limit = {key: data[key] for key in data.files}
