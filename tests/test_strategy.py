@@ -290,8 +290,9 @@ def test_role_map_survives_wrapping():
 
 
 def test_the_fsdp1_strategy_is_retired_with_a_pointer():
-    import lightning_mup
     from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_mup
 
     with pytest.raises(ImportError, match="retired.*MuPModelParallelStrategy.*fully_shard"):
         from lightning_mup import MuPFSDPStrategy  # noqa: F401
