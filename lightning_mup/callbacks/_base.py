@@ -310,6 +310,8 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
             raise NotImplementedError(f"{type(self).__name__} has no initial measurement to time")
         return initial
 
+    cost_remark = ""  # said with the cost, e.g. why later measurements may be faster than the timed one
+
     def _time_measurement(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> None:
         """Keep what one measurement costs (rank 0, before the first training step). Never stops training: a
         trial that fails is said and skipped."""
@@ -332,7 +334,9 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         timed = self._batch_seconds[1 : _TIMED_BATCHES + 1] or self._batch_seconds
         step = float(np.median(timed)) * trainer.accumulate_grad_batches
         total = trainer.estimated_stepping_batches
-        self.cost = Cost(seconds, step, self.every_n_steps, int(total) if math.isfinite(total) else None)
+        self.cost = Cost(
+            seconds, step, self.every_n_steps, int(total) if math.isfinite(total) else None, self.cost_remark
+        )
         # an info line, not a warning: advice about time, which warnings-as-errors must not turn into a failure
         self.warn_once("cost-estimate", self.cost.describe(self.max_cost_share), expected=True)
 
@@ -647,6 +651,7 @@ class Cost:
     step_seconds: float  # one training step, timed on the first steps (the callbacks' own work left out)
     every_n_steps: int | None  # None: once, at fit end
     total_steps: int | None
+    remark: str = ""  # what the callback knows about how later measurements differ from the timed one
 
     @property
     def steps(self) -> float:
@@ -672,14 +677,20 @@ class Cost:
             f"one measurement takes ≈ {_seconds(self.seconds)} ≈ {self.steps:,.1f} training steps of this model (a "
             f"step ≈ {_seconds(self.step_seconds)}, timed on the first steps)"
         )
+        if self.remark:
+            head += f" ({self.remark})"
         share = self.share()
         if self.every_n_steps:
-            head += f"; every {self.every_n_steps} steps that adds ≈ {share:.0%} to training time"
+            head += f"; every {self.every_n_steps} steps that adds ≈ {_percent(share)} to training time"
         elif share is not None:
-            head += f"; once at fit end that adds ≈ {share:.1%} to this run's {self.total_steps:,} steps"
+            head += f"; once at fit end that adds ≈ {_percent(share)} to this run's {self.total_steps:,} steps"
         if share is None or share <= limit:
             return head
         return head + f". every_n_steps ≥ {self.cadence_for(limit):,} keeps it under {limit:.0%}"
+
+
+def _percent(share: float) -> str:
+    return f"{share:.1%}" if share < 0.1 else f"{share:.0%}"
 
 
 def _seconds(seconds: float) -> str:

@@ -60,6 +60,15 @@ class Sharpness(MeasurementCallback):
 
     name = "sharpness"
 
+    @property
+    def cost_remark(self) -> str:
+        if self.warm_start:
+            return (
+                "timed on the first, cold-started solve: later ones start from the last eigenvectors and often "
+                "need fewer HVPs"
+            )
+        return ""
+
     def __init__(
         self,
         every_n_steps: int | None = 500,

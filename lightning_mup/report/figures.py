@@ -462,7 +462,7 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
 SHARPNESS_SERIES = {
     # key: (axis label, threshold formula) — the series that meets the logged threshold comes first
     "sharpness/preconditioned": ("λ_max, Adam-preconditioned", "(2+2β₁)/((1−β₁)η)"),
-    "sharpness/effective": ("λ_max, each layer scaled by its μP learning rate", "2/η"),
+    "sharpness/effective": ("λ_max with μP's per-layer learning rates", "2/η"),
     "sharpness": ("λ_max of the Hessian", "2/η"),
 }
 
