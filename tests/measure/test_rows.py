@@ -238,3 +238,28 @@ def test_a_cache_filled_from_parameters_in_eval_mode_is_not_a_constant():
     full = empirical_ntk(model, x, mode="full")
     torch.testing.assert_close(full, naive_ntk(model, x, mode="full"), rtol=1e-5, atol=1e-5 * full.abs().max().item())
     assert all(not a.attention_bias_cache for a in model.modules() if hasattr(a, "attention_bias_cache"))
+
+
+@pytest.mark.parametrize(
+    "name, layer",
+    [("tiny_vit_64", "network.stages.1.blocks.0.attn.qkv"), ("swin", "network.layers.0.blocks.0.attn.qkv")],
+)
+def test_update_sizes_read_window_attention_rows_as_a_per_point_reference_does(name, layer):
+    torch.manual_seed(0)
+    network, x = FOLDED[name]()
+    module = Wrapped(network.double().eval())
+    x = x.double()
+    y = torch.randn(len(x), 3, dtype=torch.float64)
+    callback = UpdateSizes(layers=[layer])
+    callback.probe = [(x, y)]
+    _, rows = callback._state(module)[layer]
+    target = dict(module.named_modules())[layer]
+    seen: list[torch.Tensor] = []
+    hook = target.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(len(x)):
+            module.training_step((x[i : i + 1], y[i : i + 1]), 0)
+    hook.remove()
+    expected = torch.cat(seen)
+    assert rows.shape == expected.shape
+    torch.testing.assert_close(rows.T @ rows, expected.T @ expected, rtol=1e-10, atol=1e-10)
