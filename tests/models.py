@@ -51,6 +51,21 @@ def vit(width: int, heads: int = 4, depth: int = 2, **kw) -> nn.Module:
     )
 
 
+def windowed_tiny_vit(classes: int = 3) -> nn.Module:
+    """timm TinyViT for 64² images whose window attention folds images × windows into a Linear's leading
+    dimension."""
+    from timm.models.tiny_vit import TinyVit
+
+    return TinyVit(
+        embed_dims=(8, 16, 16, 16),
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 2, 2),
+        window_sizes=(4, 4, 4, 2),
+        num_classes=classes,
+        drop_path_rate=0.0,
+    )
+
+
 def resnet(width: int) -> nn.Module:
     import timm
 

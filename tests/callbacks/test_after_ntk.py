@@ -115,7 +115,7 @@ def test_window_attention_at_its_defaults_equals_the_per_point_jacobian(tmp_path
     layer-wise kernel once read those rows as points and crashed after the other callbacks had run)."""
     import lightning as L
     import torch.nn.functional as F
-    from timm.models.tiny_vit import TinyVit
+    from models import windowed_tiny_vit
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_mup.measure.ntk import naive_ntk
@@ -124,14 +124,7 @@ def test_window_attention_at_its_defaults_equals_the_per_point_jacobian(tmp_path
     class Classifier(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = TinyVit(
-                embed_dims=(8, 16, 16, 16),
-                depths=(1, 1, 1, 1),
-                num_heads=(1, 1, 2, 2),
-                window_sizes=(4, 4, 4, 2),
-                num_classes=3,
-                drop_path_rate=0.0,
-            )
+            self.net = windowed_tiny_vit()
 
         def forward(self, x):
             return self.net(x)

@@ -7,8 +7,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from models import windowed_tiny_vit
 from timm.models.swin_transformer import SwinTransformer
-from timm.models.tiny_vit import TinyVit
 from torch import nn
 
 from lightning_mup.callbacks import FeatureKernels, UpdateSizes
@@ -71,15 +71,7 @@ class SharedAndFunctional(nn.Module):
 
 
 def _tiny_vit():
-    model = TinyVit(
-        embed_dims=(8, 16, 16, 16),
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 2, 2),
-        window_sizes=(4, 4, 4, 2),
-        num_classes=3,
-        drop_path_rate=0.0,
-    )
-    return model, torch.randn(4, 3, 64, 64)
+    return windowed_tiny_vit(), torch.randn(4, 3, 64, 64)
 
 
 def _swin():
