@@ -2,6 +2,7 @@
 
 from lightning_mup.parametrize import (
     CoordCheck,
+    MuPSettings,
     Parametrization,
     coord_check,
     declare_optimizer_family,
@@ -40,6 +41,7 @@ __all__ = [
     "CoordCheck",
     "EnsembleStrategy",
     "MuPModelParallelStrategy",
+    "MuPSettings",
     "MuPStrategy",
     "Parametrization",
     "coord_check",

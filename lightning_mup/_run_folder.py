@@ -48,10 +48,10 @@ def fingerprint(batch: object) -> str:
     return digest.hexdigest()[:16]
 
 
-def recipe_fingerprint(config: dict) -> str:
+def recipe_fingerprint(config: dict, strategy_keys: tuple[str, ...]) -> str:
     """What the limit depends on in a run's configuration (LightningCLI's, as each run saves it): the data, the
-    model but its width, the optimizer, μP's form and multipliers, the steps — not the width or member seed. The
-    report compares a sweep's runs with their limit by it."""
+    model but its width, the optimizer, μP's form and multipliers (``strategy_keys``: ``MuPSettings.LIMIT_FIELDS``),
+    the steps — not the width or member seed. The report compares a sweep's runs with their limit by it."""
     trainer = config.get("trainer") or {}
     strategy = (trainer.get("strategy") or {}) if isinstance(trainer.get("strategy"), dict) else {}
     strategy_args = strategy.get("init_args") or {}
@@ -60,10 +60,7 @@ def recipe_fingerprint(config: dict) -> str:
     kept = {
         "model": [model.get("class_path"), model_args],
         "data": config.get("data"),
-        "strategy": {
-            key: strategy_args.get(key)
-            for key in ("parametrization", "gamma0", "output_mult", "readout_zero_init", "lr_mults", "depth_alpha")
-        },
+        "strategy": {key: strategy_args.get(key) for key in strategy_keys},
         "trainer": {key: trainer.get(key) for key in ("max_steps", "accumulate_grad_batches", "gradient_clip_val")},
     }
     return json.dumps(kept, sort_keys=True, default=str)

@@ -112,8 +112,8 @@ def recipe_coord_check(
 
     cli = lightning_cli(["--config", str(config), *overrides], run=False)
     module, data, strategy = cli.model, cli.datamodule, cli.trainer.strategy
-    kwargs = dict(getattr(strategy, "parametrize_kwargs", {}) or {})
-    if not isinstance(strategy, _MuP) or kwargs.get("parametrization") is None:
+    settings = getattr(strategy, "settings", None)
+    if not isinstance(strategy, _MuP) or settings is None:
         raise ValueError(
             f"{config}: trainer.strategy is not a MuPStrategy with a parametrization, so there is no μP to check; "
             "set trainer.strategy.class_path: lightning_mup.MuPStrategy with init_args.base"
@@ -124,9 +124,9 @@ def recipe_coord_check(
     key = width_key or (next(iter(base)) if len(base) == 1 else None)
     if key not in base:
         raise ValueError(f"the strategy's base has {sorted(base)}: say which one the widths set with --width-key")
+    kwargs = {**settings.options(), "residual_blocks": strategy.residual_blocks}
     parametrization = kwargs.pop("parametrization")
-    for unused in ("check", "keep_weights"):
-        kwargs.pop(unused, None)
+    kwargs.pop("keep_weights")
     if data is None:
         raise ValueError(f"{config}: no datamodule (data:) to take a training batch from")
     data.prepare_data()

@@ -30,6 +30,7 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     from lightning_mup._run_folder import fingerprint
     from lightning_mup.data.gegenbauer import GegenbauerDataModule
     from lightning_mup.models.regression import MLPRegressor
+    from lightning_mup.parametrize.settings import MuPSettings
     from lightning_mup.recipe import lightning_cli
     from lightning_mup.strategy import MuPStrategy
 
@@ -40,7 +41,8 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     problems = []
     strategy = trainer.strategy
-    kwargs = getattr(strategy, "parametrize_kwargs", {}) if isinstance(strategy, MuPStrategy) else {}
+    settings = strategy.settings if isinstance(strategy, MuPStrategy) else None
+    kwargs = settings.options() if settings is not None else {}
     if kwargs.get("parametrization") != "mf":
         problems.append(
             f"parametrization={kwargs.get('parametrization')!r}: the limit is computed in the mean-field form — "
@@ -92,7 +94,7 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         gamma0=float(kwargs.get("gamma0") or 1.0),
         lr=float(defaults["lr"]),
         steps=int(steps),
-        fingerprint=recipe_fingerprint(cli.config.as_dict()),
+        fingerprint=recipe_fingerprint(cli.config.as_dict(), MuPSettings.LIMIT_FIELDS),
         probe=fingerprint([x_train, y_train]),  # the full batch as the loader gives it: the callbacks' probe
     )
 

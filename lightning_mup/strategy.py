@@ -44,9 +44,8 @@ from lightning_mup._hparams import rebuild_with_overrides, second_width
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
-from lightning_mup.parametrize.core import check_options
 from lightning_mup.parametrize.optim import describe_groups, optimizer_family
-from lightning_mup.parametrize.table import form
+from lightning_mup.parametrize.settings import MuPSettings
 
 Base = Mapping[str, Any] | nn.Module | Callable[[], nn.Module] | None
 CHECKPOINT_KEY = "lightning_mup"
@@ -77,24 +76,24 @@ class _MuP:
         **strategy_kwargs: Any,
     ) -> None:
         super().__init__(**strategy_kwargs)
-        if parametrization is not None:  # settings that cannot work are refused here, before any model is built
-            check_options(form(parametrization), depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
         self.base, self.delta = base, delta
-        self.parametrize_kwargs = dict(
-            parametrization=parametrization,
-            gamma0=gamma0,
-            depth_alpha=depth_alpha,
-            output_mult=output_mult,
-            readout_zero_init=readout_zero_init,
-            lr_mults=lr_mults,
-            weight_decay=weight_decay,
-            eps=eps,
-            attention=attention,
-            residual_blocks=residual_blocks,
-            keep_weights=keep_weights,
-            tied_readout=tied_readout,
-            check=check,
-        )
+        # settings that cannot work are refused here, before any model is built; None: no parameterization
+        self.settings: MuPSettings | None = None
+        if parametrization is not None:
+            self.settings = MuPSettings(
+                parametrization=parametrization,
+                gamma0=gamma0,
+                depth_alpha=depth_alpha,
+                output_mult=output_mult,
+                readout_zero_init=readout_zero_init,
+                lr_mults=lr_mults or {},
+                weight_decay=weight_decay,
+                eps=eps,
+                attention=attention,
+                keep_weights=keep_weights,
+                tied_readout=tied_readout,
+            )
+        self.residual_blocks, self.self_check = residual_blocks, check
         self.optimizer_family = optimizer_family
         self.record: Parametrization | None = None
 
@@ -111,7 +110,7 @@ class _MuP:
         """Reparameterize the LightningModule once (setup runs again for validate/test)."""
         module = self.lightning_module
         assert module is not None
-        if self.parametrize_kwargs["parametrization"] is None:
+        if self.settings is None:
             return
         record = getattr(module, "_lightning_mup_record", None)
         first_time = record is None
@@ -143,7 +142,13 @@ class _MuP:
                 )
         delta = self._resolve(delta_spec, module, "delta")
         record = parametrize(
-            module, base, delta=delta, check_optimizer=self._check_family(module), **self.parametrize_kwargs
+            module,
+            base,
+            delta=delta,
+            residual_blocks=self.residual_blocks,
+            check=self.self_check,
+            check_optimizer=self._check_family(module),
+            **self.settings.options(),
         )
         # every rank must scale identically; rank 0's role map is the one (DDP broadcasts its weights too)
         if (
@@ -406,7 +411,7 @@ class MuPModelParallelStrategy(_MuP, ModelParallelStrategy):
                 "the μP roles from the unsharded model. Build the layers in __init__ and only shard them "
                 "(fully_shard / parallelize_module) in configure_model."
             )
-        if torch.distributed.is_initialized() and self.parametrize_kwargs["parametrization"] is not None:
+        if torch.distributed.is_initialized() and self.settings is not None:
             with torch.no_grad():  # one initialisation for every rank, as DDP's broadcast gives
                 for tensor in [*module.parameters(), *module.buffers()]:
                     torch.distributed.broadcast(tensor.data, src=0)

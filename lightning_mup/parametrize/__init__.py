@@ -12,12 +12,14 @@ from lightning_mup.parametrize.optim import (
     scaling_param_groups,
 )
 from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
+from lightning_mup.parametrize.settings import MuPSettings
 from lightning_mup.parametrize.table import FORMS
 
 __all__ = [
     "FORMS",
     "CoordCheck",
     "ModuleHook",
+    "MuPSettings",
     "ParamScale",
     "Parametrization",
     "coord_check",

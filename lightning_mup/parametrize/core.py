@@ -22,17 +22,15 @@ from lightning_mup.parametrize.optim import FAMILIES
 from lightning_mup.parametrize.probe import probe
 from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
 from lightning_mup.parametrize.roles import TensorRoles, infer_roles
+from lightning_mup.parametrize.settings import MuPSettings
 from lightning_mup.parametrize.table import (
     DEPTH,
-    EPS_RULES,
     EPS_SCALED,
     FIXED,
     FORMS,
     HIDDEN,
     INPUT,
     OUTPUT,
-    ROLES,
-    WEIGHT_DECAY_CONVENTIONS,
     Form,
     form,
 )
@@ -109,12 +107,21 @@ def parametrize(
             networks starting with a Linear/Conv/Embedding it knows): a tensor, a tuple of positional arguments,
             a dict of keyword arguments, or a function ``net -> net(...)``.
     """
-    chosen = form(parametrization)
-    check_options(chosen, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0)
+    options = MuPSettings(
+        parametrization=parametrization,
+        gamma0=gamma0,
+        depth_alpha=depth_alpha,
+        output_mult=output_mult,
+        readout_zero_init=readout_zero_init,
+        lr_mults=lr_mults or {},
+        weight_decay=weight_decay,
+        eps=eps,
+        attention=attention,
+        keep_weights=keep_weights,
+        tied_readout=tied_readout,
+    )  # every option checked, before any model is built
     if check not in (True, False, "require", "report"):
         raise ValueError(f"check={check!r}; choose True, False, 'require' or 'report'")
-    if tied_readout not in TIED_READOUTS:
-        raise ValueError(f"tied_readout={tied_readout!r}; choose one of {TIED_READOUTS}")
     if check_optimizer is not None and check_optimizer not in FAMILIES:
         raise ValueError(f"check_optimizer={check_optimizer!r}; choose one of {FAMILIES}, or None")
     if getattr(model, "_lightning_mup_parametrized", False) or has_hooks(model):
@@ -133,18 +140,7 @@ def parametrize(
             f"{empty[0]} has no entries (shape {list(dict(model.named_parameters())[empty[0]].shape)}): "
             "build the model at a width of at least 1"
         )
-    settings = {
-        "gamma0": gamma0,
-        "depth_alpha": depth_alpha,
-        "output_mult": output_mult,
-        "readout_zero_init": chosen.readout_zero_init if readout_zero_init is None else readout_zero_init,
-        "lr_mults": dict(lr_mults or {}),
-        "weight_decay": weight_decay,
-        "eps": eps,
-        "attention": attention or chosen.attention,
-        "keep_weights": keep_weights,
-        "tied_readout": tied_readout,
-    }
+    settings = options.applied()
     # Probes, traces and the self-check run forwards: no buffer, mode, RNG stream, requires_grad flag or gradient
     # of the user's modules may change — only the rescaling
     with untouched(model, *[m for m in (base, delta) if isinstance(m, nn.Module)]):
@@ -266,20 +262,6 @@ def _parametrize(
     return record
 
 
-# the options parametrize passes on unchanged, as the record stores them
-_OPTIONS = (
-    "gamma0",
-    "depth_alpha",
-    "output_mult",
-    "readout_zero_init",
-    "lr_mults",
-    "weight_decay",
-    "eps",
-    "attention",
-    "keep_weights",
-    "tied_readout",
-)
-TIED_READOUTS = ("keep", "untie")
 FEATURE_LEARNING = ("mup", "mf")  # the forms whose every change is Θ(1) in the width: what the training check asserts
 _BASE_DRAWS = 4  # a base of a few dozen units is a noisy sample of its width: average this many draws
 
@@ -375,7 +357,7 @@ def _training_self_check(
             base=draw,
             delta=model,
             parametrization=record.parametrization,
-            **{k: record.settings[k] for k in _OPTIONS if k != "attention"},
+            **{k: record.settings[k] for k in MuPSettings.names() if k not in ("attention", "parametrization")},
             attention="unchanged" if record.settings["attention"] == "unchanged" else None,
             residual_blocks=residual_blocks,
             check=False,
@@ -508,31 +490,6 @@ def _same(name: str) -> str:
 def _unwrapped(scale: ParamScale) -> ParamScale:
     block = unwrap_name(scale.block) if scale.block is not None else None
     return replace(scale, block=block, tied=[unwrap_name(t) for t in scale.tied])
-
-
-def check_options(chosen: Form, depth_alpha, weight_decay, eps, attention, lr_mults, gamma0) -> None:
-    """Refuse settings that cannot work, naming the fix (also at MuPStrategy's construction)."""
-    if depth_alpha is not None and depth_alpha != 0 and not 0.5 <= depth_alpha <= 1.0:
-        raise ValueError(
-            f"depth_alpha={depth_alpha} is outside [0.5, 1]: use 0.5 (Depth-μP, branches × L^-1/2) or "
-            "1.0 (CompleteP, branches × L^-1), or 0 / None to leave depth unscaled"
-        )
-    if weight_decay not in WEIGHT_DECAY_CONVENTIONS:
-        raise ValueError(f"weight_decay={weight_decay!r}; choose one of {WEIGHT_DECAY_CONVENTIONS}")
-    if eps not in EPS_RULES:
-        raise ValueError(f"eps={eps!r}; choose one of {EPS_RULES}")
-    if attention not in (None, "unchanged"):
-        raise ValueError(f"attention={attention!r}; use None (the parametrization's rule) or 'unchanged'")
-    unknown = set(lr_mults or {}) - set(ROLES)
-    if unknown:
-        raise ValueError(f"lr_mults has unknown roles {sorted(unknown)}; roles are {ROLES}")
-    if not gamma0 > 0:
-        raise ValueError(f"gamma0 must be positive, got {gamma0}")
-    if gamma0 != 1.0 and not chosen.uses("gamma0"):
-        raise ValueError(
-            f"gamma0={gamma0} has no effect here: the richness γ0 is a parameter of the mean-field form. Use "
-            "parametrization='mf' with gamma0, or leave gamma0 at 1"
-        )
 
 
 def _build(spec: ModelSpec, device: str, what: str) -> nn.Module:

@@ -965,11 +965,12 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
         figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
         return None
     from lightning_mup._run_folder import recipe_fingerprint
+    from lightning_mup.parametrize.settings import MuPSettings
 
     with np.load(path) as data:
         limit = {key: data[key] for key in data.files}
     settings = json.loads(str(limit["settings"]))
-    matching = [r for r in runs if recipe_fingerprint(r.config) == settings["fingerprint"]]
+    matching = [r for r in runs if recipe_fingerprint(r.config, MuPSettings.LIMIT_FIELDS) == settings["fingerprint"]]
     if not matching:
         figure.skipped = (
             f"no run of the sweep has the configuration limit.npz was computed for ({settings['config']}: its "

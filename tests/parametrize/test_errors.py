@@ -129,3 +129,21 @@ def test_a_model_narrower_than_its_base_is_said():
     with pytest.warns(UserWarning, match=r"narrower than its base \(width× 0.25\).*base= describes the small"):
         record = parametrize(mlp(16), base=lambda: mlp(64))
     assert any("narrower than its base" in note for note in record.notes)
+
+
+def test_the_options_are_one_checked_frozen_settings_type():
+    import dataclasses
+
+    from lightning_mup import MuPSettings
+
+    settings = MuPSettings(parametrization="mf", gamma0=2.0, lr_mults={"input": 2.0})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.gamma0 = 3.0
+    with pytest.raises(ValueError, match="gamma0=0.5 has no effect here"):
+        MuPSettings(gamma0=0.5)
+    with pytest.raises(TypeError, match=r"unknown μP option\(s\) \['gama0'\]"):
+        MuPSettings.from_options({"gama0": 1.0})
+    record = parametrize(mlp(64), base=lambda: mlp(32), check=False, **settings.options())
+    assert record.parametrization == "mf" and record.settings == settings.applied()
+    assert record.settings["readout_zero_init"] is False  # the form's default, filled in
+    assert set(MuPSettings.LIMIT_FIELDS) <= set(MuPSettings.names())
