@@ -20,6 +20,7 @@ import numpy as np
 from lightning_mup._run_folder import PROBE_KEY, step_files
 from lightning_mup.measure.ntk import analyse_kernel
 from lightning_mup.report.plotting import colors, pyplot, save
+from lightning_mup.report.runs import Run
 
 
 @dataclass
@@ -32,8 +33,10 @@ class AveragedKernel:
     flow_loss: np.ndarray
 
 
-def _last_arrays(run: str | Path, step: int | None) -> dict[str, np.ndarray]:
-    files = step_files(Path(run) / "after_ntk")
+def _last_arrays(run: str | Path | Run, step: int | None) -> dict[str, np.ndarray]:
+    """A run's after-kernel arrays at ``step`` (default: its last): a :class:`Run`'s over all its version folders
+    (a resumed fit's last folder may hold none), a folder's from that folder."""
+    files = run.step_files("after_ntk") if isinstance(run, Run) else step_files(Path(run) / "after_ntk")
     if step is not None:
         files = {s: f for s, f in files.items() if s == step}
     if not files:
@@ -42,19 +45,19 @@ def _last_arrays(run: str | Path, step: int | None) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _one_probe(runs: Sequence[str | Path], step: int | None) -> list[dict[str, np.ndarray]]:
+def _one_probe(runs: Sequence[str | Path | Run], step: int | None) -> list[dict[str, np.ndarray]]:
     """The runs' arrays, refused unless every run measured the same probe points."""
     arrays = [_last_arrays(r, step) for r in runs]
     probes = {str(a.get(PROBE_KEY, a["kernel"].shape)) for a in arrays}
     if len(probes) != 1 or len({a["kernel"].shape for a in arrays}) != 1:
         raise ValueError(
-            f"the after-kernels of {[str(r) for r in runs]} were measured on different probe points; averaging "
+            f"the after-kernels of {[str(getattr(r, 'folder', r)) for r in runs]} were measured on different probe points; averaging "
             "or comparing them needs one probe (the same data order and num_batches, or the same probe= batches)"
         )
     return arrays
 
 
-def ensemble_after_kernel(runs: Sequence[str | Path], step: int | None = None) -> AveragedKernel:
+def ensemble_after_kernel(runs: Sequence[str | Path | Run], step: int | None = None) -> AveragedKernel:
     """Average the runs' after-kernels (same probe points), then spectrum, C(k) and kernel flow."""
     return _averaged(_one_probe(runs, step))
 
@@ -71,7 +74,7 @@ def _averaged(arrays: list[dict[str, np.ndarray]]) -> AveragedKernel:
 
 
 def compare_widths(
-    runs_by_width: Mapping[int, Sequence[str | Path]], step: int | None = None
+    runs_by_width: Mapping[int, Sequence[str | Path | Run]], step: int | None = None
 ) -> dict[int, AveragedKernel]:
     """Per width, the seed-averaged after-kernel; every run of every width must share one probe."""
     widths = sorted(runs_by_width)

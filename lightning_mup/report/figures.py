@@ -539,7 +539,8 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
         header=["group", "width", "runs", "λ₁", "λ₂", "C(10)", "C(20)", "kernel-flow loss (end)"],
     )
     for group, members in groups(runs).items():
-        folders = {w: [r.log_dir for r in same if r.step_files("after_ntk")] for w, same in by_width(members).items()}
+        # the runs themselves, not their last version folder: a resumed fit's arrays may sit in an earlier one
+        folders = {w: [r for r in same if r.step_files("after_ntk")] for w, same in by_width(members).items()}
         folders = {w: f for w, f in folders.items() if f}
         if len(folders) < 2:
             continue

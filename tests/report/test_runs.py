@@ -77,3 +77,37 @@ def test_a_metrics_file_that_is_not_a_complete_table_is_refused(tmp_path, text, 
 def test_report_on_a_missing_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover(tmp_path / "nowhere")
+
+
+def test_a_resumed_runs_after_kernel_is_read_from_every_version_folder(tmp_path):
+    """AfterNTK wrote its arrays in the first fit; the resumed fit (version_1) ended before writing any: the
+    figure still has the run's kernel — it once read the last version folder only and lost it."""
+    from lightning_mup.report.figures import after_ntk
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 4))
+    for width in (64, 256):
+        for seed in (0, 1):
+            folder = _run(
+                tmp_path, f"w{width}_s{seed}", width, seed, versions=({"steps": range(0, 50, 10)}, {"steps": [40, 50]})
+            )
+            arrays = folder / folder.name / "version_0" / "after_ntk"
+            arrays.mkdir()
+            kernel = features @ features.T * (1 + 0.1 * seed) * width / 64
+            np.savez(
+                arrays / "step_00000040.npz",
+                kernel=kernel,
+                flow_steps=np.linspace(0, 40, 5),
+                targets=np.ones((6, 1)),
+                initial_outputs=np.zeros((6, 1)),
+                lr=0.1,
+                probe_fingerprint="same",
+            )
+    runs = discover(tmp_path)
+    assert all([d.name for d in r.log_dirs] == ["version_0", "version_1"] for r in runs)
+    figure = after_ntk(runs, tmp_path / "report")
+    assert figure.path is not None and figure.path.exists()
+    by_width = {row[1]: row for row in figure.rows}
+    assert by_width[64][2] == 2 and by_width[256][2] == 2  # both seeds, from version_0
+    expected = np.linalg.eigvalsh(features @ features.T * 1.05)[-1] / 6
+    assert by_width[64][3] == pytest.approx(expected)
