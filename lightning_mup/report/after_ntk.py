@@ -52,7 +52,8 @@ def _one_probe(runs: Sequence[str | Path | Run], step: int | None) -> list[dict[
     if len(probes) != 1 or len({a["kernel"].shape for a in arrays}) != 1:
         raise ValueError(
             f"the after-kernels of {[str(getattr(r, 'folder', r)) for r in runs]} were measured on different probe "
-            "points; averaging or comparing them needs one probe (the same data order and num_batches, or the same probe= batches)"
+            "points; averaging or comparing them needs one probe (the same data order and num_batches, or the same "
+            "probe= batches)"
         )
     return arrays
 
