@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, _batch_size, concat_batches
 from lightning_mup.measure.attention import attention_distance, attention_entropy, attention_maps, attention_modules
 
 
@@ -29,7 +29,8 @@ class AttentionMaps(MeasurementCallback):
     """Attention probabilities of transformer layers on the first probe sequences.
 
     Args:
-        layers: attention-module names or globs (default: every timm/HF attention module).
+        layers: attention-module names or globs (default: every attention module that forms probabilities —
+            timm, HF (eager or sdpa), T5, Swin windows, plain modules calling ``scaled_dot_product_attention``).
         heads: head indices to keep (default: all).
         points: how many probe sequences.
         reference: a run folder whose maps are compared at the same steps.
@@ -61,9 +62,12 @@ class AttentionMaps(MeasurementCallback):
     def maps(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         names = attention_modules(pl_module, self.layers)
         maps = attention_maps(pl_module, names, lambda: self.training_loss(pl_module, batch))
+        points = _batch_size(batch)
         out = {}
         for name, m in maps.items():
-            m = m[: self.points]
+            # windows folded into the batch (Swin): the first points' windows, point-major as timm folds them
+            fold = m.shape[0] // points if m.shape[0] % points == 0 else 1
+            m = m[: self.points * fold]
             out[name] = m[:, list(self.heads)] if self.heads is not None else m
         return out
 

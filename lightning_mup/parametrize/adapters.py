@@ -225,15 +225,12 @@ def attention_scale_hook(module: nn.Module, name: str, factor: float) -> tuple[s
     return None
 
 
-def attention_patch(module: nn.Module) -> str | None:
-    """How this attention module's logit scale can be changed so that it takes effect.
-
-    ``"scaling"``: HF transformers modules pass ``self.scaling`` to every attention backend.
-    ``"q_norm"``: timm modules apply ``q_norm`` to q on the fused and the eager path, so scaling its
-    output scales the logits in both (``self.scale`` alone is ignored by the fused path).
-    """
-    if isinstance(getattr(module, "scaling", None), float):
-        return "scaling"
-    if isinstance(getattr(module, "scale", None), float) and isinstance(getattr(module, "q_norm", None), nn.Module):
-        return "q_norm"
-    return None
+def is_attention(module: nn.Module) -> bool:
+    """Whether a module looks like an attention layer: a head dimension or head count it declares,
+    ``nn.MultiheadAttention``, or a class named for attention — the candidates whose forwards are watched for
+    attention logits (by the self-check) and probabilities (by AttentionMaps)."""
+    if head_dim(module) is not None or isinstance(module, nn.MultiheadAttention):
+        return True
+    if any(isinstance(getattr(module, a, None), int) for a in ("num_heads", "num_attention_heads", "n_head", "heads")):
+        return True
+    return any(word in type(module).__name__.lower() for word in ("attention", "attn"))

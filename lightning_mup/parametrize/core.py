@@ -15,7 +15,7 @@ from torch import nn
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
 from lightning_mup._untouched import as_in_training, untouched
-from lightning_mup.parametrize.adapters import attention_scale, attention_scale_hook, head_dim, layer_kind
+from lightning_mup.parametrize.adapters import attention_scale, attention_scale_hook, head_dim, is_attention, layer_kind
 from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
 from lightning_mup.parametrize.optim import FAMILIES
@@ -793,7 +793,7 @@ def _measured_contractions(
     """{attention module: the size its logits contract over}, for the model and the base, and the modules whose
     logits are cosines, from one watched forward of each (see :mod:`.probe`); None where no example input is
     known."""
-    if not any(_looks_like_attention(m) for m in model.modules()):  # (a watched forward costs: CNNs skip it)
+    if not any(is_attention(m) for m in model.modules()):  # (a watched forward costs: CNNs skip it)
         return None
     found = _checkable(model, base, example_input)
     if found is None:
@@ -804,14 +804,6 @@ def _measured_contractions(
         with torch.no_grad(), as_in_training(net):
             probes.append(probe(net, lambda net=net: call(net), prefix=prefix))
     return probes[0].head_dims, probes[1].head_dims, probes[0].cosine & probes[1].cosine
-
-
-def _looks_like_attention(module: nn.Module) -> bool:
-    if head_dim(module) is not None or isinstance(module, nn.MultiheadAttention):
-        return True
-    if any(isinstance(getattr(module, a, None), int) for a in ("num_heads", "num_attention_heads", "n_head", "heads")):
-        return True
-    return any(word in type(module).__name__.lower() for word in ("attention", "attn"))
 
 
 def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], settings: dict[str, Any]) -> None:
