@@ -1,0 +1,71 @@
+"""The paper's figures from a sweep's runs, one module per measured quantity (mirroring ``callbacks/``); each
+figure returns a :class:`Figure` (PNG + the numbers behind it) or a :class:`Figure` with ``skipped`` saying why
+there is none and what would provide the data.
+
+Titles say what is plotted. A conclusion appears only as a measured verdict with the numbers that decide
+it, and what the data cannot carry (one member, one seed, a poor or degenerate fit, only the
+initialisation measured) is a caveat printed on the figure and beside it. A new figure is a function in the
+module of its quantity, decorated with ``@register_figure(order=...)``."""
+
+from lightning_mup.report.figures._common import (
+    LABELS,
+    Figure,
+    best_group_per_width,
+    initial_only,
+    loss_key,
+    mean_final,
+    no_data,
+    pretty,
+)
+from lightning_mup.report.figures._registry import register_figure, registered
+from lightning_mup.report.figures.after_ntk import after_ntk
+from lightning_mup.report.figures.ensemble_logits import ensembles, logit_rmse
+from lightning_mup.report.figures.feature_kernels import cka_to_widest
+from lightning_mup.report.figures.limit import limit_comparison, limit_features
+from lightning_mup.report.figures.losses import MIN_R2, fit_caveats, loss_curves, width_scaling
+from lightning_mup.report.figures.preactivations import preactivations
+from lightning_mup.report.figures.sharpness import SHARPNESS_SERIES, sharpness
+from lightning_mup.report.figures.transfer import (
+    depth_transfer,
+    loss_vs_depth,
+    lr_transfer,
+    optima_grid,
+    transfer_verdict,
+)
+from lightning_mup.report.figures.update_sizes import UPDATE_QUANTITIES, UPDATE_SLOPE_FLAG, update_sizes
+
+FIGURES = registered()  # every module above registered its figures on import
+
+__all__ = [
+    "FIGURES",
+    "LABELS",
+    "MIN_R2",
+    "SHARPNESS_SERIES",
+    "UPDATE_QUANTITIES",
+    "UPDATE_SLOPE_FLAG",
+    "Figure",
+    "after_ntk",
+    "best_group_per_width",
+    "cka_to_widest",
+    "depth_transfer",
+    "ensembles",
+    "fit_caveats",
+    "initial_only",
+    "limit_comparison",
+    "limit_features",
+    "logit_rmse",
+    "loss_curves",
+    "loss_key",
+    "loss_vs_depth",
+    "lr_transfer",
+    "mean_final",
+    "no_data",
+    "optima_grid",
+    "preactivations",
+    "pretty",
+    "register_figure",
+    "sharpness",
+    "transfer_verdict",
+    "update_sizes",
+    "width_scaling",
+]
