@@ -99,12 +99,13 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     )
 
 
-def _activation(name: str):
-    if name in ("tanh", "relu", "identity"):
-        return name
-    if name == "gelu":
-        return torch.nn.functional.gelu
-    raise OutOfScope(f"activation={name!r}")
+def _activation(name: str) -> str:
+    """The model's activation as the solver names it (one registry: :mod:`lightning_mup.theory.activations`)."""
+    from lightning_mup.theory.activations import ACTIVATIONS
+
+    if name not in ACTIVATIONS:
+        raise OutOfScope(f"activation={name!r}")
+    return name
 
 
 def compute_limit(

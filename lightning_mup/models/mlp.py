@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn.Identity}
+from lightning_mup.theory.activations import ACTIVATIONS  # one home for φ: the theory's and the models' alike
 
 
 class MLP(nn.Module):
@@ -37,7 +37,7 @@ class MLP(nn.Module):
         dims = [in_dim] + [width] * (depth - 1)
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out, bias=bias), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(d_in, d_out, bias=bias), ACTIVATIONS[activation].module()]
         self.features = nn.Sequential(*layers)
         self.readout = nn.Linear(width, out_dim, bias=bias)
         if init == "normal":

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_mup.theory.activations import ACTIVATIONS, Derivatives, autograd_derivatives
 from lightning_mup.theory.lazy import kernel_dynamics, mlp_kernels
 
 ActivationArg = str | Callable[[torch.Tensor], torch.Tensor]
@@ -840,39 +841,18 @@ def _march_once(x, y, train, depth, phi, gamma0, lr, steps, samples, response_sa
     )
 
 
-# ------------------------------------------------------------------------------------------------ activations
-def _activation(activation: ActivationArg) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """φ ↦ (φ(h), φ'(h), φ''(h))."""
-    if activation == "tanh":
-
-        def tanh(h):
-            t = torch.tanh(h)
-            return t, 1 - t * t, -2 * t * (1 - t * t)
-
-        return tanh
-    if activation == "relu":
-        return lambda h: (h.clamp(min=0), (h > 0).to(h.dtype), torch.zeros_like(h))
-    if activation == "erf":
-
-        def erf(h):
-            slope = 2 / math.sqrt(math.pi) * torch.exp(-h * h)
-            return torch.erf(h), slope, -2 * h * slope
-
-        return erf
-    if activation == "identity":
-        return lambda h: (h, torch.ones_like(h), torch.zeros_like(h))
+def _activation(activation: ActivationArg) -> Derivatives:
+    """φ ↦ (φ(h), φ'(h), φ''(h)): a named one from :mod:`.activations`, or an elementwise torch function's by
+    torch.func."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation={activation!r}: {', '.join(repr(n) for n in ACTIVATIONS)} or an elementwise torch function"
+            )
+        return ACTIVATIONS[activation].derivatives
     if callable(activation):
-        from torch.func import grad, vmap
-
-        first = vmap(grad(lambda v: activation(v)))
-        second = vmap(grad(grad(lambda v: activation(v))))
-
-        def general(h):
-            flat = h.reshape(-1)
-            return activation(h), first(flat).reshape(h.shape), second(flat).reshape(h.shape)
-
-        return general
-    raise ValueError(f"activation={activation!r}: 'tanh', 'relu', 'erf', 'identity' or an elementwise torch function")
+        return autograd_derivatives(activation)
+    raise ValueError(f"activation={activation!r}: a name in {sorted(ACTIVATIONS)} or an elementwise torch function")
 
 
 # -------------------------------------------------------------------------------------------------- utilities

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_mup.theory.activations import ACTIVATIONS, quadrature
+
 Activation = str | Callable[[np.ndarray], np.ndarray]
 
 
@@ -64,66 +66,15 @@ def mlp_kernels(
 
 
 def _expectations(activation: Activation, points: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Σ ↦ (E[φ(u)φ(v)], E[φ'(u)φ'(v)]) elementwise over pairs (u, v) ~ N(0, [[Σ_ii, Σ_ij], [Σ_ij, Σ_jj]])."""
-    if activation == "relu":
-        return _relu
-    if activation == "erf":
-        return _erf
-    if activation == "identity":
-        return lambda s: (s.copy(), np.ones_like(s))
-    if activation == "tanh":
-        phi = np.tanh
-    elif callable(activation):
-        phi = activation
-    else:
-        raise ValueError(f"activation={activation!r}: 'relu', 'erf', 'tanh', 'identity' or a numpy function")
-    return lambda s: _quadrature(s, phi, points)
-
-
-def _pair(s: np.ndarray):
-    d = np.sqrt(np.clip(np.diag(s), 0, None))
-    scale = np.outer(d, d)
-    rho = np.clip(np.divide(s, scale, out=np.zeros_like(s), where=scale > 0), -1.0, 1.0)
-    return scale, rho
-
-
-def _relu(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scale, rho = _pair(s)
-    angle = np.arccos(rho)
-    value = scale / (2 * np.pi) * (np.sin(angle) + (np.pi - angle) * np.cos(angle))
-    return value, (np.pi - angle) / (2 * np.pi)
-
-
-def _erf(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = 1 + 2 * np.diag(s)
-    denominator = np.sqrt(np.outer(d, d))
-    value = 2 / np.pi * np.arcsin(np.clip(2 * s / denominator, -1, 1))
-    derivative = 4 / np.pi / np.sqrt(np.clip(np.outer(d, d) - 4 * s**2, 1e-300, None))
-    return value, derivative
-
-
-def _quadrature(s: np.ndarray, phi: Callable, points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tensor-product Gauss–Hermite (probabilists') over u = a·z1, v = b·(ρ z1 + √(1-ρ²) z2)."""
-    nodes, weights = np.polynomial.hermite_e.hermegauss(points)
-    weights = weights / weights.sum()
-    z1, z2 = np.meshgrid(nodes, nodes, indexing="ij")
-    w = np.outer(weights, weights)
-    _, rho = _pair(s)
-    d = np.sqrt(np.clip(np.diag(s), 0, None))
-    h = 1e-5
-
-    def derivative(t):
-        return (phi(t + h) - phi(t - h)) / (2 * h)
-
-    value = np.empty_like(s)
-    slope = np.empty_like(s)
-    for i in range(len(s)):
-        u = d[i] * z1
-        for j in range(i, len(s)):
-            v = d[j] * (rho[i, j] * z1 + np.sqrt(max(0.0, 1 - rho[i, j] ** 2)) * z2)
-            value[i, j] = value[j, i] = float((w * phi(u) * phi(v)).sum())
-            slope[i, j] = slope[j, i] = float((w * derivative(u) * derivative(v)).sum())
-    return value, slope
+    """Σ ↦ (E[φ(u)φ(v)], E[φ'(u)φ'(v)]) elementwise over pairs (u, v) ~ N(0, [[Σ_ii, Σ_ij], [Σ_ij, Σ_jj]]): a
+    named φ's closed form or quadrature (:mod:`.activations`), a numpy function's by quadrature."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: one of {sorted(ACTIVATIONS)} or a numpy function")
+        return ACTIVATIONS[activation].gaussian(points)
+    if callable(activation):
+        return lambda s: quadrature(s, activation, points)
+    raise ValueError(f"activation={activation!r}: one of {sorted(ACTIVATIONS)} or a numpy function")
 
 
 def kernel_dynamics(
