@@ -199,7 +199,7 @@ def test_the_carriers_causal_product_equals_the_dense_one(rows_are_past):
     """The sweep's sensitivity products skip the zero entries (a direction later than the history's time) in
     slabs of 8 steps; over 21 steps (three slabs and a partial one) they equal the dense product, including the
     direction block of the current step, which only the present rows reach."""
-    from lightning_mup.theory.dmft import _causal_product
+    from lightning_mup.theory.dmft_march import _causal_product
 
     generator = torch.Generator().manual_seed(0)
     R, P, Q, T = 3, 5, 4, 21
@@ -243,7 +243,8 @@ def test_responses_from_a_few_samples_stay_close_to_every_samples():
 def test_replicas_are_folded_into_the_same_means_and_errors_as_stacked():
     """Replicas are summed as they come (their kernels dropped), not kept: the means and standard errors of the
     mean equal those of the stacked replicas, and only the first replica's samples are kept."""
-    from lightning_mup.theory.dmft import _combine, _Run
+    from lightning_mup.theory.dmft import _combine
+    from lightning_mup.theory.dmft_common import Run as _Run
 
     rng = np.random.default_rng(0)
     runs = [
