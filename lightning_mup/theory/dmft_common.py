@@ -65,8 +65,8 @@ def sqrt(kernel: torch.Tensor, points: int | None = None) -> torch.Tensor:
     at time t depends on the kernel up to t only and the iteration settles step by step. Kernels that barely move
     in time have rank ≈ P: a fixed jitter of 1e-10 of the first step's mean diagonal (the same at every iteration
     and horizon, so the map stays deterministic and equals the marching solver's causal square root), raised
-    only where that does not factor. A singular kernel's factor depends on the jitter: two solvers draw the same fields only with the
-    same jitter."""
+    only where that does not factor. A singular kernel's factor depends on the jitter: two solvers draw the same
+    fields only with the same jitter."""
     kernel = (kernel + kernel.T) / 2
     first = kernel.diagonal()[: points or len(kernel)]
     jitter = 1e-10 * float(first.mean().clamp(min=1e-300))
