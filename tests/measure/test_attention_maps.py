@@ -1,18 +1,13 @@
 """Attention probabilities read off the forward for every family parametrize rescales — timm's Swin windows,
 HF CLIP and T5 among them — against each model's own attention outputs."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import ZOO
 
 from lightning_mup.measure.attention import attention_maps, attention_modules, sdpa_probabilities
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from zoo import ZOO
 
 
 def _maps(model, run):

@@ -194,8 +194,6 @@ def _tied_readouts(record) -> list[str]:
 
 # Known failures, kept visible: the test fails loudly the day they are fixed.
 _NOT_CLAIMED = {
-    "hf_t5": "T5 v1.0's readout learns ∝ m^-½ over the first steps (Δlogits slope ≈ −0.45 at 4, 10 and 20 steps), "
-    "cause not found",
     "hf_mamba": "untied, what Adam adds to Mamba's logits falls ∝ m^-0.26 at lr 3e-3 (6 seeds; −0.32 after the first "
     "step, when only the zero-initialised readout moves), cause not found",
     "timm_coatnet": "flat at lr 3e-3, but at 1e-2 the stages' output ∝ m^-0.38 and the logits' change ∝ m^-0.64 after "
