@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -40,6 +38,13 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torchmetrics import Metric
 
 from lightning_mup._run_folder import PROBE_KEY, fingerprint, step_file
+from lightning_mup.callbacks._cost import _OWN_WORK, _TIMED_BATCHES, Cost
+from lightning_mup.callbacks._step import (
+    _manual_optimization_stubs,
+    _muted_logging,
+    _Snapshot,
+    _uncompiled,
+)
 from lightning_mup.measure.calls import ModelCall, network_call
 from lightning_mup.measure.observe import observing
 from lightning_mup.measure.outputs import batch_labels, regression_targets
@@ -484,132 +489,6 @@ def _refuse_sharded(callback: MeasurementCallback, trainer: L.Trainer) -> None:
         )
 
 
-class _Snapshot:
-    """The model's parameters and buffers at one moment (on the CPU), shared by every callback that waits
-    for its probe: one copy however many callbacks hold it."""
-
-    _live: ClassVar[weakref.WeakValueDictionary[int, _Snapshot]] = weakref.WeakValueDictionary()
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module_id = id(module)
-        self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _state_tensors(module)}
-
-    @classmethod
-    def of(cls, module: torch.nn.Module) -> _Snapshot:
-        found = cls._live.get(id(module))
-        if found is None:
-            found = cls._live[id(module)] = cls(module)
-        return found
-
-    @contextmanager
-    def restored(self, module: torch.nn.Module) -> Iterator[None]:
-        """The module holds the snapshot's values inside, its own after (bit for bit)."""
-        live = dict(_state_tensors(module))
-        now = {name: t.detach().clone() for name, t in live.items()}
-        try:
-            with torch.no_grad():
-                for name, t in live.items():
-                    t.copy_(self.tensors[name])
-            yield
-        finally:
-            with torch.no_grad():
-                for name, t in live.items():
-                    t.copy_(now[name])
-
-
-def _state_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(remove_duplicate=True)
-    yield from ((n, b) for n, b in module.named_buffers(remove_duplicate=True) if b is not None)
-
-
-@contextmanager
-def _muted_logging(module: L.LightningModule) -> Iterator[None]:
-    """training_step's self.log calls would record the probe loss as if it were training's."""
-    with _patched(module, log=lambda *a, **k: None, log_dict=lambda *a, **k: None):
-        yield
-
-
-@contextmanager
-def _patched(module: torch.nn.Module, **attributes: Any) -> Iterator[None]:
-    """Instance attributes set inside, the previous ones (or none) after."""
-    missing = object()
-    saved = {name: module.__dict__.get(name, missing) for name in attributes}
-    module.__dict__.update(attributes)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is missing:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
-
-
-class _InertOptimizer:
-    """What ``self.optimizers()`` returns while a probe loss is taken: stepping and zeroing do nothing; a
-    closure passed to ``step`` runs (it computes the loss and calls ``manual_backward``)."""
-
-    def __init__(self, wrapped: Any) -> None:
-        self._wrapped = wrapped
-
-    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        return closure() if closure is not None else None
-
-    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
-
-
-class _InertScheduler(_InertOptimizer):
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-@contextmanager
-def _manual_optimization_stubs(module: L.LightningModule) -> Iterator[list[torch.Tensor]]:
-    """Under manual optimization the training step steps optimizers itself: inside, they are inert and
-    ``manual_backward`` only records the losses it is given (yielded)."""
-    losses: list[torch.Tensor] = []
-    cls = type(module)
-
-    def optimizers(use_pl_optimizer: bool = True):
-        found = cls.optimizers(module, use_pl_optimizer)
-        return [_InertOptimizer(o) for o in found] if isinstance(found, list) else _InertOptimizer(found)
-
-    def lr_schedulers():
-        found = cls.lr_schedulers(module)
-        if found is None:
-            return None
-        return [_InertScheduler(s) for s in found] if isinstance(found, list) else _InertScheduler(found)
-
-    with _patched(
-        module,
-        optimizers=optimizers,
-        lr_schedulers=lr_schedulers,
-        manual_backward=lambda loss, *a, **k: losses.append(loss),
-        toggle_optimizer=lambda *a, **k: None,
-        untoggle_optimizer=lambda *a, **k: None,
-        toggled_optimizer=lambda *a, **k: nullcontext(),
-        clip_gradients=lambda *a, **k: None,
-    ):
-        yield losses
-
-
-@contextmanager
-def _uncompiled(module: L.LightningModule) -> Iterator[None]:
-    """``trainer.fit(torch.compile(module))`` replaces the module's forward and training_step by compiled
-    ones; measurements (double backward, torch.func) need the eager functions."""
-    context = getattr(module, "_compiler_ctx", None)
-    with ExitStack() as stack:
-        if context:
-            stack.enter_context(
-                _patched(module, forward=context["original_forward"], training_step=context["original_training_step"])
-            )
-        yield
-
-
 def concat_batches(batches: Sequence[Any]) -> Any:
     """The probe batches as one batch."""
     first = batches[0]
@@ -641,85 +520,3 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return _batch_size(next(iter(batch.values())))
     raise TypeError(f"cannot tell the size of a batch of type {type(batch).__name__}")
-
-
-@dataclass(frozen=True)
-class Cost:
-    """One measurement's time against a training step's, estimated before training."""
-
-    seconds: float  # one measurement
-    step_seconds: float  # one training step, timed on the first steps (the callbacks' own work left out)
-    every_n_steps: int | None  # None: once, at fit end
-    total_steps: int | None
-    remark: str = ""  # what the callback knows about how later measurements differ from the timed one
-
-    @property
-    def steps(self) -> float:
-        """One measurement in training steps."""
-        return self.seconds / max(self.step_seconds, 1e-9)
-
-    def share(self) -> float | None:
-        """Measurement time over training time at the cadence (once per fit: over the run's steps)."""
-        if self.every_n_steps:
-            return self.steps / self.every_n_steps
-        return self.steps / self.total_steps if self.total_steps else None
-
-    def affordable(self, limit: float) -> bool:
-        share = self.share()
-        return share is not None and share <= limit
-
-    def cadence_for(self, limit: float) -> int:
-        """The smallest every_n_steps that keeps the measurements under ``limit`` of training time."""
-        return max(1, math.ceil(self.steps / limit))
-
-    def describe(self, limit: float) -> str:
-        head = (
-            f"one measurement takes ≈ {_seconds(self.seconds)} ≈ {self.steps:,.1f} training steps of this model (a "
-            f"step ≈ {_seconds(self.step_seconds)}, timed on the first steps)"
-        )
-        if self.remark:
-            head += f" ({self.remark})"
-        share = self.share()
-        if self.every_n_steps:
-            head += f"; every {self.every_n_steps} steps that adds ≈ {_percent(share)} to training time"
-        elif share is not None:
-            head += f"; once at fit end that adds ≈ {_percent(share)} to this run's {self.total_steps:,} steps"
-        if share is None or share <= limit:
-            return head
-        return head + f". every_n_steps ≥ {self.cadence_for(limit):,} keeps it under {limit:.0%}"
-
-
-def _percent(share: float) -> str:
-    return f"{share:.1%}" if share < 0.1 else f"{share:.0%}"
-
-
-def _seconds(seconds: float) -> str:
-    if seconds < 0.01:
-        return f"{seconds * 1e3:.2g} ms"
-    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
-
-
-_TIMED_BATCHES = 2  # batches timed after the first
-
-
-class _OwnWork:
-    """Seconds spent in measurements (every callback's), left out of the training-step times they are set
-    against. Nested counting counts once."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._depth = 0
-
-    @contextmanager
-    def counting(self) -> Iterator[None]:
-        self._depth += 1
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                self.seconds += time.perf_counter() - start
-
-
-_OWN_WORK = _OwnWork()

@@ -32,9 +32,10 @@ from lightning_mup.callbacks._base import LossFn, MeasurementCallback, Measureme
 from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.kernels import kernel_target_alignment
 from lightning_mup.measure.ntk import METHODS as NTK_METHODS
-from lightning_mup.measure.ntk import MODES, OutputFn, analyse_kernel, effective_rank, empirical_ntk, ntk_cost
+from lightning_mup.measure.ntk import MODES, OutputFn, empirical_ntk, ntk_cost
 from lightning_mup.measure.observe import eval_mode
 from lightning_mup.measure.outputs import batch_labels, default_output, regression_targets
+from lightning_mup.measure.spectrum import analyse_kernel, effective_rank
 from lightning_mup.parametrize.optim import lr_scales
 
 Inputs = Callable[[Any], Any]

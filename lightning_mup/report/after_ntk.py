@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_mup._run_folder import PROBE_KEY, step_files
-from lightning_mup.measure.ntk import analyse_kernel
+from lightning_mup.measure.spectrum import analyse_kernel
 from lightning_mup.report.plotting import colors, pyplot, save
 from lightning_mup.report.runs import Run
 

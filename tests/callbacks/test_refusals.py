@@ -232,7 +232,7 @@ def test_the_cost_is_said_once_up_front_with_the_cadence_that_fits(tmp_path, cap
 
 
 def test_the_cost_message_in_numbers():
-    from lightning_mup.callbacks._base import Cost
+    from lightning_mup.callbacks._cost import Cost
 
     cost = Cost(seconds=1.0, step_seconds=0.01, every_n_steps=5, total_steps=None)
     assert cost.steps == pytest.approx(100) and cost.share() == pytest.approx(20)

@@ -8,14 +8,8 @@ from models import gpt2, vit
 from torch import nn
 
 from lightning_mup import parametrize
-from lightning_mup.measure.ntk import (
-    effective_rank,
-    empirical_ntk,
-    kernel_flow_loss,
-    naive_ntk,
-    spectrum,
-    task_power,
-)
+from lightning_mup.measure.ntk import empirical_ntk, naive_ntk
+from lightning_mup.measure.spectrum import effective_rank, kernel_flow_loss, spectrum, task_power
 
 
 def _mlp():
