@@ -17,22 +17,27 @@ worker processes, resumable.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import sys
 import time
 import traceback
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from lightning_mup._run_folder import LOG_FILE, RUN_FILE, SWEEP_FILE
+from lightning_mup.sweep_launch import (
+    LAUNCHERS,
+    adopt_slurm_leftovers,
+    check_submitit,
+    local_pool,
+    parse_slurm,
+    pool_factory,
+)
+from lightning_mup.sweep_state import config_key, locked, print_status, read_json, write_json
 
 
 @dataclass
@@ -257,7 +262,7 @@ def sweep_command(
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher {launcher!r}: choose one of {LAUNCHERS}")
     if launcher != "local":
-        _check_submitit()
+        check_submitit()
     out = Path(out) if out is not None else Path("sweeps") / config.stem
     out.mkdir(parents=True, exist_ok=True)
     axes = parse_grid(grid_axes or [])
@@ -280,8 +285,8 @@ def sweep_command(
         "runs": {},
     }
     _check_arguments(cell_args(cells[0], config, out, width_key, lr_key, steps, overrides, depth_key))
-    with _locked(out):  # one sweep per folder
-        pool = _pool_factory(launcher, out, jobs, devices or 1, nodes or 1, _parse_slurm(slurm or []))
+    with locked(out):  # one sweep per folder
+        pool = pool_factory(launcher, out, jobs, devices or 1, nodes or 1, parse_slurm(slurm or []))
         _run_grid(
             cells, config, out, jobs, threads, steps, retries, (width_key, lr_key, depth_key), overrides, summary, pool
         )
@@ -290,12 +295,12 @@ def sweep_command(
 def _run_grid(cells, config, out, jobs, threads, steps, retries, where, overrides, summary, pool=None) -> None:
     width_key, lr_key, depth_key = where
     keys = {
-        cell.name: _config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key))
+        cell.name: config_key(config, cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key))
         for cell in cells
     }
     pending, foreign = [], []
     for cell in cells:
-        state = _read(out / cell.name / RUN_FILE)
+        state = read_json(out / cell.name / RUN_FILE)
         if state.get("status") == "done" and state.get("config_key") == keys[cell.name]:
             summary["runs"][cell.name] = state
         elif state.get("status") == "done":
@@ -303,7 +308,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
         else:
             pending.append(cell)
     if getattr(pool, "cluster", None) == "slurm":
-        pending = _adopt_slurm_leftovers(out, pending, summary)
+        pending = adopt_slurm_leftovers(out, pending, summary)
     if foreign:
         raise SystemExit(
             f"{out} already holds finished runs of another configuration ({', '.join(foreign[:4])}"
@@ -321,7 +326,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
     while queue:
         batch, queue = queue, []
         try:
-            with (pool or _local_pool)(jobs) as executor:
+            with (pool or local_pool)(jobs) as executor:
                 futures = {}
                 for cell in batch:
                     folder = out / cell.name
@@ -329,7 +334,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
                         shutil.rmtree(folder)  # a half-written run starts over in a fresh folder
                     folder.mkdir(parents=True)
                     args = cell_args(cell, config, out, width_key, lr_key, steps, overrides, depth_key)
-                    _write(
+                    write_json(
                         folder / RUN_FILE,
                         {
                             **asdict(cell),
@@ -347,7 +352,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
                     queue += _finish(out, cell, result, attempts, retries, summary, progress)
         except BrokenProcessPool:  # a worker died (killed, out of memory): its runs are retried or reported
             for cell in batch:
-                state = _read(out / cell.name / RUN_FILE)
+                state = read_json(out / cell.name / RUN_FILE)
                 if state.get("status") == "running":
                     queue += _finish(
                         out,
@@ -361,7 +366,7 @@ def _run_grid(cells, config, out, jobs, threads, steps, retries, where, override
     progress.close()
     failed = sorted(name for name, state in summary["runs"].items() if state.get("status") != "done")
     summary["failed"] = failed
-    _write(out / SWEEP_FILE, summary)
+    write_json(out / SWEEP_FILE, summary)
     if failed:
         print(f"{len(failed)} runs failed (see their run.json): {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
@@ -418,52 +423,6 @@ def _check_recipe(config: Path) -> None:
         raise SystemExit(f"{config}: trainer.strategy.class_path {class_path!r} cannot be imported ({error})") from None
     if not (isinstance(found, type) and issubclass(found, MuPStrategy)):
         raise SystemExit(fix + f"; found {class_path}")
-
-
-def sweep_status(out: Path) -> dict[str, list[str]]:
-    """Where a sweep folder stands: run names by state — ``done``, ``running`` (a sweep holds the folder's lock),
-    ``interrupted`` (marked running, but no sweep holds the lock: killed; the next sweep reruns them) and
-    ``failed`` — read from each run's ``run.json``."""
-    out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out} does not exist or is not a folder; give the folder a sweep wrote (--out)")
-    alive = _lock_held(out)
-    states: dict[str, list[str]] = {"done": [], "running": [], "interrupted": [], "failed": []}
-    for run_file in sorted(out.glob(f"*/{RUN_FILE}")):
-        status = _read(run_file).get("status", "unreadable")
-        if status == "running":
-            status = "running" if alive else "interrupted"
-        states.setdefault(status, []).append(run_file.parent.name)
-    return states
-
-
-def _lock_held(out: Path) -> bool:
-    import fcntl
-
-    path = out / ".sweep.lock"
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def print_status(out: Path) -> None:
-    states = sweep_status(out)
-    total = sum(len(v) for v in states.values())
-    print(f"sweep {out}: {total} runs — " + ", ".join(f"{len(v)} {k}" for k, v in states.items() if v or k == "done"))
-    for name in states.get("failed", []):
-        error = str(_read(Path(out) / name / RUN_FILE).get("error", "")).strip().splitlines()
-        print(f"  failed       {name}: {error[-1] if error else '?'}  (log: {Path(out) / name / LOG_FILE})")
-    for kind in ("running", "interrupted"):
-        for name in states.get(kind, []):
-            print(f"  {kind:12s} {name}")
-    if states.get("interrupted"):
-        print("  interrupted runs start over when the same sweep command is run again")
 
 
 def main(argv: list[str]) -> None:
@@ -545,170 +504,9 @@ def main(argv: list[str]) -> None:
         parser.error(str(error))
 
 
-LAUNCHERS = ("local", "slurm", "submitit-local")
-
-
-def _local_pool(jobs: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(
-        max_workers=max(1, jobs),
-        mp_context=get_context("spawn"),
-        initializer=_die_with_parent,
-        initargs=(os.getpid(),),
-    )
-
-
-def _check_submitit() -> None:
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            "--launcher slurm needs submitit: pip install 'lightning-mup[slurm]' (or pip install submitit)"
-        ) from None
-
-
-def _parse_slurm(entries: list[str]) -> dict[str, Any]:
-    import yaml
-
-    parsed = {}
-    for entry in entries:
-        key, sep, value = entry.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--slurm {entry!r}: expected KEY=VALUE, e.g. --slurm slurm_partition=gpu")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return parsed
-
-
-class _SubmititPool:
-    """The process pool's interface over submitit: each run is one job (on SLURM, or local), at most ``jobs`` at a
-    time like the process pool's workers — a thread per slot submits a run's job, records its id and waits for its
-    result — so the sweep's loop (retries, run.json, progress) stays the same."""
-
-    def __init__(self, cluster: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
-
-        import submitit
-
-        self.cluster = cluster
-        self.executor = submitit.AutoExecutor(folder=out / ".submitit", cluster=cluster)
-        parameters: dict[str, Any] = {"timeout_min": 60}
-        if cluster == "slurm":
-            parameters.update(nodes=nodes, tasks_per_node=devices)
-            if devices > 1 or slurm.get("gpus_per_node"):
-                parameters.setdefault("gpus_per_node", devices)
-        parameters.update(slurm)
-        self.executor.update_parameters(**parameters)
-        self.slots = ThreadPoolExecutor(max_workers=max(1, jobs))
-        self.lock = threading.Lock()  # one submission at a time through the executor
-
-    def __enter__(self) -> _SubmititPool:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.slots.shutdown(wait=True)
-
-    def submit(self, fn, *args):
-        return self.slots.submit(self._run, fn, args)
-
-    def _run(self, fn, args) -> dict[str, Any]:
-        with self.lock:
-            if self.cluster == "local":  # a local job ends with its sweep, as the process pool's workers do
-                job = self.executor.submit(_watched, os.getpid(), fn, *args)
-            else:
-                job = self.executor.submit(fn, *args)
-        if fn is _run_cell:  # a later sweep must know this run's job is out there (see _slurm_leftovers)
-            folder = Path(args[1])
-            _write(folder / RUN_FILE, {**_read(folder / RUN_FILE), "job_id": str(job.job_id)})
-        return _job_result(job)
-
-
-def _watched(sweep_pid: int, fn, *args):
-    """A submitit-local job: exit when the sweep that sent it is gone (killed with -9, say), so that a rerun,
-    which redoes unfinished runs, never shares a folder with an orphan still writing to it."""
-    import threading
-
-    def watch() -> None:
-        while True:
-            try:
-                os.kill(sweep_pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True, name="watch-sweep").start()
-    return fn(*args)
-
-
-def _adopt_slurm_leftovers(out: Path, pending: list[Cell], summary: dict) -> list[Cell]:
-    """Before a SLURM sweep reruns what an earlier one left "running": refuse while those jobs live, keep the
-    runs whose job finished after its sweep died. Returns what is left to run."""
-    left = [cell.name for cell in pending if _read(out / cell.name / RUN_FILE).get("status") == "running"]
-    live, finished = _slurm_leftovers(out, left)
-    if live:
-        listed = ", ".join(f"{name} (job {job})" for name, job in list(live.items())[:4])
-        raise SystemExit(
-            f"{len(live)} runs of an earlier sweep of {out} are still queued or running on SLURM: {listed}"
-            f"{' ...' if len(live) > 4 else ''}. Rerunning them now would run them twice; wait for them "
-            "(squeue) or cancel them (scancel), then rerun"
-        )
-    for name, result in finished.items():
-        if result.get("status") == "done":  # finished after its sweep died: kept
-            state = {**_read(out / name / RUN_FILE), **result}
-            _write(out / name / RUN_FILE, state)
-            summary["runs"][name] = state
-    return [cell for cell in pending if cell.name not in summary["runs"]]
-
-
-def _slurm_leftovers(out: Path, names: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Runs left "running" by an earlier SLURM sweep that died before its jobs did: those whose job is still
-    queued or running ({run: job id}; rerunning them would run them twice, into the same folder), and those
-    whose job has since finished ({run: its result}, kept rather than redone)."""
-    import submitit
-
-    live, finished = {}, {}
-    for name in names:
-        job_id = _read(out / name / RUN_FILE).get("job_id")
-        if job_id is None:
-            continue
-        job = submitit.SlurmJob(folder=out / ".submitit", job_id=job_id)
-        state = job.state.split()[0]
-        if state in _SLURM_ALIVE:
-            live[name] = job_id
-        elif state == "COMPLETED":
-            finished[name] = _job_result(job)
-    return live, finished
-
-
-_SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "CONFIGURING", "COMPLETING"}
-
-
-def _job_result(job) -> dict[str, Any]:
-    try:
-        result = job.result()
-    except Exception as error:  # the job itself died (preempted, out of memory, killed): retried, then reported
-        return {
-            "status": "failed",
-            "error": f"job {job.job_id} ended without a result: {type(error).__name__}: {error}",
-        }
-    # a multi-task job (one task per device) returns one result per task: rank 0's is the run's
-    return result[0] if isinstance(result, list) else result
-
-
-def _pool_factory(launcher: str, out: Path, jobs: int, devices: int, nodes: int, slurm: dict[str, Any]):
-    if launcher == "local":
-        return None
-    cluster = "slurm" if launcher == "slurm" else "local"
-
-    def factory(_jobs: int) -> _SubmititPool:
-        return _SubmititPool(cluster, out, jobs, devices, nodes, slurm)
-
-    factory.cluster = cluster  # type: ignore[attr-defined]
-    return factory
-
-
 def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, summary: dict, progress) -> list[Cell]:
-    state = {**_read(out / cell.name / RUN_FILE), **result, "attempts": attempts[cell.name]}
-    _write(out / cell.name / RUN_FILE, state)
+    state = {**read_json(out / cell.name / RUN_FILE), **result, "attempts": attempts[cell.name]}
+    write_json(out / cell.name / RUN_FILE, state)
     summary["runs"][cell.name] = state
     if result["status"] != "done" and result.get("retry", True) and attempts[cell.name] <= retries:
         print(f"\n{cell.name} failed ({result.get('error')}); retrying", file=sys.stderr, flush=True)
@@ -720,70 +518,7 @@ def _finish(out: Path, cell: Cell, result: dict, attempts: dict, retries: int, s
     return []
 
 
-def _config_key(config: Path, args: list[str]) -> str:
-    """What makes a run this run: the recipe's text and every argument but where its folder is."""
-    import hashlib
-
-    kept = [a for a in args if not a.startswith(("--trainer.logger.init_args.save_dir=", "--config="))]
-    return hashlib.sha1(json.dumps([config.read_text(), kept]).encode()).hexdigest()[:16]
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """An exclusive lock on the sweep folder, held inside (the OS also releases it if the process dies)."""
-    import fcntl
-
-    with open(out / ".sweep.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            raise SystemExit(
-                f"another sweep (pid {owner}) is running in {out}; wait for it, or give another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: a worker whose sweep process is gone (killed with -9, say) exits at once rather
-    than finish its run into a folder the next sweep will redo, or hang."""
-    import threading
-
-    if sys.platform.startswith("linux"):  # immediate: the kernel signals the worker when its parent dies
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    def watch() -> None:  # everywhere else: notice within a second
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
-
-
 def _progress(total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="runs", unit="run")
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("lightning glue", ("strategy", "_hparams", "_progress", "callbacks", "models", "data")),
     ("report", ("report",)),
     ("recipes", ("recipe",)),
-    ("commands", ("sweep", "limit")),
+    ("commands", ("sweep", "sweep_launch", "sweep_state", "limit")),
     ("cli", ("cli",)),
 ]
 PURE_TORCH = ("_run_folder", "_names", "_help", "_rng", "_untouched", "theory", "parametrize", "measure", "report")

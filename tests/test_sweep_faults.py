@@ -134,7 +134,7 @@ def test_status_tells_done_running_interrupted_and_failed(tmp_path, capsys):
     import fcntl
 
     from lightning_mup.sweep import main as sweep_main
-    from lightning_mup.sweep import sweep_status
+    from lightning_mup.sweep_state import sweep_status
 
     for name, state in {
         "w64_s0": {"status": "done"},
@@ -163,7 +163,7 @@ def test_a_slurm_rerun_waits_for_live_jobs_and_keeps_finished_ones(tmp_path, mon
     or running (it would run twice, into one folder), and keeps a run whose job finished since."""
     import submitit
 
-    import lightning_mup.sweep as sweep_module
+    import lightning_mup.sweep_launch as sweep_launch
 
     recipe, out = _fast_recipe(tmp_path), tmp_path / "sweep"
     args = ["--config", str(recipe), "--widths", "64", "--steps", "5", "--out", str(out), "--launcher", "slurm"]
@@ -185,7 +185,7 @@ def test_a_slurm_rerun_waits_for_live_jobs_and_keeps_finished_ones(tmp_path, mon
 
     monkeypatch.setattr(submitit, "SlurmJob", FakeJob)
     submitted = []
-    monkeypatch.setattr(sweep_module._SubmititPool, "submit", lambda self, *a: submitted.append(a))
+    monkeypatch.setattr(sweep_launch.SubmititPool, "submit", lambda self, *a: submitted.append(a))
     with pytest.raises(SystemExit, match=r"w64_s0 \(job 77\).*run them twice.*scancel"):
         sweep(args)
     states["77"] = "COMPLETED"

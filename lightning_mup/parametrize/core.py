@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -14,35 +13,32 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
-from lightning_mup._untouched import as_in_training, untouched
-from lightning_mup.parametrize.adapters import attention_scale, attention_scale_hook, head_dim, is_attention, layer_kind
-from lightning_mup.parametrize.depth import Blocks, base_name_mapper, find_blocks
+from lightning_mup._untouched import untouched
+from lightning_mup.parametrize.depth import base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
 from lightning_mup.parametrize.optim import FAMILIES
-from lightning_mup.parametrize.probe import probe
-from lightning_mup.parametrize.record import ModuleHook, Parametrization, ParamScale
-from lightning_mup.parametrize.roles import TensorRoles, infer_roles
+from lightning_mup.parametrize.record import Parametrization, ParamScale
+from lightning_mup.parametrize.roles import infer_roles
+from lightning_mup.parametrize.rules import (
+    apply_init,
+    branch_hooks,
+    layer_hooks,
+    native_ratios,
+    rms_by_name,
+    scale_tensor,
+)
 from lightning_mup.parametrize.settings import MuPSettings
 from lightning_mup.parametrize.table import (
-    DEPTH,
-    EPS_SCALED,
-    FIXED,
-    FORMS,
-    HIDDEN,
     INPUT,
     OUTPUT,
-    Form,
     form,
 )
 from lightning_mup.parametrize.tied import untie
 from lightning_mup.parametrize.train_check import LOGITS_TOLERANCE, training_check
-from lightning_mup.parametrize.verify import describe, example_calls, self_check, width_multiplier
+from lightning_mup.parametrize.verify import describe, self_check, width_multiplier
+from lightning_mup.parametrize.watched import attention_hooks, checkable, uses_in_forward
 
 ModelSpec = nn.Module | Callable[[], nn.Module]
-
-# Initialisers in the libraries we know scale as a power of fan-in, fan-out or depth. Measured size
-# ratios are snapped to such a power when one is this close (log scale), which removes sampling noise.
-_SNAP_TOLERANCE = 0.12
 
 
 def parametrize(
@@ -189,7 +185,7 @@ def _parametrize(
         )
     depth_mult = blocks.depth / base_blocks.depth if blocks.depth else 1.0
 
-    uses = _uses_in_forward(model, base_model, example_input)
+    uses = uses_in_forward(model, base_model, example_input)
     tensors = infer_roles(model, base_model, delta_model, to_base, uses)
     untied: list[str] = []
     if settings["tied_readout"] == "untie":
@@ -218,13 +214,13 @@ def _parametrize(
     def base_key(name: str) -> str:  # the base's name for a model name (deeper model, wrappers removed)
         return unwrap_name((to_base or _same)(name))
 
-    native = _native_ratios(tensors, _rms_by_name(base_model), base_key, blocks, depth_mult, notes)
-    params = {name: _scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
-    hooks = _layer_hooks(tensors, params, chosen, settings)
-    hooks += _branch_hooks(blocks, depth_alpha or None, depth_mult)
-    hooks += _attention_hooks(model, base_model, base_key, settings["attention"], example_input, notes)
+    native = native_ratios(tensors, rms_by_name(base_model), base_key, blocks, depth_mult, notes)
+    params = {name: scale_tensor(t, chosen, settings, blocks, depth_mult, native[name]) for name, t in tensors.items()}
+    hooks = layer_hooks(tensors, params, chosen, settings)
+    hooks += branch_hooks(blocks, depth_alpha or None, depth_mult)
+    hooks += attention_hooks(model, base_model, base_key, settings["attention"], example_input, notes)
 
-    _apply_init(tensors, params, settings)
+    apply_init(tensors, params, settings)
     record = Parametrization(
         parametrization=parametrization,
         settings=settings,
@@ -285,7 +281,7 @@ def _self_check(
             f"({record.base_depth} vs {record.depth} blocks); a base at the model's depth would be checked"
         )
         return
-    found = _checkable(model, base, example_input)
+    found = checkable(model, base, example_input)
     if found is None:
         note = (
             "self-check skipped: no example input is known for this model (HF, timm and networks starting with "
@@ -440,61 +436,6 @@ def _warn(record: Parametrization, message: str) -> None:
     warnings.warn(message, stacklevel=4)
 
 
-def _uses_in_forward(model: nn.Module, base: nn.Module, example_input: Any = None) -> dict[int, list] | None:
-    """How parameters that belong to no known layer are used, from one forward (:mod:`.probe`); None when
-    every parameter is in a known layer or no example input is known."""
-    known = {id(p) for m in model.modules() for a, p in m._parameters.items() if p is not None and layer_kind(m, a)}
-    if all(id(p) in known or p.dim() < 2 for p in model.parameters()):
-        return None
-    found = _checkable(model, base, example_input)
-    if found is None:
-        return None
-    _, network, _, call, _ = found
-    with torch.no_grad():
-        return probe(network, lambda: call(network), logits=False, uses=True).uses
-
-
-def _checkable(model: nn.Module, base: nn.Module, example_input: Any = None):
-    """(prefix, network, base network, call, few): the outermost part of ``model`` that an example input is known
-    for and that runs on it, with its counterpart in the base, and the same kind of input with a handful of points
-    (what the self-check trains on: μP's Θ(1) changes are for widths far above the number of points, so at a base
-    of a few dozen units a change's random part, ∝ √(points / width) of its learnt part, must stay small) — or
-    None. A given ``example_input`` is for ``model`` itself, and serves for both."""
-    if example_input is not None:
-        call = _given_call(example_input)
-        try:
-            with torch.no_grad():
-                call(base)
-        except Exception as error:
-            raise ValueError(
-                f"example_input does not run on the base model: {type(error).__name__}: {error}. Give an input both "
-                "widths accept (the model's own input, not a hidden state)"
-            ) from error
-        return "", model, base, call, call
-    base_modules = dict(base.named_modules())
-    for name, network in model.named_modules():
-        counterpart = base_modules.get(name)
-        calls = example_calls(network) if counterpart is not None else []
-        for i, call in enumerate(calls):
-            try:
-                with torch.no_grad():
-                    call(counterpart)
-            except Exception:  # a LightningModule without forward, an input of the wrong kind or size: look further
-                continue
-            return unwrap_name(name), network, counterpart, call, example_calls(network, batch=2, length=2)[i]
-    return None
-
-
-def _given_call(example_input: Any) -> Callable[[nn.Module], Any]:
-    if callable(example_input) and not isinstance(example_input, torch.Tensor):
-        return example_input
-    if isinstance(example_input, Mapping):
-        return lambda net: net(**example_input)
-    if isinstance(example_input, tuple):
-        return lambda net: net(*example_input)
-    return lambda net: net(example_input)
-
-
 # ------------------------------------------------------------------------------------------- helpers
 def _same(name: str) -> str:
     return name
@@ -522,312 +463,6 @@ def _build(spec: ModelSpec, device: str, what: str) -> nn.Module:
     if not isinstance(built, nn.Module):
         raise TypeError(f"the {what} factory returned {type(built).__name__}, not an nn.Module")
     return built
-
-
-def _native_ratio(
-    model: torch.Tensor, base_rms: float | None, base_numel: int, multipliers: list[float], sp_init: float
-) -> tuple[float, bool]:
-    """How the model's own initialiser sized this tensor relative to the base (model / base), and
-    whether that is an exact power of the tensor's multipliers (else the measured ratio is used).
-
-    Initialisers scale as half-integer powers of fan-in, fan-out or depth, so the measured ratio is
-    snapped to the nearest such power; when sampling noise (a tensor of a few dozen entries) cannot
-    tell powers apart, the SP expectation (var ∝ 1/fan_in for weights, constant otherwise) is kept.
-    """
-    logs = [math.log(m) for m in multipliers if m != 1.0]
-    if not logs:  # same shape, same depth: the same initialiser draws the same distribution
-        return 1.0, True
-    if base_rms is None or model.is_meta:  # nothing to measure: assume the model's init is SP
-        return sp_init, True
-    model_rms = float(model.detach().float().pow(2).mean().sqrt())
-    if base_rms == 0.0 or model_rms == 0.0:
-        return 1.0, True
-    measured = math.log(model_rms / base_rms)
-    noise = math.sqrt(0.5 / model.numel() + 0.5 / base_numel)  # std of log(rms) ratio, Gaussian entries
-    if abs(math.log(sp_init) - measured) < 3 * noise:
-        return sp_init, True
-    candidates = {0.0}
-    for log_m in logs:  # half-integer powers of each multiplier, combined
-        candidates = {round(c + k * log_m / 2, 12) for c in candidates for k in (-2, -1, 0, 1, 2)}
-    best = min(candidates, key=lambda x: abs(x - measured))
-    snapped = abs(best - measured) < max(_SNAP_TOLERANCE, 3 * noise)
-    return math.exp(best if snapped else measured), snapped
-
-
-def _fixed_ratio(model: torch.Tensor, base_rms: float | None, base_numel: int, width_mult: float) -> float:
-    """A width-independent tensor's model/base size ratio: 1, or a clear half power of the width multiplier."""
-    if base_rms is None or model.is_meta or base_rms == 0.0:
-        return 1.0
-    model_rms = float(model.detach().float().pow(2).mean().sqrt())
-    if model_rms == 0.0:
-        return 1.0
-    measured = math.log(model_rms / base_rms)
-    noise = math.sqrt(0.5 / model.numel() + 0.5 / base_numel)
-    power = round(2 * measured / math.log(width_mult)) / 2
-    snapped = power * math.log(width_mult)
-    if power == 0 or abs(measured) < 4 * noise or abs(measured - snapped) > max(_SNAP_TOLERANCE, 3 * noise):
-        return 1.0
-    return math.exp(snapped)
-
-
-def _rms_by_name(model: nn.Module) -> dict[str, tuple[float | None, int]]:
-    with torch.no_grad():
-        return {
-            unwrap_name(name): (None if p.is_meta else float(p.detach().float().pow(2).mean().sqrt()), p.numel())
-            for name, p in model.named_parameters(remove_duplicate=False)
-        }
-
-
-def _native_ratios(
-    tensors: dict[str, TensorRoles],
-    base_sizes: dict[str, tuple[float | None, int]],
-    to_base: Callable[[str], str],
-    blocks: Blocks,
-    depth_mult: float,
-    notes: list[str],
-) -> dict[str, float]:
-    """Model/base size ratio of every tensor under the model's own initialiser.
-
-    A layer's bias follows its weight (PyTorch draws both with the weight's fan-in; other libraries
-    zero it): measuring a bias of a handful of entries directly would be mostly noise.
-    """
-    canonical = {id(t.param): name for name, t in tensors.items()}
-
-    def weight_of(t: TensorRoles) -> str | None:
-        weight = getattr(t.uses[0].module, "weight", None)
-        if t.uses[0].attr == "bias" and isinstance(weight, nn.Parameter):
-            return canonical.get(id(weight))
-        return None
-
-    hidden = [t.shapes[0].symbols["m"] for t in tensors.values() if t.shapes[0].role == HIDDEN]
-    width_mult = max(set(hidden), key=hidden.count) if hidden else 1.0
-    ratios: dict[str, float] = {}
-    for name, t in sorted(tensors.items(), key=lambda item: weight_of(item[1]) is not None):
-        weight = weight_of(t)
-        if weight is not None:
-            ratios[name] = ratios[weight]
-            continue
-        symbols = t.shapes[0].symbols
-        if t.shapes[0].role == FIXED and width_mult != 1.0:
-            # same shape in model and base, yet an initialiser may size it by the width (T5's relative attention
-            # bias: std ∝ d_model^-½): measured, and a clear half power of the width is undone
-            base_rms, base_numel = base_sizes[to_base(name)]
-            ratios[name] = _fixed_ratio(t.param, base_rms, base_numel, width_mult)
-            if ratios[name] != 1.0:
-                notes.append(
-                    f"{name}: same shape at every width, but its initial size is {ratios[name]:.3g}× the base's "
-                    "(the model's initialiser depends on the width); rescaled to the base's"
-                )
-            continue
-        multipliers = [symbols["m_in"], symbols["m_out"], depth_mult if blocks.block_of(name) else 1.0]
-        sp_init = FORMS["sp"].rules[t.shapes[0].role].init(symbols)
-        base_rms, base_numel = base_sizes[to_base(name)]
-        ratios[name], snapped = _native_ratio(t.param, base_rms, base_numel, multipliers, sp_init)
-        if not snapped:
-            notes.append(
-                f"{name}: its initial size is {ratios[name]:.3g}× the base's, not a power of its width "
-                "multipliers; rescaled by that measured ratio"
-            )
-    return ratios
-
-
-def _scale_tensor(
-    t: TensorRoles,
-    chosen: Form,
-    settings: dict[str, Any],
-    blocks: Blocks,
-    depth_mult: float,
-    native: float,
-) -> ParamScale:
-    shape = t.shapes[0]
-    role, symbols = shape.role, {**shape.symbols, "gamma0": settings["gamma0"]}
-    rule = chosen.rules[role]
-    block = blocks.block_of(t.name)
-    alpha = settings["depth_alpha"] or None  # 0: blocks matched to the base, no depth rule applied
-    in_depth = alpha is not None and block is not None
-    d_lr = {
-        "sgd": depth_mult ** DEPTH["lr_sgd"](alpha) if in_depth else 1.0,
-        "adam": depth_mult ** DEPTH["lr_adam"](alpha) if in_depth else 1.0,
-    }
-    width_lr = {"sgd": rule.lr_sgd(symbols), "adam": rule.lr_adam(symbols)}
-    lr_mult = settings["lr_mults"].get(role, 1.0)
-    lr_scale = {f: width_lr[f] * d_lr[f] * lr_mult for f in width_lr}
-    wd_convention = settings["weight_decay"]
-    weight_decay_scale = {
-        f: 1.0 / width_lr[f]
-        if wd_convention == "coupled"
-        else 1.0 / (width_lr[f] * d_lr[f])
-        if wd_convention == "lr_invariant"
-        else 1.0
-        for f in width_lr
-    }
-    eps_scale = 1.0
-    if settings["eps"] == "scaled":
-        eps_scale = EPS_SCALED[role](symbols) if role in EPS_SCALED else 1.0
-        if in_depth:
-            eps_scale *= depth_mult ** DEPTH["eps"](alpha)
-
-    forward_mult = rule.mult(symbols) * (settings["output_mult"] if role == OUTPUT else 1.0)
-    if settings["keep_weights"]:
-        init_scale = 1.0 / forward_mult
-    else:
-        init_scale = rule.init(symbols) / native
-        if role == OUTPUT and settings["readout_zero_init"] and not t.aliases:
-            init_scale = 0.0
-    return ParamScale(
-        role=role,
-        shape=list(t.param.shape),
-        base_shape=t.base_shape,
-        width_mult=symbols["m"],
-        fan_in_mult=symbols["m_in"],
-        fan_out_mult=symbols["m_out"],
-        depth_mult=depth_mult if block is not None else 1.0,
-        block=block,
-        init_scale=init_scale,
-        forward_mult=forward_mult,
-        lr_scale=lr_scale,
-        weight_decay_scale=weight_decay_scale,
-        eps_scale=eps_scale,
-        tied=list(t.aliases),
-    )
-
-
-def _layer_hooks(
-    tensors: dict[str, TensorRoles], params: dict[str, ParamScale], chosen: Form, settings: dict[str, Any]
-) -> list[ModuleHook]:
-    """Forward multipliers as pre-hooks scaling each layer's input (biases stay unscaled)."""
-    hooks = []
-    for name, t in tensors.items():
-        canonical = params[name]
-        for i, (use, shape) in enumerate(zip(t.uses, t.shapes)):
-            if i == 0:
-                mult = canonical.forward_mult
-            else:  # a tied use (e.g. lm_head sharing the embedding) gets its own role's multiplier
-                symbols = {**shape.symbols, "gamma0": settings["gamma0"]}
-                rule, first = chosen.rules[shape.role], chosen.rules[canonical.role]
-                if rule.mult(symbols) == first.mult(symbols):
-                    continue
-                if not math.isclose(rule.init(symbols), first.init(symbols)):
-                    raise ValueError(
-                        f"{use.name} shares its tensor with {name}, and under this parametrization the two "
-                        "uses need different initial sizes. Untie them (e.g. tie_word_embeddings=False) or "
-                        "use parametrization='mup'."
-                    )
-                mult = rule.mult(symbols) * (settings["output_mult"] if shape.role == OUTPUT else 1.0)
-                mult /= canonical.forward_mult
-            if mult == 1.0:
-                continue
-            if use.kind is None or not use.kind.scalable_input:
-                raise ValueError(
-                    f"{use.name} ({shape.role}) needs a forward multiplier {mult:.4g}, but "
-                    f"{type(use.module).__name__} is not a layer whose input can be scaled (Linear, Conv, "
-                    "HF Conv1D). Use parametrization='mup', whose multiplier sits on the readout only."
-                )
-            reason = "readout multiplier" if shape.role == OUTPUT else "forward multiplier"
-            hooks.append(ModuleHook(use.module_name, "input", mult, reason))
-    return hooks
-
-
-def _branch_hooks(blocks: Blocks, depth_alpha: float | None, depth_mult: float) -> list[ModuleHook]:
-    if depth_alpha is None or depth_mult == 1.0:
-        return []
-    mult = depth_mult ** DEPTH["branch"](depth_alpha)
-    return [
-        ModuleHook(end, "output", mult, "residual branch multiplier")
-        for block in blocks.names
-        for end in blocks.branch_ends[block]
-    ]
-
-
-def _attention_hooks(
-    model: nn.Module,
-    base: nn.Module,
-    to_base: Callable[[str], str],
-    rule: str,
-    example_input: Any,
-    notes: list[str],
-) -> list[ModuleHook]:
-    """μP's 1/d_head logit scale, calibrated to equal the model's own scale at the base head_dim.
-
-    Read, not assumed: the head dimension is the measured contraction of each module's logits (one forward of
-    model and base; a module's ``head_dim`` attribute where no example input is known), and the model's own scale
-    is the float its forward reads (``scaling``, ``scale``, ``inv_norm_factor``) in the model and in the base — a
-    config constant (Granite's attention_multiplier) is not 1/√d_head. Only where no such attribute exists (T5)
-    is the model's own scale taken to be 1/√d_head; the self-check measures the logits either way."""
-    if rule != "inverse":
-        return []
-    measured = _measured_contractions(model, base, example_input)
-    base_modules = {unwrap_name(n): m for n, m in base.named_modules()}
-    hooks = []
-    for name, module in model.named_modules():
-        base_module = base_modules.get(to_base(name))
-        if base_module is None:
-            continue
-        d, d_base = head_dim(module), head_dim(base_module)
-        key = unwrap_name(name)
-        if measured is not None and key in measured[2]:
-            if d is not None and d != d_base:
-                notes.append(
-                    f"{key}: head_dim {d_base}→{d}; its logits are cosines of unit-length queries and keys (times a "
-                    "learned temperature): random ones shrink as d_head^-½ and aligned ones stay O(1) — μP's 1/d_head "
-                    "already, left as they are"
-                )
-            continue
-        if measured is not None and key in measured[0]:
-            contraction, base_contraction = measured[0][key], measured[1].get(to_base(key))
-            if contraction == base_contraction and d is not None and d != d_base:
-                notes.append(
-                    f"{key}: head_dim {d_base}→{d}, but its logits contract over {contraction} entries at both widths "
-                    "(e.g. cross-covariance attention, over tokens): their scale does not depend on head_dim, "
-                    "left as it is"
-                )
-            d, d_base = contraction, base_contraction
-        if d is None or d_base is None or d == d_base:
-            continue
-        # the scale the module applies, as it applies it at both widths; where none can be read (T5), taken to be
-        # 1/√d_head (and measured by the self-check)
-        scale, base_scale = attention_scale(module), attention_scale(base_module)
-        factor = base_scale * d_base / (d * scale) if scale and base_scale else math.sqrt(d_base / d)
-        found = attention_scale_hook(module, name, factor)
-        if found is None:
-            raise ValueError(
-                f"{name} ({type(module).__name__}) changes head_dim {d_base}→{d} with width; μP scales attention "
-                "logits by 1/head_dim, but this module computes its scale inside its forward, in no attribute or "
-                "projection lightning_mup can rescale. Keep head_dim fixed and grow the number of heads instead, or "
-                "pass attention='unchanged' to keep 1/sqrt(head_dim) (not μP)."
-            )
-        hooks.append(ModuleHook(*found))
-    return hooks
-
-
-def _measured_contractions(
-    model: nn.Module, base: nn.Module, example_input: Any
-) -> tuple[dict[str, int], dict[str, int], set[str]] | None:
-    """{attention module: the size its logits contract over}, for the model and the base, and the modules whose
-    logits are cosines, from one watched forward of each (see :mod:`.probe`); None where no example input is
-    known."""
-    if not any(is_attention(m) for m in model.modules()):  # (a watched forward costs: CNNs skip it)
-        return None
-    found = _checkable(model, base, example_input)
-    if found is None:
-        return None
-    prefix, network, base_network, call, _ = found
-    probes = []
-    for net in (network, base_network):
-        with torch.no_grad(), as_in_training(net):
-            probes.append(probe(net, lambda net=net: call(net), prefix=prefix))
-    return probes[0].head_dims, probes[1].head_dims, probes[0].cosine & probes[1].cosine
-
-
-def _apply_init(tensors: dict[str, TensorRoles], params: dict[str, ParamScale], settings: dict[str, Any]) -> None:
-    """Rescale each tensor exactly once (tied tensors appear once, under their canonical name)."""
-    with torch.no_grad():
-        for name, t in tensors.items():
-            scale = params[name].init_scale
-            if scale == 0.0:
-                t.param.zero_()
-            elif scale != 1.0:
-                t.param.mul_(scale)
 
 
 def _span(names: Sequence[str]) -> str:

@@ -70,9 +70,9 @@ def test_attention_the_rules_missed_is_found_by_its_logits(name, monkeypatch):
     """With head_dim unknown to the adapters (Swin, BEiT: a local variable; CLIP: passed at call time) and not
     measured before the rules are applied, the 1/d_head scale is skipped — silent without the check (logit slope
     ≈ 0); the check measures and patches."""
-    core = importlib.import_module("lightning_mup.parametrize.core")
-    monkeypatch.setattr(core, "head_dim", lambda module: None)
-    monkeypatch.setattr(core, "_measured_contractions", lambda *args: None)
+    watched = importlib.import_module("lightning_mup.parametrize.watched")  # where the attention rule is calibrated
+    monkeypatch.setattr(watched, "head_dim", lambda module: None)
+    monkeypatch.setattr(watched, "measured_contractions", lambda *args: None)
     unchecked, base = _built(name)
     parametrize(unchecked, base=base, check=False)
     assert all(abs(s) < 0.2 for s in _slopes(unchecked, base, "logits").values())
@@ -126,7 +126,7 @@ def test_attention_whose_scale_cannot_be_reached_is_refused_naming_it(monkeypatc
         parametrize(_Model(WIDE), base=lambda: _Model(BASE))
     # and where it could not be measured before, by the self-check, on the logits
     monkeypatch.setattr(
-        importlib.import_module("lightning_mup.parametrize.core"), "_measured_contractions", lambda *a: None
+        importlib.import_module("lightning_mup.parametrize.watched"), "measured_contractions", lambda *a: None
     )
     pattern = r"^mixer: its attention logits scale as m\^[+-]0\.\d+ .*predicts m\^-0\.50.*grow the number of heads"
     with pytest.raises(SelfCheckError, match=pattern):

@@ -17,7 +17,7 @@ from zoo import _DECODER, _hf
 
 from lightning_mup import Parametrization, parametrize, register_layer, scale_optimizer
 
-core = importlib.import_module("lightning_mup.parametrize.core")
+watched = importlib.import_module("lightning_mup.parametrize.watched")  # where the attention rule reads scales
 
 
 def _notes(build, width=64, base=16, **kwargs):
@@ -119,7 +119,7 @@ def test_a_constant_attention_multiplier_is_read_not_assumed(monkeypatch):
     assert not [n for n in record.notes if "corrected" in n]  # right the first time: nothing left to correct
 
     # with the old assumption (every model's own scale is 1/√d_head: √(d_base/d) on top), the self-check says so
-    monkeypatch.setattr(core, "attention_scale", lambda module: None)
+    monkeypatch.setattr(watched, "attention_scale", lambda module: None)
     _, _, warned = _notes(build, check="report")
     assert any("self_attn: its attention logits scale as m^-0.0" in w for w in warned), warned
 
