@@ -310,10 +310,10 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
     # --------------------------------------------------------------------------------- cost, said up front
     def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
         """Seconds one measurement takes on this model, from ``initial`` (the step-0 measurement's time, None when
-        there is none) or a timed trial of its own. Runs before the first training step."""
-        if initial is None:
-            raise NotImplementedError(f"{type(self).__name__} has no initial measurement to time")
-        return initial
+        there is none) or a timed trial of its own; NaN when neither is known (then no cost is said, and that is
+        said). Runs before the first training step. A callback that measures nothing at step 0 times a trial here
+        (UpdateSizes does)."""
+        return math.nan if initial is None else initial
 
     cost_remark = ""  # said with the cost, e.g. why later measurements may be faster than the timed one
 
@@ -328,6 +328,14 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         except Exception as error:  # the estimate is advice; the measurements report their own failures
             self._measurement_seconds = math.nan
             self.warn_once("cost", f"could not time a measurement ({type(error).__name__}: {error})")
+            return
+        if not math.isfinite(self._measurement_seconds):
+            self.warn_once(
+                "cost",
+                "its cost is not estimated: it measures nothing before training and has no trial of its own "
+                "(override measurement_seconds)",
+                expected=True,
+            )
 
     def _say_cost(self, trainer: L.Trainer) -> None:
         """Say once what one measurement costs against a training step, and which cadence keeps it under
