@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).parents[1] / "lightning_mup"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("_run_folder", "_names", "_help", "_rng", "_untouched")),
     ("theory", ("theory",)),
+    ("model families", ("families",)),
     ("parametrize", ("parametrize",)),
     ("measure", ("measure",)),
     ("lightning glue", ("strategy", "_hparams", "_progress", "callbacks", "models", "data")),
@@ -23,7 +24,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands", ("sweep", "sweep_launch", "sweep_state", "limit")),
     ("cli", ("cli",)),
 ]
-PURE_TORCH = ("_run_folder", "_names", "_help", "_rng", "_untouched", "theory", "parametrize", "measure", "report")
+PURE_TORCH = (
+    "_run_folder",
+    "_names",
+    "_help",
+    "_rng",
+    "_untouched",
+    "theory",
+    "families",
+    "parametrize",
+    "measure",
+    "report",
+)
 
 
 def _layer(module: str) -> int:
@@ -116,3 +128,16 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     planted.write_text("def f():\n    from lightning_mup.cli import main\n")
     assert ("lightning_mup.cli", 2) in _imports("parametrize.planted", planted)
     assert _layer("parametrize.core") < _layer("cli")
+
+
+def test_the_family_registry_imports_no_model_library():
+    # families/ matches types by qualified name: importing timm or transformers there would make them required
+    modules = _modules()
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for module, path in modules.items()
+        if module.startswith("families")
+        for name, line in _imports(module, path)
+        if name.split(".")[0] in ("timm", "transformers")
+    ]
+    assert not found, "\n".join(found)

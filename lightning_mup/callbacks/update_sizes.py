@@ -29,7 +29,7 @@ from torch import nn
 from lightning_mup._names import select, unwrap_name
 from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
 from lightning_mup.callbacks._cost import _OWN_WORK
-from lightning_mup.measure.rows import linear_uses
+from lightning_mup.families.uses import linear_uses
 from lightning_mup.measure.updates import update_sizes
 
 QUANTITIES = ("dW_x", "W_dx", "h", "spectral", "alignment")

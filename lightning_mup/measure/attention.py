@@ -11,8 +11,7 @@ included. HF models are switched to their eager attention for the probe forward.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_mup._names import nearest, select, unwrap_name
-from lightning_mup.parametrize.adapters import is_attention
+from lightning_mup.families.attention import eager_attention, is_attention
 
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 
@@ -39,23 +38,6 @@ def attention_modules(model: nn.Module, patterns: Sequence[str] | None = None) -
             f"layers={list(patterns)} match no attention module; attention modules: {nearest(patterns[0], found)}"
         )
     return chosen
-
-
-@contextmanager
-def _eager_hf(model: nn.Module) -> Iterator[None]:
-    configs = {
-        id(c): c
-        for m in model.modules()
-        if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")
-    }
-    saved = {key: c._attn_implementation for key, c in configs.items()}
-    for c in configs.values():
-        c._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        for key, c in configs.items():
-            c._attn_implementation = saved[key]
 
 
 def sdpa_probabilities(
@@ -128,7 +110,7 @@ def attention_maps(model: nn.Module, names: Sequence[str], run: Callable[[], obj
     try:
         for m, _ in timm_fused:  # timm: the eager path forms the same probabilities (and is what a reader sees)
             m.fused_attn = False
-        with _eager_hf(model), torch.no_grad(), reader:
+        with eager_attention(model), torch.no_grad(), reader:
             run()
     finally:
         for handle in handles:

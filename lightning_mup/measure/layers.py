@@ -1,7 +1,7 @@
 """Which layers to look at, and catching what flows through them on a probe batch.
 
 Layers are named explicitly or by glob patterns (``"blocks.*"``, ``"**.mlp.fc1"``). Without names:
-the residual stream (the outputs of residual blocks, found by the same family adapters depth scaling
+the residual stream (the outputs of residual blocks, found by the same family registry depth scaling
 uses), else the outputs of activation functions; preactivations are the inputs of activation functions.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_mup._names import nearest, select, unwrap_name
-from lightning_mup.parametrize.depth import find_blocks
+from lightning_mup.families.blocks import find_blocks
 
 _ACTIVATIONS = (
     nn.ReLU,

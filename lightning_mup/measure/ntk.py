@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mup._names import select
+from lightning_mup.families.uses import LinearUse, Uses, linear_uses
 from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.observe import fresh_caches, math_attention
 from lightning_mup.measure.outputs import default_output
-from lightning_mup.measure.rows import LinearUse, PointAxis, Uses, layerwise_rows, linear_uses
+from lightning_mup.measure.rows import PointAxis, layerwise_rows
 
 OutputFn = Callable[[Any], torch.Tensor]
 _MAX_JACOBIAN_POINTS = 32

@@ -1,6 +1,6 @@
 """Pure-torch core: roles from shapes, the parameterization table, and applying it (no Lightning)."""
 
-from lightning_mup.parametrize.adapters import register_block, register_layer
+from lightning_mup.families import register_block, register_layer
 from lightning_mup.parametrize.coord_check import CoordCheck, coord_check, plot_coord_checks
 from lightning_mup.parametrize.core import parametrize
 from lightning_mup.parametrize.optim import (

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
 from lightning_mup._untouched import untouched
-from lightning_mup.parametrize.depth import base_name_mapper, find_blocks
+from lightning_mup.families.blocks import base_name_mapper, find_blocks
 from lightning_mup.parametrize.hooks import has_hooks
 from lightning_mup.parametrize.optim import FAMILIES
 from lightning_mup.parametrize.record import Parametrization, ParamScale
@@ -181,7 +181,7 @@ def _parametrize(
             f"depth_alpha={depth_alpha} but no residual block was found in {type(model).__name__}.{candidates} "
             "Pass residual_blocks={'<block glob>': ['<module ending each branch>', ...]} "
             "(e.g. {'layers.*': ['mlp.fc2']}) or register the block type with "
-            "lightning_mup.parametrize.adapters.register_block."
+            "lightning_mup.register_block."
         )
     depth_mult = blocks.depth / base_blocks.depth if blocks.depth else 1.0
 

@@ -1,7 +1,7 @@
 """Roles from shapes: compare the model with the same model built at a base width.
 
 A dimension that differs between base and model (or between base and ``delta`` when given) is a width
-dimension. With the layer layout from :mod:`.adapters`, the width dimensions of each parameter use
+dimension. With the layer layout from :mod:`lightning_mup.families.layers`, the width dimensions of each parameter use
 decide its role:
 
 * ``hidden``  — fan-in and fan-out are width (width → width)
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_mup._names import join, unwrap_name
-from lightning_mup.parametrize.adapters import LayerKind, is_depthwise, layer_kind
+from lightning_mup.families.layers import LayerKind, is_depthwise, layer_kind
 from lightning_mup.parametrize.probe import Use as ProbeUse
 from lightning_mup.parametrize.table import FIXED, HIDDEN, INPUT, OUTPUT, VECTOR
 

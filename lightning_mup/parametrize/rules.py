@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_mup._names import unwrap_name
-from lightning_mup.parametrize.depth import Blocks
+from lightning_mup.families.blocks import Blocks
 from lightning_mup.parametrize.record import ModuleHook, ParamScale
 from lightning_mup.parametrize.roles import TensorRoles
 from lightning_mup.parametrize.table import (

@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._untouched import as_in_training
-from lightning_mup.parametrize.adapters import attention_scale_hook
+from lightning_mup.families.attention import attention_scale_hook
 from lightning_mup.parametrize.probe import Probe, merge, probe
 from lightning_mup.parametrize.record import ModuleHook, Parametrization
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from lightning_mup._names import unwrap_name
 from lightning_mup._untouched import as_in_training
-from lightning_mup.parametrize.adapters import attention_scale, attention_scale_hook, head_dim, is_attention, layer_kind
+from lightning_mup.families.attention import attention_scale, attention_scale_hook, head_dim, is_attention
+from lightning_mup.families.layers import layer_kind
 from lightning_mup.parametrize.probe import probe
 from lightning_mup.parametrize.record import ModuleHook
 from lightning_mup.parametrize.verify import example_calls

@@ -13,7 +13,7 @@ from torch import nn
 from zoo import ZOO
 
 from lightning_mup import parametrize
-from lightning_mup.parametrize import adapters
+from lightning_mup.families import attention as family_attention
 from lightning_mup.parametrize.probe import probe
 from lightning_mup.parametrize.verify import SelfCheckError, example_call
 
@@ -67,7 +67,7 @@ def test_t5_scale_before_the_tied_head_is_cancelled():
 
 @pytest.mark.parametrize("name", ["timm_swin", "timm_beit", "hf_clip_text"])
 def test_attention_the_rules_missed_is_found_by_its_logits(name, monkeypatch):
-    """With head_dim unknown to the adapters (Swin, BEiT: a local variable; CLIP: passed at call time) and not
+    """With head_dim unknown to the family registry (Swin, BEiT: a local variable; CLIP: passed at call time) and not
     measured before the rules are applied, the 1/d_head scale is skipped — silent without the check (logit slope
     ≈ 0); the check measures and patches."""
     watched = importlib.import_module("lightning_mup.parametrize.watched")  # where the attention rule is calibrated
@@ -173,4 +173,4 @@ def test_the_check_can_be_turned_off_and_says_what_it_cost():
 def test_noise_at_a_small_width_ratio_is_not_mistaken_for_a_constant():
     record = parametrize(ZOO["hf_llama"].build(32), base=lambda: ZOO["hf_llama"].build(16))
     assert any("self-check skipped: the width multiplier is 2" in n for n in record.notes)
-    assert adapters.head_dim  # (the adapters stay untouched by the tests above)
+    assert family_attention.head_dim  # (the registry stays untouched by the tests above)

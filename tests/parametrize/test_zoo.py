@@ -22,7 +22,7 @@ from zoo import ZOO, batch_for, loss_for
 
 from lightning_mup import parametrize, scale_optimizer
 from lightning_mup._untouched import as_in_training
-from lightning_mup.parametrize.depth import find_blocks
+from lightning_mup.families.blocks import find_blocks
 from lightning_mup.parametrize.probe import probe
 
 BASE, WIDE = 16, 64

@@ -1,5 +1,9 @@
 """Residual blocks: where they are, which modules end their branches, and how deep the model is.
 
+:data:`BLOCKS` knows the branch ends of named block types; users extend it with :func:`register_block` or pass
+``residual_blocks={"glob": ["branch_end", ...]}`` to :func:`~lightning_mup.parametrize`. Other blocks are found by
+tracing their forward for ``h + F(h)``.
+
 Depth scaling (h + m_L^-α · F(h)) multiplies each branch end's output; the depth multiplier is
 m_L = L / L_base with L the number of residual blocks. A base built shallower than the model is
 matched block by block (block i of a container ↔ base block i mod its count there), so base and delta
@@ -16,7 +20,73 @@ import torch
 from torch import nn
 
 from lightning_mup._names import glob_match, join, nearest
-from lightning_mup.parametrize.adapters import block_branch_ends
+from lightning_mup.families.layers import type_names
+
+BranchEnds = Callable[[nn.Module], list[str]]
+BLOCKS: dict[str, BranchEnds] = {}
+
+
+def register_block(type_name: str, branch_ends: BranchEnds | Sequence[str]) -> None:
+    """Teach depth scaling a residual block type.
+
+    ``type_name`` is the block's fully qualified class name (``f"{cls.__module__}.{cls.__qualname__}"``);
+    ``branch_ends`` lists the submodules (relative names) whose output is the residual branch F(h)
+    just before ``h + F(h)``, or a function of the block returning them.
+    """
+    BLOCKS[type_name] = branch_ends if callable(branch_ends) else (lambda m, ends=tuple(branch_ends): list(ends))
+
+
+def _present(*names: str) -> BranchEnds:
+    def ends(block: nn.Module) -> list[str]:
+        return [n for n in names if _get(block, n) is not None]
+
+    return ends
+
+
+def _resnet_branch_end(last_norm: str) -> BranchEnds:
+    # drop_path and SE come after the last norm; multiply after whichever runs last
+    # (DropPath is linear in its input; squeeze-excitation is not).
+    def ends(block: nn.Module) -> list[str]:
+        for name in ("drop_path", "se", last_norm):
+            if isinstance(getattr(block, name, None), nn.Module):
+                return [name]
+        raise ValueError(f"{type(block).__name__} has no {last_norm}: cannot find its residual branch end")
+
+    return ends
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    module = root
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+register_block("timm.models.vision_transformer.Block", ["drop_path1", "drop_path2"])
+register_block("timm.models.vision_transformer.ResPostBlock", ["drop_path1", "drop_path2"])
+register_block("timm.models.vision_transformer.ParallelScalingBlock", ["drop_path"])
+register_block("timm.models.convnext.ConvNeXtBlock", ["drop_path"])
+register_block("timm.models.resnet.BasicBlock", _resnet_branch_end("bn2"))
+register_block("timm.models.resnet.Bottleneck", _resnet_branch_end("bn3"))
+register_block(
+    "transformers.models.gpt2.modeling_gpt2.GPT2Block",
+    _present("attn.c_proj", "crossattention.c_proj", "mlp.c_proj"),
+)
+register_block("transformers.models.llama.modeling_llama.LlamaDecoderLayer", ["self_attn.o_proj", "mlp.down_proj"])
+register_block(
+    "transformers.models.bert.modeling_bert.BertLayer",
+    _present("attention.output.dense", "crossattention.output.dense", "output.dense"),
+)
+
+
+def block_branch_ends(module: nn.Module) -> list[str] | None:
+    """Branch-end submodule names if ``module`` is a registered residual block, else ``None``."""
+    for name in type_names(module):
+        if name in BLOCKS:
+            return BLOCKS[name](module)
+    return None
 
 
 @dataclass
