@@ -95,6 +95,11 @@ def plot_after_kernels(
     title: str | None = None,
     caveats: Sequence[str] = (),
 ) -> Path:
+    """:func:`draw_after_kernels` saved as a PNG at ``path``."""
+    return save(draw_after_kernels(results, top), path, title, caveats)
+
+
+def draw_after_kernels(results: Mapping[int, AveragedKernel], top: int = 60):
     """Spectra (b), task power C(k) (c) and kernel-flow loss curves, one line per width."""
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.8))
     for color, (width, r) in zip(colors(len(results)), results.items()):
@@ -112,4 +117,4 @@ def plot_after_kernels(
     )
     for ax in axes:
         ax.legend(fontsize=8, frameon=False)
-    return save(fig, path, title, caveats)
+    return fig

@@ -32,12 +32,7 @@ def build_report(sweep: str | Path, out: str | Path | None = None, problems: lis
     problems = problems if problems is not None else []
     runs = discover(sweep, problems)
     out.mkdir(parents=True, exist_ok=True)
-    figures = []
-    for make in FIGURES:
-        try:
-            figures.append(make(runs, out))
-        except Exception as error:
-            figures.append(Figure(make.__name__, make.__name__, skipped=f"failed: {type(error).__name__}: {error}"))
+    figures = [make(runs, out) for make in FIGURES]  # (a figure that fails says so in its skip reason)
     problems += sorted({p for run in runs for p in run.problems})
     _write_html(figures, runs, sweep, out / "report.html", problems)
     _write_markdown(figures, runs, sweep, out / "report.md", problems)

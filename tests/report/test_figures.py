@@ -157,3 +157,38 @@ def test_a_layer_whose_update_grows_with_width_is_flagged(tmp_path):
     assert slopes[("net.0", "dW_x")] == pytest.approx(0.0, abs=1e-9)
     assert slopes[("net.2", "spectral")] == pytest.approx(1.0)
     assert "3 layer quantities scale with width" in figure.note and "net.2 dW_x ∝ N^+1.00" in figure.note
+
+
+def test_the_registry_owns_the_skip_reason_the_saving_and_a_figure_s_failure(tmp_path, monkeypatch):
+    from lightning_mup.report.figures import _registry
+    from lightning_mup.report.figures._registry import Skip, register_figure
+    from lightning_mup.report.plotting import pyplot
+
+    monkeypatch.setattr(_registry, "_REGISTERED", [])
+    runs = [_run(64, 0.1, _curve(1.0)), _run(64, 0.1, _curve(0.9), seed=1)]
+
+    @register_figure(order=2, key="drawn", title=lambda rs: f"{len(rs)} runs", header=["a"])
+    def drawn(runs, figure):
+        figure.rows.append([1.0])
+        figure.caveats.append("only a test")
+        return pyplot().subplots()[0]
+
+    @register_figure(order=0, key="nothing", title="t", source=("FeatureKernels", "feature_kernels"))
+    def nothing(runs, figure):
+        figure.rows.append([1.0])  # half-way: the rows of a skipped figure are dropped
+        raise Skip()
+
+    @register_figure(order=1, key="broken", title="t")
+    def broken(runs, figure):
+        raise ZeroDivisionError("boom")
+
+    assert [f.__name__ for f in _registry.registered()] == ["nothing", "broken", "drawn"]
+    made = drawn(runs, tmp_path)
+    assert made.title == "2 runs" and made.path == tmp_path / "drawn.png" and made.path.exists()
+    assert made.caveats == ["only a test"] and made.skipped is None
+    skipped = nothing(runs, tmp_path)
+    assert skipped.path is None and skipped.rows == [] and "one width (N=64)" in skipped.skipped
+    failed = broken(runs, tmp_path)
+    assert failed.skipped == "failed: ZeroDivisionError: boom" and not (tmp_path / "broken.png").exists()
+    with pytest.raises(ValueError, match="figure place 2 is drawn's"):
+        register_figure(order=2, key="other", title="t")(lambda runs, figure: None)

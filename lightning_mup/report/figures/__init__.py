@@ -1,11 +1,13 @@
 """The paper's figures from a sweep's runs, one module per measured quantity (mirroring ``callbacks/``); each
 figure returns a :class:`Figure` (PNG + the numbers behind it) or a :class:`Figure` with ``skipped`` saying why
-there is none and what would provide the data.
+there is none and what would provide the data. :mod:`._registry` owns the skipping, the caveats and the saving.
 
 Titles say what is plotted. A conclusion appears only as a measured verdict with the numbers that decide
 it, and what the data cannot carry (one member, one seed, a poor or degenerate fit, only the
-initialisation measured) is a caveat printed on the figure and beside it. A new figure is a function in the
-module of its quantity, decorated with ``@register_figure(order=...)``."""
+initialisation measured) is a caveat printed on the figure and beside it. A new figure is a drawing function
+``draw(runs, figure) -> matplotlib figure`` in the module of its quantity, decorated with
+``@register_figure(order=..., key=..., title=..., header=..., source=...)``; it raises :class:`Skip` when there is
+nothing to draw."""
 
 from lightning_mup.report.figures._common import (
     LABELS,
@@ -17,7 +19,7 @@ from lightning_mup.report.figures._common import (
     no_data,
     pretty,
 )
-from lightning_mup.report.figures._registry import register_figure, registered
+from lightning_mup.report.figures._registry import Skip, register_figure, registered
 from lightning_mup.report.figures.after_ntk import after_ntk
 from lightning_mup.report.figures.ensemble_logits import ensembles, logit_rmse
 from lightning_mup.report.figures.feature_kernels import cka_to_widest
@@ -44,6 +46,7 @@ __all__ = [
     "UPDATE_QUANTITIES",
     "UPDATE_SLOPE_FLAG",
     "Figure",
+    "Skip",
     "after_ntk",
     "best_group_per_width",
     "cka_to_widest",

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from lightning_mup.report.after_ntk import compare_widths, plot_after_kernels
-from lightning_mup.report.figures._common import Figure, no_data
-from lightning_mup.report.figures._registry import register_figure
+from lightning_mup.report.after_ntk import compare_widths, draw_after_kernels
+from lightning_mup.report.figures._common import Figure
+from lightning_mup.report.figures._registry import Skip, register_figure
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 
 # ----------------------------------------------------------------------------------------- Fig. 9
-@register_figure(order=6)
-def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
-    figure = Figure(
-        "after_ntk",
-        "After-training NTK averaged over seeds: spectrum, task power C(k), kernel flow (Fig. 9)",
-        header=["group", "width", "runs", "λ₁", "λ₂", "C(10)", "C(20)", "kernel-flow loss (end)"],
-    )
+@register_figure(
+    order=6,
+    key="after_ntk",
+    title="After-training NTK averaged over seeds: spectrum, task power C(k), kernel flow (Fig. 9)",
+    header=["group", "width", "runs", "λ₁", "λ₂", "C(10)", "C(20)", "kernel-flow loss (end)"],
+    source=("AfterNTK", "after_ntk"),
+)
+def after_ntk(runs: Sequence[Run], figure: Figure):
     for group, members in groups(runs).items():
         # the runs themselves, not their last version folder: a resumed fit's arrays may sit in an earlier one
         folders = {w: [r for r in same if r.step_files("after_ntk")] for w, same in by_width(members).items()}
@@ -37,7 +37,6 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
             "share C(k) of the target in the top k eigenvectors, and the loss of gradient flow under the fixed "
             "kernel from the initial outputs."
         )
-        figure.path = plot_after_kernels(result, out / f"{figure.key}.png", title=figure.title, caveats=figure.caveats)
         for width, r in result.items():
             power = r.task_power
             figure.rows.append(
@@ -52,6 +51,5 @@ def after_ntk(runs: Sequence[Run], out: Path) -> Figure:
                     float(r.flow_loss[-1]),
                 ]
             )
-        return figure
-    figure.skipped = no_data(runs, "AfterNTK", "after_ntk")
-    return figure
+        return draw_after_kernels(result)
+    raise Skip()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -13,9 +12,9 @@ from lightning_mup.measure.ensemble import (
     is_classification,
     logit_distance,
 )
-from lightning_mup.report.figures._common import Figure, initial_only, no_data
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save, width_axis
+from lightning_mup.report.figures._common import Figure, initial_only
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 
@@ -54,17 +53,17 @@ def _ensemble_groups(runs: Sequence[Run]):
             yield group, logits
 
 
-@register_figure(order=1)
-def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
-    figure = Figure(
-        "logit_rmse",
-        "Relative RMSE of the output to the widest run and to the next width (Fig. 3-4)",
-        header=["group", "width", "rel. RMSE to widest", "rel. RMSE to next width"],
-    )
+@register_figure(
+    order=1,
+    key="logit_rmse",
+    title="Relative RMSE of the output to the widest run and to the next width (Fig. 3-4)",
+    header=["group", "width", "rel. RMSE to widest", "rel. RMSE to next width"],
+    source=("EnsembleLogits", "ensemble_logits"),
+)
+def logit_rmse(runs: Sequence[Run], figure: Figure):
     found = list(_ensemble_groups(runs))
     if not found:
-        figure.skipped = no_data(runs, "EnsembleLogits", "ensemble_logits")
-        return figure
+        raise Skip()
     group, logits = found[0]
     widths = sorted(logits)
     widest = widths[-1]
@@ -110,21 +109,20 @@ def logit_rmse(runs: Sequence[Run], out: Path) -> Figure:
     if len(widths) < 3:
         figure.caveats.append("two widths: one point against width, no trend can be read (--widths with three or more)")
     figure.caveats += initial_only(runs, "EnsembleLogits", max(logits[widest]))
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig
 
 
-@register_figure(order=5)
-def ensembles(runs: Sequence[Run], out: Path) -> Figure:
-    figure = Figure(
-        "ensembles",
-        "Single-network and ensemble loss vs width (Fig. 7, App. F)",
-        header=["group", "width", "members", "single loss", "ensemble loss", "variance"],
-    )
+@register_figure(
+    order=5,
+    key="ensembles",
+    title="Single-network and ensemble loss vs width (Fig. 7, App. F)",
+    header=["group", "width", "members", "single loss", "ensemble loss", "variance"],
+    source=("EnsembleLogits", "ensemble_logits"),
+)
+def ensembles(runs: Sequence[Run], figure: Figure):
     found = list(_ensemble_groups(runs))
     if not found:
-        figure.skipped = no_data(runs, "EnsembleLogits", "ensemble_logits")
-        return figure
+        raise Skip()
     measured = []  # (group, widths, single, ensemble) with ≥ 2 members at each width kept
     dropped: set[int] = set()
     for group, logits in found:
@@ -148,12 +146,10 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
         if len(kept) >= 2:
             measured.append((group, kept))
     if not measured:
-        figure.skipped = (
+        raise Skip(
             "an ensemble needs two or more members (seeds) at two or more widths; the runs have one member per "
             "width (lightning-mup sweep --seeds 2 or more)"
         )
-        figure.rows = []
-        return figure
     if dropped:
         figure.caveats.append(f"widths {sorted(dropped)} have one member (seed) and are left out")
     plt = pyplot()
@@ -185,5 +181,4 @@ def ensembles(runs: Sequence[Run], out: Path) -> Figure:
         f"({last['single_loss']:.3g})."
     )
     figure.caveats += initial_only(runs, "EnsembleLogits", min(max(found[0][1][w]) for w in found[0][1]))
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightning_mup.measure.kernels import cka
-from lightning_mup.report.figures._common import Figure, initial_only, no_data
-from lightning_mup.report.figures._registry import register_figure
+from lightning_mup.report.figures._common import Figure, initial_only
+from lightning_mup.report.figures._registry import Skip, register_figure
 from lightning_mup.report.figures.ensemble_logits import _same_probe
-from lightning_mup.report.plotting import colors, pyplot, save, width_axis
+from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 
 # ----------------------------------------------------------------------------------------- Fig. 5
-@register_figure(order=2)
-def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
-    figure = Figure(
-        "cka_to_widest",
-        "Debiased CKA of each layer's feature kernel to the widest run (Fig. 5c)",
-        header=["group", "layer", "width", "CKA to widest"],
-    )
+@register_figure(
+    order=2,
+    key="cka_to_widest",
+    title="Debiased CKA of each layer's feature kernel to the widest run (Fig. 5c)",
+    header=["group", "layer", "width", "CKA to widest"],
+    source=("FeatureKernels", "feature_kernels"),
+)
+def cka_to_widest(runs: Sequence[Run], figure: Figure):
     for group, members in groups(runs).items():
         widths = by_width(members)
         if len(widths) < 2:
@@ -71,7 +71,5 @@ def cka_to_widest(runs: Sequence[Run], out: Path) -> Figure:
         if len(widths[widest]) < 2:
             figure.caveats.append(f"one seed at N={widest}: no seed-to-seed reference point at the widest width")
         figure.caveats += initial_only(runs, "FeatureKernels", step)
-        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-        return figure
-    figure.skipped = no_data(runs, "FeatureKernels", "feature_kernels")
-    return figure
+        return fig
+    raise Skip()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,20 +15,19 @@ from lightning_mup.measure.ensemble import (
 )
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.figures._common import Figure, _mean_curve, pretty
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save, width_axis
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width
 
 
 # ------------------------------------------------------------------------------ the infinite-width limit
-def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, list[Run]] | None:
-    """The sweep's ``limit.npz`` and the runs of its recipe; None (and ``figure.skipped`` says why) if either is
-    missing. A run of another configuration (an axis, parametrization or lr the limit is not of) is left out."""
+def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, list[Run]]:
+    """The sweep's ``limit.npz`` and the runs of its recipe (:class:`Skip` says which is missing). A run of
+    another configuration (an axis, parametrization or lr the limit is not of) is left out."""
     sweep = runs[0].folder.parent if runs else None
     path = sweep / LIMIT_FILE if sweep is not None else None
     if path is None or not path.exists():
-        figure.skipped = "no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>"
-        return None
+        raise Skip("no limit.npz in the sweep folder — lightning-mup limit --config <recipe> --out <sweep>")
     from lightning_mup._run_folder import recipe_fingerprint
     from lightning_mup.parametrize.settings import MuPSettings
 
@@ -38,11 +36,10 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
     settings = json.loads(str(limit["settings"]))
     matching = [r for r in runs if recipe_fingerprint(r.config, MuPSettings.LIMIT_FIELDS) == settings["fingerprint"]]
     if not matching:
-        figure.skipped = (
+        raise Skip(
             f"no run of the sweep has the configuration limit.npz was computed for ({settings['config']}: its "
             "data, model but the width, optimizer, μP form and steps) — rerun lightning-mup limit on the sweep's recipe"
         )
-        return None
     if len(matching) < len(runs):
         figure.caveats.append(
             f"{len(runs) - len(matching)} of {len(runs)} runs have another configuration than the limit's: left out"
@@ -50,24 +47,20 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
     return limit, settings, matching
 
 
-@register_figure(order=14)
-def limit_features(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=14,
+    key="limit_features",
+    title="Preactivations and feature kernels against the infinite-width limit",
+    header=["width", "seeds", "layer", "KS to the limit", "CKA to the limit"],
+)
+def limit_features(runs: Sequence[Run], figure: Figure):
     """What the callbacks measured at the last step against the limit's: each hidden layer's preactivations
     (pooled over seeds, neurons and training points) with the limit's single-site density, and the seed-mean
     final feature kernels Φ^ℓ on the training points against the limit's (CKA). Needs the recipe's
     PreactivationHistograms / FeatureKernels at the last step on the full training batch (the limit's points)."""
-    figure = Figure(
-        "limit_features",
-        "Preactivations and feature kernels against the infinite-width limit",
-        header=["width", "seeds", "layer", "KS to the limit", "CKA to the limit"],
-    )
-    found = _limit_and_runs(runs, figure)
-    if found is None:
-        return figure
-    limit, settings, matching = found
+    limit, settings, matching = _limit_and_runs(runs, figure)
     if "preactivations_train_final" not in limit or "probe_fingerprint" not in settings:
-        figure.skipped = "limit.npz has no training-point samples (an older lightning-mup limit): rerun it"
-        return figure
+        raise Skip("limit.npz has no training-point samples (an older lightning-mup limit): rerun it")
     final, layers = int(settings["steps"]), len(limit["preactivations_train_final"])
     measured: dict[str, dict[int, list[dict]]] = {"preactivations": {}, "feature_kernels": {}}
     elsewhere = 0
@@ -86,12 +79,11 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
             "fingerprints differ): left out — measure on the full training batch (the default probe in full batch)"
         )
     if not measured["preactivations"] and not measured["feature_kernels"]:
-        figure.skipped = (
+        raise Skip(
             f"no run measured preactivations or feature kernels at the last step ({final}) on the training set — add "
             f"PreactivationHistograms and FeatureKernels with every_n_steps={final} to the recipe, as "
             "recipes/gegenbauer_limit.yaml does"
         )
-        return figure
     from scipy.stats import ks_2samp
 
     train = len(limit["feature_kernels_train_final"][0])
@@ -189,8 +181,7 @@ def limit_features(runs: Sequence[Run], out: Path) -> Figure:
         figure.caveats.append(
             f"the limit's density from {samples} samples: a KS below ~{1.4 / np.sqrt(samples):.2f} is its noise"
         )
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig
 
 
 def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Figure) -> dict[int, tuple]:
@@ -224,20 +215,17 @@ def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Fig
     return distances
 
 
-@register_figure(order=13)
-def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=13,
+    key="limit_comparison",
+    title="Finite widths against the infinite-width limit (DMFT)",
+    header=["width", "seeds", "final training loss", "limit", "|mean − limit|"],
+)
+def limit_comparison(runs: Sequence[Run], figure: Figure):
     """Every width against the computed limit (``lightning-mup limit`` wrote ``limit.npz`` into the sweep):
     training and validation loss curves with the limit drawn in, and the distance of each width's seed-mean
     final loss to the limit against N with its fitted slope (theory: ∝ 1/N), next to the limit's own error."""
-    figure = Figure(
-        "limit_comparison",
-        "Finite widths against the infinite-width limit (DMFT)",
-        header=["width", "seeds", "final training loss", "limit", "|mean − limit|"],
-    )
-    found = _limit_and_runs(runs, figure)
-    if found is None:
-        return figure
-    limit, settings, matching = found
+    limit, settings, matching = _limit_and_runs(runs, figure)
     widths = by_width(matching)
     plt = pyplot()
     fig, (train_ax, test_ax, distance_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
@@ -324,5 +312,4 @@ def limit_comparison(runs: Sequence[Run], out: Path) -> Figure:
         figure.caveats.append("one width: no distance against width")
     if not settings.get("converged", True):
         figure.caveats.append("the limit's DMFT iteration did not converge: it is not the limit")
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from lightning_mup.report.figures._common import Figure, _mean_curve, best_group_per_width, loss_key, mean_final, pretty
-from lightning_mup.report.figures._registry import register_figure
+from lightning_mup.report.figures._registry import Skip, register_figure
 from lightning_mup.report.fit import BETA_BOUNDS, fit_power_law
-from lightning_mup.report.plotting import colors, pyplot, save, width_axis
+from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width, label
 
 
 # ----------------------------------------------------------------------------------------- Fig. 2
-@register_figure(order=0)
-def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=0,
+    key="loss_curves",
+    title=lambda runs: f"{pretty(loss_key(runs)).capitalize()} during training, per width (Fig. 2)",
+    header=lambda runs: ["group", "width", "seeds", f"final {loss_key(runs)}"],
+)
+def loss_curves(runs: Sequence[Run], figure: Figure):
     key = loss_key(runs)
-    figure = Figure(
-        "loss_curves",
-        f"{pretty(key).capitalize()} during training, per width (Fig. 2)",
-        header=["group", "width", "seeds", f"final {key}"],
-    )
     chosen = best_group_per_width(runs, key)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 3.6), squeeze=False)
@@ -40,8 +39,7 @@ def loss_curves(runs: Sequence[Run], out: Path) -> Figure:
     figure.note = f"Mean over {'/'.join(map(str, seeds))} seed(s) per width of the {pretty(key)}."
     if any(g[1] == "best" for g in chosen):
         figure.note += " With several learning rates, each width is shown at its best one."
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title)
-    return figure
+    return fig
 
 
 def _group_name(group: tuple, members: Sequence[Run]) -> str:
@@ -67,18 +65,17 @@ def fit_caveats(law, widths: Sequence[float]) -> list[str]:
     return caveats
 
 
-@register_figure(order=8)
-def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=8,
+    key="width_scaling",
+    title=lambda runs: f"Final {pretty(loss_key(runs))} vs width, with the fit C·N^-β + D (App. G)",
+    header=["group", "C", "β", "D", "R²", "widths", "caveats"],
+)
+def width_scaling(runs: Sequence[Run], figure: Figure):
     key = loss_key(runs)
-    figure = Figure(
-        "width_scaling",
-        f"Final {pretty(key)} vs width, with the fit C·N^-β + D (App. G)",
-        header=["group", "C", "β", "D", "R²", "widths", "caveats"],
-    )
     chosen = {g: m for g, m in best_group_per_width(runs, key).items() if len(by_width(m)) >= 3}
     if not chosen:
-        figure.skipped = "the three-parameter fit needs at least three widths (sweep --widths with three or more)"
-        return figure
+        raise Skip("the three-parameter fit needs at least three widths (sweep --widths with three or more)")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for color, (group, members) in zip(colors(len(chosen)), chosen.items()):
@@ -109,5 +106,4 @@ def width_scaling(runs: Sequence[Run], out: Path) -> Figure:
         f"learning rate; the fit is least squares in log-loss. An exponent is reported only with R² ≥ {MIN_R2}, "
         "four or more widths and β inside its bounds."
     )
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig

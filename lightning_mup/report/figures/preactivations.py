@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from lightning_mup.measure.distribution import moments
-from lightning_mup.report.figures._common import Figure, initial_only, no_data
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save
+from lightning_mup.report.figures._common import Figure, initial_only
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 
@@ -22,15 +21,16 @@ def _coarsen(edges: np.ndarray, density: np.ndarray, factor: int) -> tuple[np.nd
     return new_edges, mass / np.diff(new_edges)
 
 
-@register_figure(order=3)
-def preactivations(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=3,
+    key="preactivations",
+    title="Distribution of one layer's preactivations over neurons, per width (Fig. 5a)",
+    header=["group", "layer", "width", "step", "variance", "excess kurtosis"],
+    source=("PreactivationHistograms", "preactivations"),
+)
+def preactivations(runs: Sequence[Run], figure: Figure):
     """At init and at the last common step: the distribution over neurons of the last recorded layer, pooled
     over probe points and seeds, overlaid across widths, with the Gaussian of the widest's variance."""
-    figure = Figure(
-        "preactivations",
-        "Distribution of one layer's preactivations over neurons, per width (Fig. 5a)",
-        header=["group", "layer", "width", "step", "variance", "excess kurtosis"],
-    )
     from scipy import stats
 
     for group, members in groups(runs).items():
@@ -82,7 +82,5 @@ def preactivations(runs: Sequence[Run], out: Path) -> Figure:
             "Feature learning shows as a departure from it that is the same at every width."
         )
         figure.caveats += initial_only(runs, "PreactivationHistograms", steps[-1])
-        figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-        return figure
-    figure.skipped = no_data(runs, "PreactivationHistograms", "preactivations")
-    return figure
+        return fig
+    raise Skip()

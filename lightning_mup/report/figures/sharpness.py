@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from lightning_mup.report.figures._common import Figure, _configured, _mean_curve, initial_only
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 # ----------------------------------------------------------------------------------------- Fig. 6
@@ -19,22 +18,21 @@ SHARPNESS_SERIES = {
 }
 
 
-@register_figure(order=4)
-def sharpness(runs: Sequence[Run], out: Path) -> Figure:
-    figure = Figure(
-        "sharpness",
-        "Top Hessian eigenvalue during training against the edge of stability (Fig. 6)",
-        header=["group", "width", "final sharpness", "threshold", "ratio"],
-    )
+@register_figure(
+    order=4,
+    key="sharpness",
+    title="Top Hessian eigenvalue during training against the edge of stability (Fig. 6)",
+    header=["group", "width", "final sharpness", "threshold", "ratio"],
+)
+def sharpness(runs: Sequence[Run], figure: Figure):
     found = [(g, m) for g, m in groups(runs).items() if any(r.series("sharpness") is not None for r in m)]
     if not found:
         settings, _ = _configured(runs, "Sharpness")
-        figure.skipped = (
+        raise Skip(
             "no sharpness logged — add the Sharpness callback to the recipe"
             if settings is None
             else f"Sharpness is in the recipe but logged nothing (every_n_steps={settings.get('every_n_steps')})"
         )
-        return figure
     group, members = found[0]
     key = next(k for k in SHARPNESS_SERIES if any(r.series(k) is not None for r in members))
     ylabel, formula = SHARPNESS_SERIES[key]
@@ -80,5 +78,4 @@ def sharpness(runs: Sequence[Run], out: Path) -> Figure:
     last = min(int(r.series("sharpness")[0][-1]) for same in widths.values() for r in same if r.series("sharpness"))
     if last == 0:
         figure.caveats += initial_only(runs, "Sharpness", 0)
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from lightning_mup.report.figures._common import Figure, loss_key, mean_final, pretty
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot
 from lightning_mup.report.runs import Run, by_width, groups, label, setting_order
 
 
@@ -27,16 +26,15 @@ def _best(losses: np.ndarray) -> int:
 
 
 def _transfer_panels(
-    figure: Figure, panels: dict[str, dict[int, list[Run]]], lrs: Sequence[float], key: str, axis: str, out: Path
-) -> bool:
+    figure: Figure, panels: dict[str, dict[int, list[Run]]], lrs: Sequence[float], key: str, axis: str
+):
     """Loss vs lr, one panel per entry of ``panels`` and one line per value of ``axis`` (width N or depth L),
-    the optimum starred; rows [panel, axis value, best lr, loss]. False if every run diverged."""
+    the optimum starred; rows [panel, axis value, best lr, loss]. Skipped if every run diverged."""
     curves = {title: {v: _loss_by_lr(rs, lrs, key) for v, rs in lines.items()} for title, lines in panels.items()}
     x = np.asarray(lrs)
     finite = np.concatenate([c[np.isfinite(c)] for lines in curves.values() for c in lines.values()])
     if not len(finite):
-        figure.skipped = f"every run's final {key} is NaN"
-        return False
+        raise Skip(f"every run's final {key} is NaN")
     # Diverging runs would set the scale: the axis ends a little above the small-lr plateau, and what lies
     # beyond is drawn on its edge (▲ too high, × diverged).
     top = 1.15 * max(
@@ -73,36 +71,32 @@ def _transfer_panels(
         f"The {pretty(key)} averaged over the last tenth of training and over seeds; ★ the best learning rate per "
         f"{axis}, ▲ above the axis, × diverged. Measured: " + " ".join(transfer_verdict(figure.rows, lrs, axis))
     )
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return True
+    return fig
 
 
 def _panel_title(form, setting: tuple) -> str:
     return label((form, None, setting))
 
 
-@register_figure(order=9)
-def lr_transfer(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=9,
+    key="lr_transfer",
+    title=lambda runs: f"Final {pretty(loss_key(runs))} vs learning rate, per width (hyperparameter transfer)",
+    header=lambda runs: ["parametrization", "width", "best lr", f"{loss_key(runs)} at best lr"],
+)
+def lr_transfer(runs: Sequence[Run], figure: Figure):
     key = loss_key(runs)
-    figure = Figure(
-        "lr_transfer",
-        f"Final {pretty(key)} vs learning rate, per width (hyperparameter transfer)",
-        header=["parametrization", "width", "best lr", f"{key} at best lr"],
-    )
     lrs = sorted({r.lr for r in runs if r.lr is not None})
     if len(lrs) < 2:
-        figure.skipped = "the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)"
-        return figure
+        raise Skip("the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)")
     panels: dict[str, dict[int, list[Run]]] = {}
     for (form, _lr, setting), members in groups(runs).items():
         for width, same in by_width(members).items():
             panels.setdefault(_panel_title(form, setting), {}).setdefault(width, []).extend(same)
     panels = {title: dict(sorted(lines.items())) for title, lines in panels.items() if len(lines) >= 2}
     if not panels:
-        figure.skipped = "one width per setting: nothing to transfer across widths (see the depth figures)"
-        return figure
-    _transfer_panels(figure, panels, lrs, key, "width", out)
-    return figure
+        raise Skip("one width per setting: nothing to transfer across widths (see the depth figures)")
+    return _transfer_panels(figure, panels, lrs, key, "width")
 
 
 def _without_depth(setting: tuple) -> tuple:
@@ -120,40 +114,37 @@ def _depth_panels(runs: Sequence[Run]) -> dict[tuple, dict[int, dict[int, list[R
     return dict(sorted(panels.items(), key=lambda item: (str(item[0][0]), setting_order(item[0][1]))))
 
 
-@register_figure(order=10)
-def depth_transfer(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=10,
+    key="depth_transfer",
+    title=lambda runs: f"Final {pretty(loss_key(runs))} vs learning rate, per depth (transfer across depth)",
+    header=lambda runs: ["setting", "depth", "best lr", f"{loss_key(runs)} at best lr"],
+)
+def depth_transfer(runs: Sequence[Run], figure: Figure):
     key = loss_key(runs)
-    figure = Figure(
-        "depth_transfer",
-        f"Final {pretty(key)} vs learning rate, per depth (transfer across depth)",
-        header=["setting", "depth", "best lr", f"{key} at best lr"],
-    )
     lrs = sorted({r.lr for r in runs if r.lr is not None})
     found = _depth_panels(runs)
     if not found or max(len(d) for per_width in found.values() for d in per_width.values()) < 2:
-        figure.skipped = "the sweep has no depth axis (lightning-mup sweep --depths 2,4,8,16)"
-        return figure
+        raise Skip("the sweep has no depth axis (lightning-mup sweep --depths 2,4,8,16)")
     if len(lrs) < 2:
-        figure.skipped = "the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)"
-        return figure
+        raise Skip("the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)")
     panels = {}
     for (form, setting), per_width in found.items():
         widest = max(per_width)
         title = _panel_title(form, setting) + (f", N={widest}" if len(per_width) > 1 else "")
         panels[title] = dict(sorted(per_width[widest].items()))
-    _transfer_panels(figure, panels, lrs, key, "depth", out)
-    return figure
+    return _transfer_panels(figure, panels, lrs, key, "depth")
 
 
-@register_figure(order=11)
-def loss_vs_depth(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=11,
+    key="loss_vs_depth",
+    title=lambda runs: f"Final {pretty(loss_key(runs))} at the best learning rate vs depth",
+    header=lambda runs: ["setting", "width", "depth", "best lr", f"{loss_key(runs)} at best lr"],
+)
+def loss_vs_depth(runs: Sequence[Run], figure: Figure):
     """Loss at the best learning rate against depth, one line per setting (and width): does depth help?"""
     key = loss_key(runs)
-    figure = Figure(
-        "loss_vs_depth",
-        f"Final {pretty(key)} at the best learning rate vs depth",
-        header=["setting", "width", "depth", "best lr", f"{key} at best lr"],
-    )
     found = _depth_panels(runs)
     lines = {
         (form, setting, width): per_depth
@@ -162,8 +153,7 @@ def loss_vs_depth(runs: Sequence[Run], out: Path) -> Figure:
         if len(per_depth) >= 2
     }
     if not lines:
-        figure.skipped = "the sweep has no depth axis (lightning-mup sweep --depths 2,4,8,16)"
-        return figure
+        raise Skip("the sweep has no depth axis (lightning-mup sweep --depths 2,4,8,16)")
     lrs = sorted({r.lr for r in runs if r.lr is not None}) or [None]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -190,19 +180,18 @@ def loss_vs_depth(runs: Sequence[Run], out: Path) -> Figure:
     )
     if lrs == [None]:
         figure.caveats.append("one learning rate: each depth at that lr, not at its own optimum (add --lrs)")
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig
 
 
-@register_figure(order=12)
-def optima_grid(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=12,
+    key="optima_grid",
+    title="Best learning rate over the width × depth grid",
+    header=lambda runs: ["setting", "width", "depth", "best lr", f"{loss_key(runs)} at best lr"],
+)
+def optima_grid(runs: Sequence[Run], figure: Figure):
     """When width and depth both vary: the best learning rate of every (width, depth) cell."""
     key = loss_key(runs)
-    figure = Figure(
-        "optima_grid",
-        "Best learning rate over the width × depth grid",
-        header=["setting", "width", "depth", "best lr", f"{key} at best lr"],
-    )
     lrs = sorted({r.lr for r in runs if r.lr is not None})
     found = {
         panel: per_width
@@ -210,8 +199,7 @@ def optima_grid(runs: Sequence[Run], out: Path) -> Figure:
         if len(per_width) >= 2 and len({d for per_depth in per_width.values() for d in per_depth}) >= 2
     }
     if not found or len(lrs) < 2:
-        figure.skipped = "needs widths, depths and learning rates that all vary (--widths, --depths, --lrs)"
-        return figure
+        raise Skip("needs widths, depths and learning rates that all vary (--widths, --depths, --lrs)")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(found), figsize=(4.5 * len(found), 3.8), squeeze=False)
     for ax, ((form, setting), per_width) in zip(axes[0], found.items()):
@@ -241,8 +229,7 @@ def optima_grid(runs: Sequence[Run], out: Path) -> Figure:
     figure.note = "Each cell: the best learning rate (mean over seeds). Measured: " + " ".join(
         f"{panel}: the optimum spans {max(v) - min(v)} grid step(s) over the grid." for panel, v in spread.items()
     )
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig
 
 
 def transfer_verdict(rows: Sequence[list], lrs: Sequence[float], axis: str = "width") -> list[str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from lightning_mup.report.figures._common import Figure, no_data
-from lightning_mup.report.figures._registry import register_figure
-from lightning_mup.report.plotting import colors, pyplot, save, width_axis
+from lightning_mup.report.figures._common import Figure
+from lightning_mup.report.figures._registry import Skip, register_figure
+from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
 # ----------------------------------------------------------------------------------------- updates
@@ -23,16 +22,17 @@ UPDATE_QUANTITIES = {
 UPDATE_SLOPE_FLAG = 0.25  # |log-log slope in width| above which a layer's update is flagged
 
 
-@register_figure(order=7)
-def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
+@register_figure(
+    order=7,
+    key="update_sizes",
+    title="One optimizer step's update per layer vs width: ΔW·x, W·Δx and the spectral size",
+    header=lambda runs: ["group", "layer", "quantity", "slope in width", *[f"N={w}" for w in sorted(by_width(runs))]],
+    source=("UpdateSizes", "update_sizes"),
+)
+def update_sizes(runs: Sequence[Run], figure: Figure):
     """Per layer, one step's update against width (mean over the measured steps and seeds), with the
     log-log slope of each quantity, one row of panels per group (e.g. μP and SP): under μP all are flat; a
     layer whose slope is not is flagged."""
-    figure = Figure(
-        "update_sizes",
-        "One optimizer step's update per layer vs width: ΔW·x, W·Δx and the spectral size",
-        header=["group", "layer", "quantity", "slope in width", *[f"N={w}" for w in sorted(by_width(runs))]],
-    )
     prefix = "update_sizes/"
     found = []
     for group, members in groups(runs).items():
@@ -40,8 +40,7 @@ def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
         if len(by_width(members)) >= 2 and keys:
             found.append((group, members, sorted({k[len(prefix) :].rsplit("/", 1)[0] for k in keys})))
     if not found:
-        figure.skipped = no_data(runs, "UpdateSizes", "update_sizes")
-        return figure
+        raise Skip()
     plt = pyplot()
     fig, axes = plt.subplots(
         len(found), len(UPDATE_QUANTITIES), figsize=(5 * len(UPDATE_QUANTITIES), 3.6 * len(found)), squeeze=False
@@ -84,5 +83,4 @@ def update_sizes(runs: Sequence[Run], out: Path) -> Figure:
         + ". ".join(verdicts)
         + "."
     )
-    figure.path = save(fig, out / f"{figure.key}.png", figure.title, figure.caveats)
-    return figure
+    return fig
