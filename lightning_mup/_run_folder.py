@@ -4,14 +4,18 @@ report — one place, so the writers and the reader cannot drift apart (no Light
     <sweep>/sweep.json                      the grid and every run's state
     <sweep>/<run>/run.json, log.txt         one run's settings and status, its output
     <log_dir>/mup.json                      the role map MuPStrategy applied
-    <log_dir>/<callback>/step_<step>.npz    a measurement callback's arrays at a global step
+    <log_dir>/<callback>/step_<step>.npz    a measurement callback's arrays at a global step, with the fingerprint
+                                            of the probe points they were measured on
     <sweep>/limit.npz                       the infinite-width limit of the sweep's recipe (lightning-mup limit)
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 SWEEP_FILE, RUN_FILE, LOG_FILE = "sweep.json", "run.json", "log.txt"
 ROLE_MAP_FILE = "mup.json"
@@ -28,7 +32,50 @@ def step_files(folder: str | Path) -> dict[int, Path]:
     return {int(p.stem[5:]): p for p in sorted(Path(folder).glob("step_*.npz"))}
 
 
+def version_order(folder: Path) -> tuple[int, str]:
+    """version_10 after version_9 (Lightning's folder names), other names after them."""
+    name = folder.name
+    return (int(name[8:]), name) if name.startswith("version_") and name[8:].isdigit() else (1 << 30, name)
+
+
+def version_folders(folder: str | Path) -> list[Path]:
+    """The log folders of the run ``folder`` names, in order, ``folder`` itself last when it is one of them: a
+    resumed fit writes its later steps into a new ``version_*`` folder, so a run's arrays are read from all of
+    them (the named folder wins a step they share). A folder holding ``version_*`` folders stands for those."""
+    folder = Path(folder)
+    if folder.name.startswith("version_") and folder.parent.is_dir():
+        siblings = [p for p in folder.parent.glob("version_*") if p.is_dir() and p != folder]
+        return [*sorted(siblings, key=version_order), folder]
+    inner = sorted((p for p in folder.glob("version_*") if p.is_dir()), key=version_order) if folder.is_dir() else []
+    return inner or [folder]
+
+
+def run_step_files(log_dirs: Iterable[Path], callback: str) -> dict[int, Path]:
+    """{step: array file} of one callback over a run's log folders, in step order (a later folder wins a step)."""
+    found: dict[int, Path] = {}
+    for log_dir in log_dirs:
+        found.update(step_files(Path(log_dir) / callback))
+    return dict(sorted(found.items()))
+
+
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read into memory (the file is closed again)."""
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
 PROBE_KEY = "probe_fingerprint"
+
+
+def probe_of(arrays: Mapping[str, object]) -> str:
+    """The probe fingerprint saved with a measurement's arrays ("" where none was recorded)."""
+    return str(arrays.get(PROBE_KEY, ""))
+
+
+def same_probe(ours: Mapping[str, object], theirs: Mapping[str, object]) -> bool:
+    """Whether two measurements were made on the same probe points — the one check before comparing arrays of two
+    runs (a kernel against other points is no comparison)."""
+    return probe_of(ours) == probe_of(theirs)
 
 
 def fingerprint(batch: object) -> str:

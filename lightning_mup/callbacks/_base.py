@@ -37,7 +37,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torchmetrics import Metric
 
-from lightning_mup._run_folder import PROBE_KEY, fingerprint, step_file
+from lightning_mup._run_folder import (
+    PROBE_KEY,
+    fingerprint,
+    load_arrays,
+    probe_of,
+    run_step_files,
+    step_file,
+    version_folders,
+)
 from lightning_mup.callbacks._cost import _OWN_WORK, _TIMED_BATCHES, Cost
 from lightning_mup.callbacks._step import (
     _manual_optimization_stubs,
@@ -459,7 +467,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         arrays = load_step_arrays(folder, self.name, self.step)
         if arrays is None:
             return None
-        theirs = str(arrays.get(PROBE_KEY, ""))
+        theirs = probe_of(arrays)
         if theirs != self._fingerprint:
             self.warn_once(
                 f"probe:{folder}",
@@ -512,12 +520,10 @@ def concat_batches(batches: Sequence[Any]) -> Any:
 
 
 def load_step_arrays(run_dir: str | Path, name: str, step: int) -> dict[str, np.ndarray] | None:
-    """A callback's arrays at ``step`` in another run folder (a reference run), or None."""
-    path = Path(run_dir) / name / step_file(step)
-    if not path.exists():
-        return None
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+    """A callback's arrays at ``step`` in another run (a reference run), or None: from the folder given, or for a
+    step it lacks, from the other version folders of that run (a resumed reference writes later steps there)."""
+    path = run_step_files(version_folders(run_dir), name).get(step)
+    return load_arrays(path) if path is not None else None
 
 
 def _batch_size(batch: Any) -> int:

@@ -32,7 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup._run_folder import step_file, step_files
+from lightning_mup._run_folder import load_arrays, run_step_files, same_probe, version_folders
 from lightning_mup.callbacks._base import MeasurementCallback, MeasurementError, concat_batches
 from lightning_mup.measure.ensemble import MemberLogits, ensemble_statistics, finite_members, logit_distance
 from lightning_mup.measure.observe import eval_mode
@@ -151,13 +151,22 @@ class EnsembleLogits(MeasurementCallback):
 def merge_runs(runs: Sequence[str | Path], step: int | None = None) -> dict[str, Any]:
     """Aggregate members saved by separate runs (a seed sweep): their logits at ``step`` (default: the
     last step every run has) are stacked and :func:`ensemble_statistics` applied."""
-    folders = [Path(r) / EnsembleLogits.name for r in runs]
+    files = [run_step_files(version_folders(r), EnsembleLogits.name) for r in runs]
     if step is None:
-        common = set.intersection(*(set(step_files(folder)) for folder in folders))
+        common = set.intersection(*(set(f) for f in files))
         if not common:
             raise FileNotFoundError(f"no step with ensemble logits common to {list(runs)}")
         step = max(common)
-    loaded = [np.load(folder / step_file(step)) for folder in folders]
+    missing = [str(r) for r, f in zip(runs, files) if step not in f]
+    if missing:
+        raise FileNotFoundError(f"no ensemble logits at step {step} in {missing}")
+    loaded = [load_arrays(f[step]) for f in files]
+    other = [str(r) for r, arrays in zip(runs, loaded) if not same_probe(arrays, loaded[0])]
+    if other:
+        raise ValueError(
+            f"{other} saved logits on other probe points than {runs[0]} at step {step}: members of one ensemble must "
+            "be measured on the same points (the same data order and num_batches, or the same probe= batches)"
+        )
     logits = np.concatenate([d["logits"] for d in loaded])
     targets = loaded[0]["targets"]
     return {"step": step, "logits": logits, "targets": targets, **ensemble_statistics(logits, targets)}

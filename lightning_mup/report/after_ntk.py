@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_mup._run_folder import PROBE_KEY, step_files
+from lightning_mup._run_folder import PROBE_KEY, load_arrays, probe_of, run_step_files, version_folders
 from lightning_mup.measure.spectrum import analyse_kernel
 from lightning_mup.report.plotting import colors, pyplot, save
 from lightning_mup.report.runs import Run
@@ -34,21 +34,20 @@ class AveragedKernel:
 
 
 def _last_arrays(run: str | Path | Run, step: int | None) -> dict[str, np.ndarray]:
-    """A run's after-kernel arrays at ``step`` (default: its last): a :class:`Run`'s over all its version folders
-    (a resumed fit's last folder may hold none), a folder's from that folder."""
-    files = run.step_files("after_ntk") if isinstance(run, Run) else step_files(Path(run) / "after_ntk")
+    """A run's after-kernel arrays at ``step`` (default: its last), over all its version folders (a resumed fit's
+    last folder may hold none)."""
+    files = run.step_files("after_ntk") if isinstance(run, Run) else run_step_files(version_folders(run), "after_ntk")
     if step is not None:
         files = {s: f for s, f in files.items() if s == step}
     if not files:
         raise FileNotFoundError(f"no after_ntk arrays{'' if step is None else f' at step {step}'} in {run}")
-    with np.load(files[max(files)]) as data:
-        return {k: data[k] for k in data.files}
+    return load_arrays(files[max(files)])
 
 
 def _one_probe(runs: Sequence[str | Path | Run], step: int | None) -> list[dict[str, np.ndarray]]:
     """The runs' arrays, refused unless every run measured the same probe points."""
     arrays = [_last_arrays(r, step) for r in runs]
-    probes = {str(a.get(PROBE_KEY, a["kernel"].shape)) for a in arrays}
+    probes = {probe_of(a) if PROBE_KEY in a else str(a["kernel"].shape) for a in arrays}
     if len(probes) != 1 or len({a["kernel"].shape for a in arrays}) != 1:
         raise ValueError(
             f"the after-kernels of {[str(getattr(r, 'folder', r)) for r in runs]} were measured on different probe "

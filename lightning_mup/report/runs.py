@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_mup._run_folder import PROBE_KEY, ROLE_MAP_FILE, RUN_FILE, step_files
+from lightning_mup._run_folder import (
+    PROBE_KEY,
+    ROLE_MAP_FILE,
+    RUN_FILE,
+    load_arrays,
+    probe_of,
+    run_step_files,
+    version_order,
+)
 
 
 class CorruptFile(ValueError):
@@ -70,10 +78,7 @@ class Run:
 
     def step_files(self, callback: str) -> dict[int, Path]:
         """{step: array file} of one callback over every version folder (a later folder wins a step)."""
-        found: dict[int, Path] = {}
-        for log_dir in self.log_dirs:
-            found.update(step_files(log_dir / callback))
-        return dict(sorted(found.items()))
+        return run_step_files(self.log_dirs, callback)
 
     def arrays(self, callback: str, step: int) -> dict[str, np.ndarray] | None:
         """A callback's arrays at ``step``, or None (with the file named in ``problems``) when the file is
@@ -82,8 +87,7 @@ class Run:
         if path is None:
             return None
         try:
-            with np.load(path) as data:
-                return {k: data[k] for k in data.files}
+            return load_arrays(path)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             self.problems.append(f"{path}: unreadable ({type(error).__name__}: {error}); left out")
             return None
@@ -120,7 +124,7 @@ class Run:
     def probe(self, callback: str, step: int) -> str | None:
         """The fingerprint of the probe points a measurement was made on (None if not recorded)."""
         arrays = self.arrays(callback, step)
-        return str(arrays[PROBE_KEY]) if arrays is not None and PROBE_KEY in arrays else None
+        return probe_of(arrays) if arrays is not None and PROBE_KEY in arrays else None
 
 
 def read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -190,7 +194,7 @@ def _read_run(run_file: Path) -> Run | None:
     state = _json(run_file)
     if state.get("status") != "done":
         return None
-    log_dirs = sorted({p.parent for p in run_file.parent.glob("**/metrics.csv")}, key=_version)
+    log_dirs = sorted({p.parent for p in run_file.parent.glob("**/metrics.csv")}, key=version_order)
     if not log_dirs:
         raise CorruptFile(f"{run_file.parent}: finished, but no metrics.csv")
     metrics = stitch([read_metrics(d / "metrics.csv") for d in log_dirs])
@@ -222,12 +226,6 @@ def _json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CorruptFile(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def _version(folder: Path) -> tuple[int, str]:
-    """version_10 after version_9 (Lightning's folder names), other names after them."""
-    name = folder.name
-    return (int(name[8:]), name) if name.startswith("version_") and name[8:].isdigit() else (1 << 30, name)
 
 
 def by_width(runs: Iterable[Run]) -> dict[int, list[Run]]:

@@ -158,3 +158,30 @@ def test_logit_variance_falls_as_1_over_n_and_narrow_ensembles_keep_their_bias(t
     slope = np.polyfit(np.log(widths), np.log(variance), 1)[0]
     assert -1.4 < slope < -0.6, (slope, variance)
     assert ensemble[0] > single[-1], (ensemble, single)  # the narrowest ensemble is still worse: its bias
+
+
+def test_another_run_s_arrays_are_read_from_all_its_version_folders_and_one_probe(tmp_path):
+    """A resumed run writes its later steps into version_1: a reference given as version_0 and merge_runs still
+    find them (the folder given wins a step both hold), and members measured on other points are refused."""
+    from lightning_mup.callbacks._base import load_step_arrays
+
+    def save(run, version, step, value, probe="p"):
+        folder = tmp_path / run / f"version_{version}" / "ensemble_logits"
+        folder.mkdir(parents=True, exist_ok=True)
+        logits = np.full((1, 4, 1), float(value))
+        np.savez(folder / f"step_{step:08d}.npz", logits=logits, targets=np.zeros((4, 1)), probe_fingerprint=probe)
+
+    for run in ("a", "b"):
+        save(run, 0, 10, 1.0)
+        save(run, 1, 10, 2.0)  # the resumed fit measured step 10 again
+        save(run, 1, 20, 3.0)
+    given = tmp_path / "a" / "version_0"
+    assert load_step_arrays(given, "ensemble_logits", 20)["logits"].flat[0] == 3.0
+    assert load_step_arrays(given, "ensemble_logits", 10)["logits"].flat[0] == 1.0  # the folder given wins
+    assert load_step_arrays(tmp_path / "a", "ensemble_logits", 10)["logits"].flat[0] == 2.0  # the run: its latest
+    assert load_step_arrays(given, "ensemble_logits", 30) is None
+    merged = merge_runs([tmp_path / "a", tmp_path / "b"])
+    assert merged["step"] == 20 and merged["logits"].shape == (2, 4, 1)
+    save("b", 1, 20, 3.0, probe="other")
+    with pytest.raises(ValueError, match="other probe points"):
+        merge_runs([tmp_path / "a", tmp_path / "b"])

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_mup._run_folder import PROBE_KEY
+from lightning_mup._run_folder import same_probe
 from lightning_mup.measure.ensemble import (
     ensemble_statistics,
     is_classification,
@@ -38,7 +38,7 @@ def _member_logits(runs: Sequence[Run]) -> dict[int, dict[int, tuple[np.ndarray,
 
 def _same_probe(run: Run, arrays: dict, reference: dict | None, step: int) -> bool:
     """Whether ``arrays`` were measured on the reference's probe points (else the run is named, left out)."""
-    if reference is None or str(arrays.get(PROBE_KEY, "")) == str(reference.get(PROBE_KEY, "")):
+    if reference is None or same_probe(arrays, reference):
         return True
     run.problems.append(
         f"{run.name}: measured other probe points than the runs it is compared with at step {step}; left out"

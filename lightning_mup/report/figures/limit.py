@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from lightning_mup._run_folder import LIMIT_FILE, PROBE_KEY
+from lightning_mup._run_folder import LIMIT_FILE, load_arrays, probe_of
 from lightning_mup.measure.ensemble import (
     distance_to_reference,
     resolved_widths,
@@ -31,8 +31,7 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
     from lightning_mup._run_folder import recipe_fingerprint
     from lightning_mup.parametrize.settings import MuPSettings
 
-    with np.load(path) as data:
-        limit = {key: data[key] for key in data.files}
+    limit = load_arrays(path)
     settings = json.loads(str(limit["settings"]))
     matching = [r for r in runs if recipe_fingerprint(r.config, MuPSettings.LIMIT_FIELDS) == settings["fingerprint"]]
     if not matching:
@@ -69,7 +68,7 @@ def limit_features(runs: Sequence[Run], figure: Figure):
             arrays = run.arrays(callback, final)
             if arrays is None:
                 continue
-            if str(arrays.get(PROBE_KEY, "")) != settings["probe_fingerprint"]:
+            if probe_of(arrays) != settings["probe_fingerprint"]:
                 elsewhere += 1  # other points than the limit's training set: no comparison
                 continue
             measured[callback].setdefault(run.width, []).append(arrays)
@@ -200,7 +199,7 @@ def _prediction_distances(limit: dict, settings: dict, widths: dict, figure: Fig
             arrays = run.arrays("ensemble_logits", final)
             if arrays is None:
                 continue
-            if str(arrays.get(PROBE_KEY, "")) != settings["probe_fingerprint"]:
+            if probe_of(arrays) != settings["probe_fingerprint"]:
                 elsewhere += 1
                 continue
             members.append(arrays["logits"][..., 0])  # [members, points]: one output
