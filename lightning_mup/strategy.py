@@ -75,24 +75,13 @@ class _MuP:
         optimizer_family: str | None = None,
         **strategy_kwargs: Any,
     ) -> None:
+        given = locals()  # the μP keywords mirror MuPSettings' fields (test-checked): read them by its names
         super().__init__(**strategy_kwargs)
         self.base, self.delta = base, delta
         # settings that cannot work are refused here, before any model is built; None: no parameterization
         self.settings: MuPSettings | None = None
         if parametrization is not None:
-            self.settings = MuPSettings(
-                parametrization=parametrization,
-                gamma0=gamma0,
-                depth_alpha=depth_alpha,
-                output_mult=output_mult,
-                readout_zero_init=readout_zero_init,
-                lr_mults=lr_mults or {},
-                weight_decay=weight_decay,
-                eps=eps,
-                attention=attention,
-                keep_weights=keep_weights,
-                tied_readout=tied_readout,
-            )
+            self.settings = MuPSettings.from_options({name: given[name] for name in MuPSettings.names()})
         self.residual_blocks, self.self_check = residual_blocks, check
         self.optimizer_family = optimizer_family
         self.record: Parametrization | None = None

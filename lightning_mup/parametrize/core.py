@@ -103,19 +103,9 @@ def parametrize(
             networks starting with a Linear/Conv/Embedding it knows): a tensor, a tuple of positional arguments,
             a dict of keyword arguments, or a function ``net -> net(...)``.
     """
-    options = MuPSettings(
-        parametrization=parametrization,
-        gamma0=gamma0,
-        depth_alpha=depth_alpha,
-        output_mult=output_mult,
-        readout_zero_init=readout_zero_init,
-        lr_mults=lr_mults or {},
-        weight_decay=weight_decay,
-        eps=eps,
-        attention=attention,
-        keep_weights=keep_weights,
-        tied_readout=tied_readout,
-    )  # every option checked, before any model is built
+    # every option checked, before any model is built (the keywords above mirror MuPSettings' fields, test-checked)
+    given = locals()
+    options = MuPSettings.from_options({name: given[name] for name in MuPSettings.names()})
     if check not in (True, False, "require", "report"):
         raise ValueError(f"check={check!r}; choose True, False, 'require' or 'report'")
     if check_optimizer is not None and check_optimizer not in FAMILIES:

@@ -147,3 +147,25 @@ def test_the_options_are_one_checked_frozen_settings_type():
     assert record.parametrization == "mf" and record.settings == settings.applied()
     assert record.settings["readout_zero_init"] is False  # the form's default, filled in
     assert set(MuPSettings.LIMIT_FIELDS) <= set(MuPSettings.names())
+
+
+def test_every_entry_point_takes_exactly_the_settings_fields_with_their_defaults():
+    """The keywords of parametrize and MuPStrategy mirror MuPSettings (the CLI needs them in the signature): an
+    option added to MuPSettings and not to an entry point, or with another default there, fails here."""
+    import dataclasses
+    import inspect
+
+    from lightning_mup import MuPSettings
+    from lightning_mup.strategy import _MuP
+
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(MuPSettings)
+    }
+    for entry in (parametrize, _MuP.__init__):
+        parameters = inspect.signature(entry).parameters
+        missing = sorted(set(defaults) - set(parameters))
+        assert not missing, f"{entry.__qualname__} lacks the MuPSettings option(s) {missing}"
+        for name, default in defaults.items():
+            given = parameters[name].default
+            assert (given or {}) == default if name == "lr_mults" else given == default, (entry.__qualname__, name)
