@@ -10,20 +10,37 @@ f = w·φ(h^L)/(γ0 N), weights N(0, 1), SGD learning rate η0·γ0²·N, loss t
   sensitivities and Monte Carlo error bars, and in closed form for deep linear networks.
 * :mod:`.depth` — residual networks with β/√L branches at initialisation: the kernel recursion over blocks and its
   L → ∞ ODE in layer time τ = ℓ/L.
+* :mod:`.statics` — the Bayesian posterior (Langevin training's stationary law) and its saddle point: NNGP posterior
+  regression (γ0 → 0), deep linear networks exactly (the general solver and the whitened closed form), and the
+  adaptive-kernel predictor on test points.
 """
 
 from lightning_mup.theory.depth import depth_limit, residual_kernels
 from lightning_mup.theory.dmft import DMFTSolution, dmft_memory, linear_dmft, solve_dmft
 from lightning_mup.theory.lazy import LazyLimit, kernel_dynamics, mlp_kernels
+from lightning_mup.theory.statics import (
+    LinearSaddle,
+    Posterior,
+    deep_linear_saddle,
+    deep_linear_whitened,
+    kernel_regression,
+    nngp_posterior,
+)
 
 __all__ = [
     "DMFTSolution",
     "LazyLimit",
+    "LinearSaddle",
+    "Posterior",
+    "deep_linear_saddle",
+    "deep_linear_whitened",
     "depth_limit",
     "dmft_memory",
     "kernel_dynamics",
+    "kernel_regression",
     "linear_dmft",
     "mlp_kernels",
+    "nngp_posterior",
     "residual_kernels",
     "solve_dmft",
 ]
