@@ -2,6 +2,7 @@
 
 from lightning_mup.parametrize import (
     CoordCheck,
+    Langevin,
     MuPSettings,
     Parametrization,
     coord_check,
@@ -40,6 +41,7 @@ def __getattr__(name: str):
 __all__ = [
     "CoordCheck",
     "EnsembleStrategy",
+    "Langevin",
     "MuPModelParallelStrategy",
     "MuPSettings",
     "MuPStrategy",

@@ -41,9 +41,11 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_mup._hparams import rebuild_with_overrides, second_width
+from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+from lightning_mup.parametrize.langevin import Langevin
 from lightning_mup.parametrize.optim import describe_groups, optimizer_family
 from lightning_mup.parametrize.settings import MuPSettings
 
@@ -188,6 +190,10 @@ class _MuP:
                     "`optimizer: OptimizerCallable` argument on your LightningModule and set it in the config "
                     "under model.optimizer (class_path/init_args) rather than the top-level `optimizer:`."
                 )
+        names = {id(p): unwrap_name(n) for n, p in self.lightning_module.named_parameters()}
+        for optimizer in self.optimizers:
+            if isinstance(optimizer, Langevin):
+                optimizer.check_scales(names)  # one temperature for every group, or no posterior: before training
         rank_zero_info(describe_groups(self.optimizers))
 
     # ------------------------------------------------------------------------------- files, checkpoints

@@ -508,3 +508,18 @@ def test_a_recipe_with_a_matrix_optimizer_counts_batches_as_steps(tmp_path):
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     assert trainer.global_step == 6 and len(lrs.seen) == 6  # one step per batch, not one per optimizer
     assert [lr[0][0] for lr in lrs.seen] == pytest.approx([0.02 / (1 + s) for s in range(6)])
+
+
+def test_langevin_samples_only_where_every_group_shares_one_temperature(tmp_path):
+    from lightning_mup import Langevin
+
+    chain = functools.partial(Langevin, lr=1e-3, beta=50.0, prior_std=1.0)
+    data = GegenbauerDataModule(batches_per_epoch=2)
+    with pytest.raises(ValueError, match="different μP learning-rate scales"):  # μP's Table-8 form: per role
+        _trainer(tmp_path / "mup", max_steps=2).fit(_module(width=128, optimizer=chain), data)
+    mf = MuPStrategy(base={"width": 32}, parametrization="mf", gamma0=0.5)
+    module = _module(width=128, optimizer=chain, init="normal", bias=False)
+    _trainer(tmp_path / "mf", max_steps=3, strategy=mf).fit(module, data)
+    group = module.trainer.optimizers[0].param_groups[0]
+    assert len(module.trainer.optimizers[0].param_groups) == 1 and group["mup"]["lr"] == pytest.approx(0.25 * 128)
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -3,6 +3,7 @@
 from lightning_mup.families import register_block, register_layer
 from lightning_mup.parametrize.coord_check import CoordCheck, coord_check, plot_coord_checks
 from lightning_mup.parametrize.core import parametrize
+from lightning_mup.parametrize.langevin import Langevin
 from lightning_mup.parametrize.optim import (
     declare_optimizer_family,
     effective_lrs,
@@ -18,6 +19,7 @@ from lightning_mup.parametrize.table import FORMS
 __all__ = [
     "FORMS",
     "CoordCheck",
+    "Langevin",
     "ModuleHook",
     "MuPSettings",
     "ParamScale",
