@@ -5,6 +5,7 @@ from lightning_mup.callbacks.after_ntk import AfterNTK
 from lightning_mup.callbacks.attention_maps import AttentionMaps
 from lightning_mup.callbacks.ensemble_logits import EnsembleLogits, merge_runs
 from lightning_mup.callbacks.feature_kernels import FeatureKernels
+from lightning_mup.callbacks.posterior import PosteriorMoments
 from lightning_mup.callbacks.preactivations import PreactivationHistograms
 from lightning_mup.callbacks.sharpness import Sharpness
 from lightning_mup.callbacks.update_sizes import UpdateSizes
@@ -15,6 +16,7 @@ __all__ = [
     "EnsembleLogits",
     "FeatureKernels",
     "MeasurementError",
+    "PosteriorMoments",
     "PreactivationHistograms",
     "Sharpness",
     "UpdateSizes",

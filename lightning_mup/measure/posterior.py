@@ -1,0 +1,94 @@
+"""Posterior averages along a Markov chain, and how far they can be trusted.
+
+A Langevin chain's states are correlated: n states carry the information of n/τ independent ones, with τ the
+integrated autocorrelation time. :func:`integrated_time` estimates τ with Sokal's automatic window (the smallest
+window M with M ≥ c·τ(M), c = 5), from the FFT autocorrelation; :class:`ChainAverages` keeps the running means (and
+second moments) of named arrays together with the series of scalar summaries whose τ decides each one's effective
+sample size. A chain shorter than ~c·τ cannot estimate τ at all: then τ is a lower bound and it is said.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Autocorrelation:
+    tau: float  # integrated autocorrelation time, in samples (≥ 1)
+    samples: int
+    reliable: bool  # the window fit inside the chain (n ≥ 50·τ, emcee's rule of thumb)
+
+    @property
+    def effective_samples(self) -> float:
+        return self.samples / self.tau
+
+
+def integrated_time(series: np.ndarray, window_factor: float = 5.0) -> Autocorrelation:
+    """τ of a scalar series (1-D), or the largest τ over the columns of a 2-D one [samples, quantities]."""
+    x = np.asarray(series, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    n = len(x)
+    if n < 2:
+        return Autocorrelation(float("inf"), n, False)
+    worst = 1.0
+    for column in x.T:
+        centred = column - column.mean()
+        variance = centred @ centred / n
+        if not variance > 0:
+            continue  # a constant quantity: nothing to estimate
+        size = 1 << (2 * n - 1).bit_length()
+        spectrum = np.fft.rfft(centred, size)
+        rho = np.fft.irfft(spectrum * np.conj(spectrum), size)[:n] / (n * variance)
+        taus = 2.0 * np.cumsum(rho) - 1.0  # τ(M) = 1 + 2 Σ_{t=1}^{M} ρ_t
+        window = np.arange(n) >= window_factor * taus
+        tau = float(taus[int(np.argmax(window))] if window.any() else taus[-1])
+        worst = max(worst, tau)
+    return Autocorrelation(worst, n, n >= 50 * worst)
+
+
+@dataclass
+class ChainAverages:
+    """Running means and variances of named arrays over a chain's samples, and the scalar summaries each one's
+    τ is estimated from (``track``)."""
+
+    count: int = 0
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    squares: dict[str, np.ndarray] = field(default_factory=dict)
+    traces: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, arrays: dict[str, np.ndarray], summaries: dict[str, np.ndarray]) -> None:
+        """One sample: ``arrays`` averaged, ``summaries`` (name → a few scalars per sample) kept as series."""
+        for key, value in arrays.items():
+            value = np.asarray(value, dtype=np.float64)
+            if key in self.sums and self.sums[key].shape != value.shape:
+                raise ValueError(f"{key} changed shape along the chain: {self.sums[key].shape} → {value.shape}")
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.squares[key] = self.squares.get(key, 0.0) + value**2
+        for key, value in summaries.items():
+            self.traces.setdefault(key, []).append(np.atleast_1d(np.asarray(value, dtype=np.float64)))
+        self.count += 1
+
+    def mean(self, key: str) -> np.ndarray:
+        return self.sums[key] / self.count
+
+    def variance(self, key: str) -> np.ndarray:
+        mean = self.mean(key)
+        return np.maximum(self.squares[key] / self.count - mean**2, 0.0)
+
+    def autocorrelation(self, key: str) -> Autocorrelation:
+        return integrated_time(np.stack(self.traces[key]))
+
+    def state_dict(self) -> dict:
+        return {
+            "count": self.count,
+            "sums": dict(self.sums),
+            "squares": dict(self.squares),
+            "traces": {k: list(v) for k, v in self.traces.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> ChainAverages:
+        return cls(state["count"], dict(state["sums"]), dict(state["squares"]), dict(state["traces"]))
