@@ -91,7 +91,8 @@ def _erf_kernels(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quadrature(s: np.ndarray, phi: Callable, points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tensor-product Gauss–Hermite (probabilists') over u = a·z1, v = b·(ρ z1 + √(1-ρ²) z2)."""
+    """Tensor-product Gauss–Hermite (probabilists') over u = a·z1, v = b·(ρ z1 + √(1-ρ²) z2), every pair at once
+    (P² × points² values: 75 MB at P = 64 with 48 points)."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(points)
     weights = weights / weights.sum()
     z1, z2 = np.meshgrid(nodes, nodes, indexing="ij")
@@ -103,15 +104,13 @@ def quadrature(s: np.ndarray, phi: Callable, points: int) -> tuple[np.ndarray, n
     def derivative(t):
         return (phi(t + h) - phi(t - h)) / (2 * h)
 
-    value = np.empty_like(s)
-    slope = np.empty_like(s)
-    for i in range(len(s)):
-        u = d[i] * z1
-        for j in range(i, len(s)):
-            v = d[j] * (rho[i, j] * z1 + np.sqrt(max(0.0, 1 - rho[i, j] ** 2)) * z2)
-            value[i, j] = value[j, i] = float((w * phi(u) * phi(v)).sum())
-            slope[i, j] = slope[j, i] = float((w * derivative(u) * derivative(v)).sum())
-    return value, slope
+    u = d[:, None, None, None] * z1  # [P, 1, Q, Q]
+    c = np.sqrt(np.clip(1 - rho**2, 0.0, None))
+    v = d[None, :, None, None] * (rho[:, :, None, None] * z1 + c[:, :, None, None] * z2)  # [P, P, Q, Q]
+    value = (w * phi(u) * phi(v)).sum(axis=(2, 3))
+    slope = (w * derivative(u) * derivative(v)).sum(axis=(2, 3))
+    # the upper triangle, mirrored: (i, j) and (j, i) are one pair
+    return np.triu(value) + np.triu(value, 1).T, np.triu(slope) + np.triu(slope, 1).T
 
 
 def _erf_numpy(x: np.ndarray) -> np.ndarray:
