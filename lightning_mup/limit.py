@@ -30,6 +30,7 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
     from lightning_mup._run_folder import fingerprint
     from lightning_mup.data.gegenbauer import GegenbauerDataModule
     from lightning_mup.models.regression import MLPRegressor
+    from lightning_mup.parametrize.langevin import Langevin
     from lightning_mup.parametrize.settings import MuPSettings
     from lightning_mup.recipe import lightning_cli
     from lightning_mup.strategy import MuPStrategy
@@ -64,7 +65,13 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
             problems.append(f"out_dim={hp.get('out_dim')}: one output")
     optimizer = model.optimizer([torch.nn.Parameter(torch.zeros(1))])
     defaults = optimizer.defaults
-    if type(optimizer) is not torch.optim.SGD:
+    if isinstance(optimizer, Langevin):
+        problems.append(
+            "optimizer Langevin: a Langevin chain's limit is the posterior's saddle point, not the DMFT of gradient "
+            "descent. lightning_mup.theory computes it for deep linear networks (deep_linear_saddle, "
+            "nngp_posterior for γ0 → 0); the nonlinear saddle and its `limit` command are not built yet"
+        )
+    elif type(optimizer) is not torch.optim.SGD:
         problems.append(f"optimizer {type(optimizer).__name__}: the solver's dynamics are plain gradient descent (SGD)")
     elif defaults.get("momentum") or defaults.get("weight_decay") or defaults.get("nesterov"):
         problems.append("SGD with momentum or weight decay: the solver's dynamics are plain gradient descent")

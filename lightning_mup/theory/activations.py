@@ -91,24 +91,29 @@ def _erf_kernels(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quadrature(s: np.ndarray, phi: Callable, points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tensor-product Gauss–Hermite (probabilists') over u = a·z1, v = b·(ρ z1 + √(1-ρ²) z2), every pair at once
-    (P² × points² values: 75 MB at P = 64 with 48 points)."""
+    """Tensor-product Gauss–Hermite (probabilists') over u = a·z1, v = b·(ρ z1 + √(1-ρ²) z2), vectorised over
+    blocks of pairs (at most ~4M node values at once, so memory stays bounded at any P)."""
     nodes, weights = np.polynomial.hermite_e.hermegauss(points)
     weights = weights / weights.sum()
     z1, z2 = np.meshgrid(nodes, nodes, indexing="ij")
     w = np.outer(weights, weights)
     _, rho = _pair(s)
     d = np.sqrt(np.clip(np.diag(s), 0, None))
+    c = np.sqrt(np.clip(1 - rho**2, 0.0, None))
     h = 1e-5
 
     def derivative(t):
         return (phi(t + h) - phi(t - h)) / (2 * h)
 
-    u = d[:, None, None, None] * z1  # [P, 1, Q, Q]
-    c = np.sqrt(np.clip(1 - rho**2, 0.0, None))
-    v = d[None, :, None, None] * (rho[:, :, None, None] * z1 + c[:, :, None, None] * z2)  # [P, P, Q, Q]
-    value = (w * phi(u) * phi(v)).sum(axis=(2, 3))
-    slope = (w * derivative(u) * derivative(v)).sum(axis=(2, 3))
+    P = len(s)
+    value, slope = np.empty_like(s), np.empty_like(s)
+    rows = max(1, 4_000_000 // max(1, P * points * points))
+    for lo in range(0, P, rows):
+        hi = min(P, lo + rows)
+        u = d[lo:hi, None, None, None] * z1  # [rows, 1, Q, Q]
+        v = d[None, :, None, None] * (rho[lo:hi, :, None, None] * z1 + c[lo:hi, :, None, None] * z2)
+        value[lo:hi] = (w * phi(u) * phi(v)).sum(axis=(2, 3))
+        slope[lo:hi] = (w * derivative(u) * derivative(v)).sum(axis=(2, 3))
     # the upper triangle, mirrored: (i, j) and (j, i) are one pair
     return np.triu(value) + np.triu(value, 1).T, np.triu(slope) + np.triu(slope, 1).T
 

@@ -25,6 +25,8 @@ def test_a_recipe_outside_the_solvers_scope_is_refused_with_every_reason():
         limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--model.init_args.optimizer.init_args.momentum=0.9"])
     with pytest.raises(OutOfScope, match="readout_zero_init=true"):  # the readout's w(0) would not be N(0, 1)
         limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--trainer.strategy.init_args.readout_zero_init=true"])
+    with pytest.raises(OutOfScope, match="Langevin chain's limit is the posterior's saddle point"):
+        limit_inputs(RECIPES / "gegenbauer_langevin.yaml", [])
 
 
 @pytest.mark.slow
