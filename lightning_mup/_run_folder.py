@@ -64,6 +64,13 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def step_arrays(run_dir: str | Path, callback: str, step: int) -> dict[str, np.ndarray] | None:
+    """A callback's arrays at ``step`` in another run (a reference run), or None: from the folder given, or for a
+    step it lacks, from the other version folders of that run (a resumed reference writes later steps there)."""
+    path = run_step_files(version_folders(run_dir), callback).get(step)
+    return load_arrays(path) if path is not None else None
+
+
 PROBE_KEY = "probe_fingerprint"
 
 

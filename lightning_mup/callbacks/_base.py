@@ -40,12 +40,11 @@ from torchmetrics import Metric
 from lightning_mup._run_folder import (
     PROBE_KEY,
     fingerprint,
-    load_arrays,
     probe_of,
-    run_step_files,
+    step_arrays,
     step_file,
-    version_folders,
 )
+from lightning_mup.callbacks._batches import batch_size, concat_batches
 from lightning_mup.callbacks._cost import _OWN_WORK, _TIMED_BATCHES, Cost
 from lightning_mup.callbacks._step import (
     _manual_optimization_stubs,
@@ -435,7 +434,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
 
     def probe_weights(self, trainer: L.Trainer) -> list[float]:
         """Each local probe batch's share of the global probe set (sums to 1 over all ranks)."""
-        sizes = [_batch_size(b) for b in self.probe]
+        sizes = [batch_size(b) for b in self.probe]
         total = float(trainer.strategy.reduce(torch.tensor(float(sum(sizes))), reduce_op="sum"))
         return [n / total for n in sizes]
 
@@ -464,7 +463,7 @@ class MeasurementCallback(Callback, metaclass=ABCMeta):
         a warning once (a kernel against other points is no comparison)."""
         if folder is None:
             return None
-        arrays = load_step_arrays(folder, self.name, self.step)
+        arrays = step_arrays(folder, self.name, self.step)
         if arrays is None:
             return None
         theirs = probe_of(arrays)
@@ -503,34 +502,3 @@ def _refuse_sharded(callback: MeasurementCallback, trainer: L.Trainer) -> None:
             "runs the whole model on the probe and would see parameter shards. Measure a DDP run of the same model "
             "(MuPStrategy, devices=N) — the μP roles and scales are the same — or a smaller one on one device"
         )
-
-
-def concat_batches(batches: Sequence[Any]) -> Any:
-    """The probe batches as one batch."""
-    first = batches[0]
-    if len(batches) == 1:
-        return first
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(batches))
-    if isinstance(first, (tuple, list)):
-        return type(first)(concat_batches([b[i] for b in batches]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: concat_batches([b[k] for b in batches]) for k in first}
-    raise TypeError(f"cannot concatenate batches of type {type(first).__name__}")
-
-
-def load_step_arrays(run_dir: str | Path, name: str, step: int) -> dict[str, np.ndarray] | None:
-    """A callback's arrays at ``step`` in another run (a reference run), or None: from the folder given, or for a
-    step it lacks, from the other version folders of that run (a resumed reference writes later steps there)."""
-    path = run_step_files(version_folders(run_dir), name).get(step)
-    return load_arrays(path) if path is not None else None
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    raise TypeError(f"cannot tell the size of a batch of type {type(batch).__name__}")

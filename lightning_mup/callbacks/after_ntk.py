@@ -28,7 +28,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, MeasurementError, Targets, concat_batches
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback, MeasurementError, Targets
+from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.measure.calls import ModelCall
 from lightning_mup.measure.kernels import kernel_target_alignment
 from lightning_mup.measure.ntk import METHODS as NTK_METHODS

@@ -21,7 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, _batch_size, concat_batches
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback
+from lightning_mup.callbacks._batches import batch_size, concat_batches
 from lightning_mup.measure.attention import attention_distance, attention_entropy, attention_maps, attention_modules
 
 
@@ -62,7 +63,7 @@ class AttentionMaps(MeasurementCallback):
     def maps(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         names = attention_modules(pl_module, self.layers)
         maps = attention_maps(pl_module, names, lambda: self.training_loss(pl_module, batch))
-        points = _batch_size(batch)
+        points = batch_size(batch)
         out = {}
         for name, m in maps.items():
             # windows folded into the batch (Swin): the first points' windows, point-major as timm folds them

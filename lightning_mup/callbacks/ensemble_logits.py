@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from lightning_mup._run_folder import load_arrays, run_step_files, same_probe, version_folders
-from lightning_mup.callbacks._base import MeasurementCallback, MeasurementError, concat_batches
+from lightning_mup.callbacks._base import MeasurementCallback, MeasurementError
+from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.measure.ensemble import MemberLogits, ensemble_statistics, finite_members, logit_distance
 from lightning_mup.measure.observe import eval_mode
 from lightning_mup.measure.outputs import batch_labels, is_causal_lm, logits_of, token_points

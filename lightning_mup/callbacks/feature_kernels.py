@@ -29,10 +29,9 @@ from lightning_mup.callbacks._base import (
     MeasurementCallback,
     MeasurementError,
     Targets,
-    _batch_size,
-    concat_batches,
     default_targets,
 )
+from lightning_mup.callbacks._batches import batch_size, concat_batches
 from lightning_mup.measure.kernels import (
     cka,
     feature_kernel,
@@ -100,7 +99,7 @@ class FeatureKernels(MeasurementCallback):
     def kernels(self, pl_module: L.LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         """``phi/<layer>`` and ``grad/<layer>`` kernels on ``batch`` (runs in the caller's context)."""
         names = getattr(self, "_layer_names", None) or resolve_layers(pl_module, self.layers, "stream")
-        points = _batch_size(batch)
+        points = batch_size(batch)
         rows = self._point_rows(pl_module, batch, names, points)
         names = [n for n in names if n in rows]
         with torch.set_grad_enabled(self.gradient), capturing(pl_module, names) as seen:

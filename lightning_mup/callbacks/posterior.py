@@ -27,7 +27,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup.callbacks._base import LossFn, Targets, concat_batches
+from lightning_mup.callbacks._base import LossFn, Targets
+from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.callbacks.feature_kernels import FeatureKernels
 from lightning_mup.measure.observe import eval_mode
 from lightning_mup.measure.outputs import default_output

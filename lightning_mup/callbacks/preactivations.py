@@ -24,7 +24,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback
+from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.measure.distribution import histogram, moments, subsample
 from lightning_mup.measure.layers import capturing, resolve_layers
 

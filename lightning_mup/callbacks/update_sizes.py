@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lightning_mup._names import select, unwrap_name
-from lightning_mup.callbacks._base import LossFn, MeasurementCallback, concat_batches
+from lightning_mup.callbacks._base import LossFn, MeasurementCallback
+from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.callbacks._cost import _OWN_WORK
 from lightning_mup.families.uses import linear_uses
 from lightning_mup.measure.updates import update_sizes

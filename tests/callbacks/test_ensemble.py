@@ -163,7 +163,7 @@ def test_logit_variance_falls_as_1_over_n_and_narrow_ensembles_keep_their_bias(t
 def test_another_run_s_arrays_are_read_from_all_its_version_folders_and_one_probe(tmp_path):
     """A resumed run writes its later steps into version_1: a reference given as version_0 and merge_runs still
     find them (the folder given wins a step both hold), and members measured on other points are refused."""
-    from lightning_mup.callbacks._base import load_step_arrays
+    from lightning_mup._run_folder import step_arrays as load_step_arrays
 
     def save(run, version, step, value, probe="p"):
         folder = tmp_path / run / f"version_{version}" / "ensemble_logits"
