@@ -26,6 +26,7 @@ from lightning_mup._run_folder import (
     load_arrays,
     probe_of,
     run_step_files,
+    same_probe,
     version_order,
 )
 
@@ -120,6 +121,16 @@ class Run:
             if class_path.rsplit(".", 1)[-1] == callback_class:
                 return dict(entry.get("init_args") or {})
         return None
+
+    def same_probe(self, arrays: dict, reference: dict | None, step: int) -> bool:
+        """Whether ``arrays`` (this run's, at ``step``) were measured on ``reference``'s probe points — the one check
+        before two runs' arrays are compared; if not, the run is named in ``problems`` and left out."""
+        if reference is None or same_probe(arrays, reference):
+            return True
+        self.problems.append(
+            f"{self.name}: measured other probe points than the runs it is compared with at step {step}; left out"
+        )
+        return False
 
     def probe(self, callback: str, step: int) -> str | None:
         """The fingerprint of the probe points a measurement was made on (None if not recorded)."""

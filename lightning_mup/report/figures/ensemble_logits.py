@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lightning_mup._run_folder import same_probe
 from lightning_mup.measure.ensemble import (
     ensemble_statistics,
     is_classification,
@@ -29,21 +28,11 @@ def _member_logits(runs: Sequence[Run]) -> dict[int, dict[int, tuple[np.ndarray,
             steps = set(files) if steps is None else steps & set(files)
         for step in sorted(steps or []):
             loaded = [(run, run.arrays("ensemble_logits", step)) for run in same]
-            loaded = [(run, d) for run, d in loaded if d is not None and _same_probe(run, d, loaded[0][1], step)]
+            loaded = [(run, d) for run, d in loaded if d is not None and run.same_probe(d, loaded[0][1], step)]
             if loaded:
                 logits = np.concatenate([d["logits"] for _, d in loaded])
                 out.setdefault(width, {})[step] = (logits, loaded[0][1]["targets"])
     return out
-
-
-def _same_probe(run: Run, arrays: dict, reference: dict | None, step: int) -> bool:
-    """Whether ``arrays`` were measured on the reference's probe points (else the run is named, left out)."""
-    if reference is None or same_probe(arrays, reference):
-        return True
-    run.problems.append(
-        f"{run.name}: measured other probe points than the runs it is compared with at step {step}; left out"
-    )
-    return False
 
 
 def _ensemble_groups(runs: Sequence[Run]):

@@ -10,7 +10,6 @@ import torch
 from lightning_mup.measure.kernels import cka
 from lightning_mup.report.figures._common import Figure, initial_only
 from lightning_mup.report.figures._registry import Skip, register_figure
-from lightning_mup.report.figures.ensemble_logits import _same_probe
 from lightning_mup.report.plotting import colors, pyplot, width_axis
 from lightning_mup.report.runs import Run, by_width, groups, label
 
@@ -41,7 +40,7 @@ def cka_to_widest(runs: Sequence[Run], figure: Figure):
         for width, same in widths.items():
             for run in same:
                 data = run.arrays("feature_kernels", step) if run is not widths[widest][0] else None
-                if data is None or not _same_probe(run, data, reference_arrays, step):
+                if data is None or not run.same_probe(data, reference_arrays, step):
                     continue
                 for key, ref in reference.items():
                     if key in data and data[key].shape == ref.shape:
