@@ -8,14 +8,16 @@ Example::
                       callbacks=[PosteriorMoments(burn_in=2000, every_n_steps=10)])
 
 After ``burn_in`` steps, every ``every_n_steps`` it adds the chain's state to running averages: each layer's feature
-kernel Φ^ℓ on the probe points and the network's outputs there (mean and variance over the chain). Each quantity's
+kernel Φ^ℓ on the probe points, the network's outputs there (mean and variance over the chain) and the
+histogram of each activation function's input (preactivations pooled over probe points and neurons, on fixed bins). Each quantity's
 integrated autocorrelation time τ (from the series of its summaries: yᵀΦ^ℓy/|y|² and tr Φ^ℓ/P per layer, the output
 on every probe point) gives its effective sample size n/τ. Logged: ``posterior/samples``, ``posterior/ess_min`` and
 ``posterior/tau_max`` (in measurements), and — only once every quantity has ``min_ess`` effective samples and τ
 could be estimated — ``posterior/<layer>/task_alignment`` of the posterior-mean kernel and
 ``posterior/output_variance``. Before that the averages are still saved (with their ESS) but not logged as if
 converged, and why is said once. Saved to ``<log_dir>/posterior/step_<step>.npz``: ``phi_mean/<layer>``,
-``outputs_mean``, ``outputs_var``, ``ess/<quantity>``, ``tau/<quantity>``, ``samples``.
+``outputs_mean``, ``outputs_var``, ``hist/<layer>`` (posterior-mean density on ``edges``), ``ess/<quantity>``,
+``tau/<quantity>``, ``samples``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch
 from lightning_mup.callbacks._base import LossFn, Targets
 from lightning_mup.callbacks._batches import concat_batches
 from lightning_mup.callbacks.feature_kernels import FeatureKernels
+from lightning_mup.measure.distribution import histogram
+from lightning_mup.measure.layers import capturing, resolve_layers
 from lightning_mup.measure.observe import eval_mode
 from lightning_mup.measure.outputs import default_output
 from lightning_mup.measure.posterior import ChainAverages
@@ -43,6 +47,8 @@ class PosteriorMoments(FeatureKernels):
         every_n_steps: thinning: one sample every n steps after the burn-in.
         min_ess: effective samples every quantity needs before its average is logged.
         layers, num_batches, probe, spatial, targets, loss_fn: as for :class:`FeatureKernels`.
+        preactivation_layers: modules whose inputs are histogrammed (default: the activation functions).
+        edges: the histograms' fixed bin edges (default 121 bins on [-6, 6]).
     """
 
     name = "posterior"
@@ -58,6 +64,8 @@ class PosteriorMoments(FeatureKernels):
         spatial: str = "flatten",
         targets: Targets | None = None,
         loss_fn: LossFn | None = None,
+        preactivation_layers: Sequence[str] | None = None,
+        edges: Sequence[float] | None = None,
         max_cost_share: float = 0.05,
     ) -> None:
         if burn_in < 0 or every_n_steps < 1 or not min_ess > 0:
@@ -69,7 +77,21 @@ class PosteriorMoments(FeatureKernels):
             layers, every_n_steps, num_batches, probe, spatial, False, targets, None, loss_fn, True, max_cost_share
         )
         self.burn_in, self.min_ess = burn_in, min_ess
+        self.preactivation_layers = preactivation_layers
+        self.edges = np.asarray(edges if edges is not None else np.linspace(-6, 6, 122), dtype=np.float64)
         self.chain = ChainAverages()
+
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        super().check_module(pl_module)
+        self._preactivation_names = resolve_layers(pl_module, self.preactivation_layers, "activations")
+
+    def _histograms(self, pl_module: L.LightningModule, batch: Any) -> dict[str, np.ndarray]:
+        names = getattr(self, "_preactivation_names", None) or resolve_layers(
+            pl_module, self.preactivation_layers, "activations"
+        )
+        with torch.no_grad(), eval_mode(pl_module), capturing(pl_module, names, inputs=True) as seen:
+            self.training_loss(pl_module, batch)
+        return {f"hist/{n}": histogram(seen[n].float().cpu().numpy(), self.edges) for n in names if n in seen}
 
     def measure_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         return {} if self.burn_in > 0 else self.measure(trainer, pl_module)
@@ -95,14 +117,16 @@ class PosteriorMoments(FeatureKernels):
                 summary.append(float(np.sum(y * (phi @ y))) / float(np.sum(y * y)))
             summaries[f"kernel/{layer}"] = np.asarray(summary)
         summaries["outputs"] = outputs.reshape(-1)
-        self.chain.add({**arrays, "outputs": outputs}, summaries)
+        histograms = self._histograms(pl_module, batch)
+        self.chain.add({**arrays, **histograms, "outputs": outputs}, summaries)
         return self._report(trainer, y)
 
     def _report(self, trainer: L.Trainer, y: np.ndarray | None) -> dict[str, float]:
         chain = self.chain
         correlations = {key: chain.autocorrelation(key) for key in chain.traces}
         ess = {key: c.effective_samples for key, c in correlations.items()}
-        arrays: dict[str, Any] = {k: chain.mean(k) for k in chain.sums if k.startswith("phi_mean/")}
+        arrays: dict[str, Any] = {k: chain.mean(k) for k in chain.sums if k.startswith(("phi_mean/", "hist/"))}
+        arrays["edges"] = self.edges
         arrays |= {"outputs_mean": chain.mean("outputs"), "outputs_var": chain.variance("outputs")}
         arrays |= {f"ess/{k}": v for k, v in ess.items()} | {f"tau/{k}": c.tau for k, c in correlations.items()}
         arrays["samples"] = chain.count
