@@ -8,12 +8,12 @@ Example::
                       callbacks=[PosteriorMoments(burn_in=2000, every_n_steps=10)])
 
 After ``burn_in`` steps, every ``every_n_steps`` it adds the chain's state to running averages: each layer's feature
-kernel Φ^ℓ on the probe points, the network's outputs there (mean and variance over the chain) and the
-histogram of each activation function's input (preactivations pooled over probe points and neurons, on fixed
-bins). Each quantity's integrated autocorrelation time τ (from the series of its summaries: yᵀΦ^ℓy/|y|² and tr Φ^ℓ/P per layer, the output
-on every probe point) gives its effective sample size n/τ. Logged: ``posterior/samples``, ``posterior/ess_min`` and
-``posterior/tau_max`` (in measurements), and — only once every quantity has ``min_ess`` effective samples and τ
-could be estimated — ``posterior/<layer>/task_alignment`` of the posterior-mean kernel and
+kernel Φ^ℓ on the probe points, the network's outputs there (mean and variance over the chain) and the histogram of
+each activation function's input (preactivations pooled over probe points and neurons, on fixed bins). Each
+quantity's integrated autocorrelation time τ (from the series of its summaries: yᵀΦ^ℓy/|y|² and tr Φ^ℓ/P per layer,
+the output on every probe point) gives its effective sample size n/τ. Logged: ``posterior/samples``,
+``posterior/ess_min`` and ``posterior/tau_max`` (in measurements), and — only once every quantity has ``min_ess``
+effective samples and τ could be estimated — ``posterior/<layer>/task_alignment`` of the posterior-mean kernel and
 ``posterior/output_variance``. Before that the averages are still saved (with their ESS) but not logged as if
 converged, and why is said once. Saved to ``<log_dir>/posterior/step_<step>.npz``: ``phi_mean/<layer>``,
 ``outputs_mean``, ``outputs_var``, ``hist/<layer>`` (posterior-mean density on ``edges``), ``ess/<quantity>``,
