@@ -61,7 +61,7 @@ def chain(
         model, base=lambda: build(64), delta=lambda: build(128), parametrization="mf", gamma0=gamma0, check=False
     )
     optimizer = scale_optimizer(
-        Langevin(model.parameters(), lr=lr, beta=beta, prior_std=1.0, generator=torch.Generator().manual_seed(seed)),
+        Langevin(model.parameters(), lr=lr, beta=beta, prior_std=1.0, seed=seed),
         record,
         model,
     )

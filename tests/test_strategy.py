@@ -523,3 +523,24 @@ def test_langevin_samples_only_where_every_group_shares_one_temperature(tmp_path
     group = module.trainer.optimizers[0].param_groups[0]
     assert len(module.trainer.optimizers[0].param_groups) == 1 and group["mup"]["lr"] == pytest.approx(0.25 * 128)
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class _RankSeeds(Callback):
+    """Each rank's global RNG its own, as a launch without seed_everything leaves it."""
+
+    def on_train_start(self, trainer, module):
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
+def test_langevin_noise_is_the_same_on_every_ddp_rank(tmp_path):
+    from lightning_mup import Langevin
+
+    chain = functools.partial(Langevin, lr=1e-3, beta=50.0, prior_std=1.0)
+    ddp = MuPStrategy(base={"width": 32}, parametrization="mf", start_method="fork")
+    module = _module(width=64, optimizer=chain, init="normal", bias=False)
+    _trainer(tmp_path, max_steps=4, devices=2, strategy=ddp, callbacks=[_RankSeeds(), _SaveRank(tmp_path)]).fit(
+        module, GegenbauerDataModule(batch_size=32, batches_per_epoch=5)
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["weights"] for r in (0, 1)]
+    for name, p in ranks[0].items():  # replicas that drew different noise would be different networks
+        torch.testing.assert_close(p, ranks[1][name], rtol=0, atol=0, msg=name)

@@ -22,6 +22,7 @@ converged, and why is said once. Saved to ``<log_dir>/posterior/step_<step>.npz`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from lightning_mup.measure.distribution import histogram
 from lightning_mup.measure.layers import capturing, resolve_layers
 from lightning_mup.measure.observe import eval_mode
 from lightning_mup.measure.outputs import default_output
-from lightning_mup.measure.posterior import ChainAverages
+from lightning_mup.measure.posterior import ChainAverages, kernel_summaries, task_alignment
 
 
 class PosteriorMoments(FeatureKernels):
@@ -96,29 +97,45 @@ class PosteriorMoments(FeatureKernels):
     def measure_initial(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         return {} if self.burn_in > 0 else self.measure(trainer, pl_module)
 
-    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        if self.step < self.burn_in:
-            return {}
-        batch = concat_batches(self.probe)
-        kernels = self.kernels(pl_module, batch)
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: list[Any]) -> None:
+        """Before training: the outputs must read as [points, outputs] (else the first sample, after the burn-in,
+        would fail)."""
+        super().check(trainer, pl_module, batches)
+        self._outputs(pl_module, batches[0])
+
+    def measurement_seconds(self, trainer: L.Trainer, pl_module: L.LightningModule, initial: float | None) -> float:
+        """With a burn-in nothing is measured at step 0: one sample is timed here (and not added to the chain)."""
+        if self.burn_in == 0:
+            return super().measurement_seconds(trainer, pl_module, initial)
+        with self.observation(pl_module):
+            batch = concat_batches(self.probe)
+            self._sample(pl_module, batch)  # warm-up: finds each layer's rows once
+            start = time.perf_counter()
+            self._sample(pl_module, batch)
+            return time.perf_counter() - start
+
+    def _outputs(self, pl_module: L.LightningModule, batch: Any) -> np.ndarray:
         call = self.network_call(pl_module, batch)
         with torch.no_grad(), eval_mode(pl_module):
             outputs = default_output(call()).detach().double().cpu().numpy()
-        outputs = outputs.reshape(len(outputs), -1)
+        return outputs.reshape(len(outputs), -1)
+
+    def _sample(self, pl_module: L.LightningModule, batch: Any):
+        """The chain's state on the probe: (arrays to average, summaries for τ, targets)."""
+        kernels = self.kernels(pl_module, batch)
+        outputs = self._outputs(pl_module, batch)
         y = self.targets(batch)
         y = None if y is None else y.detach().double().cpu().numpy().reshape(len(outputs), -1)
         arrays = {f"phi_mean/{k[4:]}": v.double().cpu().numpy() for k, v in kernels.items()}
-        summaries = {}
-        for key, phi in arrays.items():
-            layer = key.split("/", 1)[1]
-            points = len(phi)
-            summary = [np.trace(phi) / points]
-            if y is not None:
-                summary.append(float(np.sum(y * (phi @ y))) / float(np.sum(y * y)))
-            summaries[f"kernel/{layer}"] = np.asarray(summary)
+        summaries = {f"kernel/{key.split('/', 1)[1]}": kernel_summaries(phi, y) for key, phi in arrays.items()}
         summaries["outputs"] = outputs.reshape(-1)
-        histograms = self._histograms(pl_module, batch)
-        self.chain.add({**arrays, **histograms, "outputs": outputs}, summaries)
+        return {**arrays, **self._histograms(pl_module, batch), "outputs": outputs}, summaries, y
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        if self.step < self.burn_in:
+            return {}
+        arrays, summaries, y = self._sample(pl_module, concat_batches(self.probe))
+        self.chain.add(arrays, summaries)
         return self._report(trainer, y)
 
     def _report(self, trainer: L.Trainer, y: np.ndarray | None) -> dict[str, float]:
@@ -152,7 +169,7 @@ class PosteriorMoments(FeatureKernels):
             return scalars
         for key, phi in arrays.items():
             if key.startswith("phi_mean/") and y is not None:
-                scalars[f"{self.name}/{key[9:]}/task_alignment"] = float(np.sum(y * (phi @ y)) / np.sum(y * y))
+                scalars[f"{self.name}/{key[9:]}/task_alignment"] = task_alignment(phi, y)
         scalars[f"{self.name}/output_variance"] = float(arrays["outputs_var"].mean())
         return scalars
 

@@ -26,27 +26,42 @@ class Autocorrelation:
 
 
 def integrated_time(series: np.ndarray, window_factor: float = 5.0) -> Autocorrelation:
-    """τ of a scalar series (1-D), or the largest τ over the columns of a 2-D one [samples, quantities]."""
+    """τ of a scalar series (1-D), or the largest τ over the columns of a 2-D one [samples, quantities] (every
+    column's autocorrelation in one FFT)."""
     x = np.asarray(series, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
     n = len(x)
     if n < 2:
         return Autocorrelation(float("inf"), n, False)
-    worst = 1.0
-    for column in x.T:
-        centred = column - column.mean()
-        variance = centred @ centred / n
-        if not variance > 0:
-            continue  # a constant quantity: nothing to estimate
-        size = 1 << (2 * n - 1).bit_length()
-        spectrum = np.fft.rfft(centred, size)
-        rho = np.fft.irfft(spectrum * np.conj(spectrum), size)[:n] / (n * variance)
-        taus = 2.0 * np.cumsum(rho) - 1.0  # τ(M) = 1 + 2 Σ_{t=1}^{M} ρ_t
-        window = np.arange(n) >= window_factor * taus
-        tau = float(taus[int(np.argmax(window))] if window.any() else taus[-1])
-        worst = max(worst, tau)
+    centred = x - x.mean(axis=0)
+    variance = (centred**2).mean(axis=0)
+    varying = variance > 0  # a constant quantity has nothing to estimate
+    if not varying.any():
+        return Autocorrelation(1.0, n, n >= 50)
+    centred, variance = centred[:, varying], variance[varying]
+    size = 1 << (2 * n - 1).bit_length()
+    spectrum = np.fft.rfft(centred, size, axis=0)
+    rho = np.fft.irfft(spectrum * np.conj(spectrum), size, axis=0)[:n] / (n * variance)
+    taus = 2.0 * np.cumsum(rho, axis=0) - 1.0  # τ(M) = 1 + 2 Σ_{t=1}^{M} ρ_t, per column
+    window = np.arange(n)[:, None] >= window_factor * taus
+    # Sokal's window: the first M with M ≥ c·τ(M); a column whose window never closes keeps its last τ(M)
+    first = np.where(window.any(axis=0), window.argmax(axis=0), n - 1)
+    worst = max(1.0, float(taus[first, np.arange(taus.shape[1])].max()))
     return Autocorrelation(worst, n, n >= 50 * worst)
+
+
+def task_alignment(kernel: np.ndarray, y: np.ndarray) -> float:
+    """yᵀΦy / |y|² (summed over output columns): how much of the kernel lies along the targets."""
+    return float(np.sum(y * (kernel @ y)) / np.sum(y * y))
+
+
+def kernel_summaries(kernel: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """The scalars a kernel's autocorrelation is read from: tr Φ / P, and yᵀΦy / |y|² where there are targets."""
+    summary = [np.trace(kernel) / len(kernel)]
+    if y is not None:
+        summary.append(task_alignment(kernel, y))
+    return np.asarray(summary)
 
 
 @dataclass
@@ -82,13 +97,23 @@ class ChainAverages:
         return integrated_time(np.stack(self.traces[key]))
 
     def state_dict(self) -> dict:
+        """As tensors, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+        import torch
+
+        def tensors(arrays: dict) -> dict:
+            return {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+
         return {
             "count": self.count,
-            "sums": dict(self.sums),
-            "squares": dict(self.squares),
-            "traces": {k: list(v) for k, v in self.traces.items()},
+            "sums": tensors(self.sums),
+            "squares": tensors(self.squares),
+            "traces": tensors({k: np.stack(v) for k, v in self.traces.items()}),
         }
 
     @classmethod
     def from_state(cls, state: dict) -> ChainAverages:
-        return cls(state["count"], dict(state["sums"]), dict(state["squares"]), dict(state["traces"]))
+        def arrays(values: dict) -> dict:
+            return {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+
+        traces = {k: list(v) for k, v in arrays(state["traces"]).items()}
+        return cls(int(state["count"]), arrays(state["sums"]), arrays(state["squares"]), traces)

@@ -1,8 +1,11 @@
 """The chain's integrated autocorrelation time against AR(1)'s exact τ = (1 + ρ)/(1 − ρ), and the running moments
 against numpy on the stored samples."""
 
+import io
+
 import numpy as np
 import pytest
+import torch
 
 from lightning_mup.measure.posterior import ChainAverages, integrated_time
 
@@ -37,7 +40,12 @@ def test_running_moments_equal_numpy_on_the_samples():
         chain.add({"k": s}, {"k": s.trace()})
     np.testing.assert_allclose(chain.mean("k"), samples.mean(0), atol=1e-12)
     np.testing.assert_allclose(chain.variance("k"), samples.var(0), atol=1e-12)
-    restored = ChainAverages.from_state(chain.state_dict())
+    # into a checkpoint and back as Lightning resumes: torch.load(weights_only=True) takes tensors, not numpy
+    buffer = io.BytesIO()
+    torch.save({"chain": chain.state_dict()}, buffer)
+    buffer.seek(0)
+    restored = ChainAverages.from_state(torch.load(buffer, weights_only=True)["chain"])
+    np.testing.assert_array_equal(restored.mean("k"), chain.mean("k"))
     assert restored.count == 30 and restored.autocorrelation("k").tau == chain.autocorrelation("k").tau
     with pytest.raises(ValueError, match="changed shape"):
         chain.add({"k": np.zeros(2)}, {})

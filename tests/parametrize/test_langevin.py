@@ -15,7 +15,7 @@ def _stationary(lr, beta, prior_std, curvature, centre, scale=1.0, chains=8192, 
     """Many independent chains on loss = ½·a·|θ − m|², from 0; their spread after ``steps``."""
     torch.manual_seed(0)
     theta = torch.nn.Parameter(torch.zeros(chains, dtype=torch.float64))
-    optimizer = Langevin([theta], lr=lr, beta=beta, prior_std=prior_std, generator=torch.Generator().manual_seed(1))
+    optimizer = Langevin([theta], lr=lr, beta=beta, prior_std=prior_std, seed=1)
     if scale != 1.0:  # as MuPStrategy's groups carry it
         optimizer.param_groups[0]["mup"] = {"lr": scale, "weight_decay": 1.0, "eps": 1.0}
         _install_step_hooks(optimizer)

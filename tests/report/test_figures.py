@@ -175,7 +175,8 @@ def test_the_registry_owns_the_skip_reason_the_saving_and_a_figure_s_failure(tmp
 
     @register_figure(order=0, key="nothing", title="t", source=("FeatureKernels", "feature_kernels"))
     def nothing(runs, figure):
-        figure.rows.append([1.0])  # half-way: the rows of a skipped figure are dropped
+        figure.rows.append([1.0])  # half-way: the rows of a skipped figure are dropped, its plot closed
+        pyplot().subplots()
         raise Skip()
 
     @register_figure(order=1, key="broken", title="t")
@@ -183,6 +184,7 @@ def test_the_registry_owns_the_skip_reason_the_saving_and_a_figure_s_failure(tmp
         raise ZeroDivisionError("boom")
 
     assert [f.__name__ for f in _registry.registered()] == ["nothing", "broken", "drawn"]
+    users = pyplot().figure()  # a figure the caller has open stays open
     made = drawn(runs, tmp_path)
     assert made.title == "2 runs" and made.path == tmp_path / "drawn.png" and made.path.exists()
     assert made.caveats == ["only a test"] and made.skipped is None
@@ -190,5 +192,7 @@ def test_the_registry_owns_the_skip_reason_the_saving_and_a_figure_s_failure(tmp
     assert skipped.path is None and skipped.rows == [] and "one width (N=64)" in skipped.skipped
     failed = broken(runs, tmp_path)
     assert failed.skipped == "failed: ZeroDivisionError: boom" and not (tmp_path / "broken.png").exists()
+    assert pyplot().get_fignums() == [users.number]
+    pyplot().close(users)
     with pytest.raises(ValueError, match="figure place 2 is drawn's"):
         register_figure(order=2, key="other", title="t")(lambda runs, figure: None)

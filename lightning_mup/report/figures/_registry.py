@@ -56,16 +56,17 @@ def register_figure(
                 title(runs) if callable(title) else title,
                 header=list(header(runs) if callable(header) else header),
             )
+            open_before = set(pyplot().get_fignums())
             try:
                 drawn = draw(runs, figure)
-            except Skip as skip:
-                pyplot().close("all")  # a drawing abandoned half-way
-                figure.skipped = skip.reason or (no_data(runs, *source) if source else "no data")
+            except Exception as error:
+                for number in set(pyplot().get_fignums()) - open_before:  # a drawing abandoned half-way (only its own)
+                    pyplot().close(number)
+                if isinstance(error, Skip):
+                    figure.skipped = error.reason or (no_data(runs, *source) if source else "no data")
+                else:  # one figure's failure must not cost the report
+                    figure.skipped = f"failed: {type(error).__name__}: {error}"
                 figure.rows = []
-                return figure
-            except Exception as error:  # one figure's failure must not cost the report
-                pyplot().close("all")
-                figure.skipped, figure.rows = f"failed: {type(error).__name__}: {error}", []
                 return figure
             figure.path = save(drawn, Path(out) / f"{figure.key}.png", figure.title, figure.caveats)
             return figure
