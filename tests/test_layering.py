@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parents[1] / "lightning_mup"
 
 # lowest first; a module may import its own layer and any below
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundations", ("_run_folder", "_names", "_help", "_rng", "_untouched")),
+    ("foundations", ("_run_folder", "_names", "_help", "_rng", "_untouched", "_autocorrelation")),
     ("theory", ("theory",)),
     ("model families", ("families",)),
     ("parametrize", ("parametrize",)),
@@ -30,6 +30,7 @@ PURE_TORCH = (
     "_help",
     "_rng",
     "_untouched",
+    "_autocorrelation",
     "theory",
     "families",
     "parametrize",

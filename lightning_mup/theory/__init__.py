@@ -13,6 +13,8 @@ f = w·φ(h^L)/(γ0 N), weights N(0, 1), SGD learning rate η0·γ0²·N, loss t
 * :mod:`.statics` — the Bayesian posterior (Langevin training's stationary law) and its saddle point: NNGP posterior
   regression (γ0 → 0), deep linear networks exactly (the general solver and the whitened closed form), and the
   adaptive-kernel predictor on test points.
+* :mod:`.statics_nonlinear` — the saddle of deep nonlinear MLPs (any elementwise φ) by interacting particles that
+  sample each layer's tilted density: F's Wasserstein gradient flow, with error bars from replicas.
 """
 
 from lightning_mup.theory.depth import depth_limit, residual_kernels
@@ -26,11 +28,13 @@ from lightning_mup.theory.statics import (
     kernel_regression,
     nngp_posterior,
 )
+from lightning_mup.theory.statics_nonlinear import NonlinearSaddle, nonlinear_saddle
 
 __all__ = [
     "DMFTSolution",
     "LazyLimit",
     "LinearSaddle",
+    "NonlinearSaddle",
     "Posterior",
     "deep_linear_saddle",
     "deep_linear_whitened",
@@ -41,6 +45,7 @@ __all__ = [
     "linear_dmft",
     "mlp_kernels",
     "nngp_posterior",
+    "nonlinear_saddle",
     "residual_kernels",
     "solve_dmft",
 ]
