@@ -5,6 +5,12 @@ describes — a bias-free MLP with N(0, 1/fan_in) weights in the ``mf`` parametr
 gradient descent on a fixed training set with the mean squared error — and says which setting is not where it
 is not. Then solves the DMFT on the recipe's own training and validation points and writes ``limit.npz``; put
 it in a sweep folder and ``lightning-mup report`` draws every width against it.
+
+A Langevin recipe (the same MLP, sampled by :class:`~lightning_mup.Langevin` with the N(0, 1) prior on a fixed full
+batch) has the posterior's saddle point as its limit instead: its kernels on the training points (the
+nonlinear particle solver, or the exact one for a linear network) and the adaptive predictor's and the NNGP's
+validation loss, written with ``kind: statics``; the report draws PosteriorMoments' posterior-mean kernels of every
+width against them.
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
             problems.append(f"out_dim={hp.get('out_dim')}: one output")
     optimizer = model.optimizer([torch.nn.Parameter(torch.zeros(1))])
     defaults = optimizer.defaults
-    if isinstance(optimizer, Langevin):
-        problems.append(
-            "optimizer Langevin: a Langevin chain's limit is the posterior's saddle point, not the DMFT of gradient "
-            "descent. lightning_mup.theory computes it for deep linear networks (deep_linear_saddle, "
-            "nngp_posterior for γ0 → 0); the nonlinear saddle and its `limit` command are not built yet"
-        )
+    statics = isinstance(optimizer, Langevin)
+    if statics:
+        if defaults.get("prior_std") not in (1.0, "init"):
+            problems.append(
+                f"prior_std={defaults.get('prior_std')!r}: the saddle's prior is the mf form's N(0, 1) weights "
+                "(prior_std: 1.0)"
+            )
     elif type(optimizer) is not torch.optim.SGD:
         problems.append(f"optimizer {type(optimizer).__name__}: the solver's dynamics are plain gradient descent (SGD)")
     elif defaults.get("momentum") or defaults.get("weight_decay") or defaults.get("nesterov"):
@@ -83,7 +90,9 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
             "data.init_args.train_size=P (an online stream has no such limit here)"
         )
     steps = trainer.max_steps
-    if steps is None or steps < 1:
+    if statics:
+        pass  # a chain's length decides how well it samples, not what it samples
+    elif steps is None or steps < 1:
         problems.append("trainer.max_steps: the number of gradient-descent steps")
     if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
         problems.append("gradient accumulation or clipping: not plain gradient descent")
@@ -91,6 +100,21 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         raise OutOfScope(f"{config} is outside the infinite-width solver's scope: " + "; ".join(problems))
     x_train, y_train = data.training_set()
     x_test, y_test = data.validation_set()
+    if statics:
+        # the recipe's loss is the mean over P: β·γ0²N·MSE = (2β/P)·γ0²N·½Σ(f − y)², STATICS.md's β is 2β/P
+        return dict(
+            kind="statics",
+            x_train=x_train.double().numpy(),
+            y_train=y_train.double().numpy().reshape(-1),
+            x_test=x_test.double().numpy(),
+            y_test=y_test.double().numpy().reshape(-1),
+            depth=hp["depth"] - 1,  # hidden layers
+            activation=_activation(hp["activation"]),
+            gamma0=float(kwargs.get("gamma0") or 1.0),
+            beta=2.0 * float(defaults["beta"]) / len(x_train),
+            fingerprint=recipe_fingerprint(cli.config.as_dict(), MuPSettings.LIMIT_FIELDS),
+            probe=fingerprint([x_train, y_train]),
+        )
     return dict(
         x_train=x_train.double().numpy(),
         y_train=y_train.double().numpy().reshape(-1),
@@ -116,11 +140,19 @@ def _activation(name: str) -> str:
 
 
 def compute_limit(
-    config: Path, out: Path, samples: int, replicas: int, overrides: list[str], response_samples: int | None = None
+    config: Path,
+    out: Path,
+    samples: int,
+    replicas: int,
+    overrides: list[str],
+    response_samples: int | None = None,
+    saddle_steps: int = 1200,
 ) -> Path:
     from lightning_mup.theory import solve_dmft
 
     inputs = limit_inputs(config, overrides)
+    if inputs.get("kind") == "statics":
+        return _compute_saddle(config, out, inputs, particles=samples, replicas=replicas, steps=saddle_steps)
     y_test, recipe, probe = inputs.pop("y_test"), inputs.pop("fingerprint"), inputs.pop("probe")
     name = inputs["activation"] if isinstance(inputs["activation"], str) else "gelu"
     print(
@@ -175,6 +207,68 @@ def compute_limit(
     return out
 
 
+def _compute_saddle(config: Path, out: Path, inputs: dict[str, Any], particles: int, replicas: int, steps: int) -> Path:
+    """A Langevin recipe's limit: the posterior's saddle (:func:`~lightning_mup.theory.nonlinear_saddle`; the
+    exact solver for a linear network), its adaptive predictor and the NNGP's on the validation points."""
+    from lightning_mup.theory import deep_linear_saddle, nngp_posterior, nonlinear_saddle
+
+    x, y, x_test, y_test = inputs["x_train"], inputs["y_train"], inputs["x_test"], inputs["y_test"]
+    depth, activation, gamma0, beta = inputs["depth"], inputs["activation"], inputs["gamma0"], inputs["beta"]
+    print(
+        f"posterior saddle of {config}: {depth} hidden layers, {activation}, γ0 = {gamma0:g}, β = {beta:g} "
+        f"(the recipe's β·2/P), {len(x)} training + {len(x_test)} validation points",
+        flush=True,
+    )
+    if activation == "identity":
+        saddle = deep_linear_saddle(x, y, depth, gamma0, beta)
+        errors = [np.zeros_like(k) for k in saddle.kernels]
+        converged, notes = saddle.converged, saddle.notes
+    else:
+        replicas = max(2, replicas)
+        saddle = nonlinear_saddle(
+            x, y, depth, gamma0, beta, activation, particles=particles, replicas=replicas, steps=steps, progress=True
+        )
+        errors, converged, notes = saddle.kernel_errors, saddle.converged, saddle.notes
+    adaptive = saddle.predict(x, x_test).mean.reshape(-1)
+    nngp = nngp_posterior(x, y, x_test, depth, beta, activation).mean.reshape(-1)
+    settings = {
+        "kind": "statics",
+        "config": str(config),
+        "depth": depth,
+        "activation": activation,
+        "gamma0": gamma0,
+        "beta": beta,
+        "converged": bool(converged),
+        "notes": notes,
+        "fingerprint": inputs["fingerprint"],
+        "probe_fingerprint": inputs["probe"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        feature_kernels_train_final=np.stack(saddle.kernels),
+        feature_kernels_error=np.stack(errors),
+        nngp_kernels_train=np.stack([_nngp_kernel(x, layer, activation) for layer in range(1, depth + 1)]),
+        adaptive_test_loss=np.mean((adaptive - y_test) ** 2),
+        nngp_test_loss=np.mean((nngp - y_test) ** 2),
+        y_train=y,
+        y_test=y_test,
+        settings=json.dumps(settings),
+    )
+    print(
+        f"yᵀΦ^ℓy/|y|² = {np.round(saddle.task_alignment(), 4)}; validation loss: adaptive "
+        f"{np.mean((adaptive - y_test) ** 2):.4g}, NNGP {np.mean((nngp - y_test) ** 2):.4g}"
+    )
+    print(f"wrote {out}{'' if converged else ' — NOT CONVERGED: ' + '; '.join(notes)}")
+    return out
+
+
+def _nngp_kernel(x: np.ndarray, layer: int, activation: str) -> np.ndarray:
+    from lightning_mup.theory.lazy import mlp_kernels
+
+    return mlp_kernels(x, layer + 1, activation).nngp
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-mup limit",
@@ -183,7 +277,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (e.g. recipes/gegenbauer_limit.yaml)")
     parser.add_argument("--out", type=Path, default=Path(LIMIT_FILE), help="where limit.npz goes (a sweep folder)")
-    parser.add_argument("--samples", type=int, default=2000, help="single-site samples per replica")
+    parser.add_argument(
+        "--samples", type=int, default=2000, help="single-site samples per replica (a Langevin recipe: particles)"
+    )
     parser.add_argument("--replicas", type=int, default=2, help="independent replicas (error bars)")
     parser.add_argument(
         "--response-samples",
@@ -192,9 +288,20 @@ def main(argv: list[str]) -> None:
         help="samples carrying the exact sensitivities behind the response functions (default: all; fewer for "
         "large P·T — their sampling error is in the error bars)",
     )
+    parser.add_argument(
+        "--saddle-steps", type=int, default=1200, help="a Langevin recipe: the particle solver's steps (half averaged)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     args = parser.parse_args(argv)
     if not args.config.exists():
         raise FileNotFoundError(f"--config {args.config} does not exist")
     out = args.out / LIMIT_FILE if args.out.is_dir() else args.out
-    compute_limit(args.config, out, args.samples, args.replicas, [f"--{s}" for s in args.set], args.response_samples)
+    compute_limit(
+        args.config,
+        out,
+        args.samples,
+        args.replicas,
+        [f"--{s}" for s in args.set],
+        args.response_samples,
+        saddle_steps=args.saddle_steps,
+    )

@@ -25,8 +25,49 @@ def test_a_recipe_outside_the_solvers_scope_is_refused_with_every_reason():
         limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--model.init_args.optimizer.init_args.momentum=0.9"])
     with pytest.raises(OutOfScope, match="readout_zero_init=true"):  # the readout's w(0) would not be N(0, 1)
         limit_inputs(RECIPES / "gegenbauer_limit.yaml", ["--trainer.strategy.init_args.readout_zero_init=true"])
-    with pytest.raises(OutOfScope, match="Langevin chain's limit is the posterior's saddle point"):
-        limit_inputs(RECIPES / "gegenbauer_langevin.yaml", [])
+    with pytest.raises(OutOfScope, match="prior_std=2.0"):  # the saddle's prior is the mf form's N(0, 1)
+        limit_inputs(RECIPES / "gegenbauer_langevin.yaml", ["--model.init_args.optimizer.init_args.prior_std=2.0"])
+
+
+def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_widths_against_it(
+    tmp_path, monkeypatch
+):
+    from lightning_mup.report.figures import limit_comparison, limit_posterior
+    from lightning_mup.report.runs import Run
+
+    recipe, out = RECIPES / "gegenbauer_langevin.yaml", tmp_path / "sweep"
+    out.mkdir()
+    main(["limit", "--config", str(recipe), "--out", str(out), "--samples", "128", "--saddle-steps", "300"])
+    saved = np.load(out / "limit.npz")
+    settings = json.loads(str(saved["settings"]))
+    # the recipe's mean-over-P loss at its β = 200 is STATICS.md's ½Σ(f − y)² at 2β/P; depth 3 = 2 hidden layers
+    assert settings["kind"] == "statics" and settings["beta"] == 2 * 200 / 8 and settings["depth"] == 2
+    assert settings["converged"], settings
+    saddle, nngp, y = saved["feature_kernels_train_final"], saved["nngp_kernels_train"], saved["y_train"]
+    assert all(y @ s @ y > 1.1 * (y @ n @ y) for s, n in zip(saddle, nngp))  # γ0 = 1 grew the kernels along y
+    direct = type("Saddle", (), {"kernels": list(saddle)})
+    # runs whose posterior-mean kernels sit (1 + 3/N)·Φ* away: the figure finds the slope −1 and the distances
+    monkeypatch.setattr("lightning_mup._run_folder.recipe_fingerprint", lambda *a, **k: settings["fingerprint"])
+    runs = []
+    for width in (64, 256, 1024):
+        folder = out / f"w{width}_s0" / "version_0"
+        (folder / "posterior").mkdir(parents=True)
+        kernels = {f"phi_mean/features.{2 * i + 1}": (1 + 3 / width) * k for i, k in enumerate(direct.kernels)}
+        np.savez(
+            folder / "posterior" / "step_00020000.npz",
+            **kernels,
+            **{"ess/kernel/a": np.array(500.0), "probe_fingerprint": np.array(settings["probe_fingerprint"])},
+        )
+        runs.append(Run(f"w{width}_s0", folder.parent, [folder], width, 0, None, "mf", {}))
+    figure = limit_posterior(runs, out)
+    assert figure.skipped is None, figure.skipped
+    assert [row[:3] for row in figure.rows] == [[w, 1, layer] for w in (64, 256, 1024) for layer in (1, 2)]
+    for width, _, _, distance, nngp, cosine, ess in figure.rows:
+        assert distance == pytest.approx(3 / width) and cosine == pytest.approx(1.0) and ess == 500.0
+        assert nngp > 0.01  # the saddle moved away from the NNGP: the metric can tell them apart
+    assert "Fitted slopes per layer: -1.00, -1.00" in figure.note and "adaptive predictor" in figure.note
+    # the DMFT's figures do not read a posterior's saddle as gradient descent's limit
+    assert "posterior's saddle point" in limit_comparison(runs, out).skipped
 
 
 @pytest.mark.slow

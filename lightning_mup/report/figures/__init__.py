@@ -23,7 +23,7 @@ from lightning_mup.report.figures._registry import Skip, register_figure, regist
 from lightning_mup.report.figures.after_ntk import after_ntk
 from lightning_mup.report.figures.ensemble_logits import ensembles, logit_rmse
 from lightning_mup.report.figures.feature_kernels import cka_to_widest
-from lightning_mup.report.figures.limit import limit_comparison, limit_features
+from lightning_mup.report.figures.limit import limit_comparison, limit_features, limit_posterior
 from lightning_mup.report.figures.losses import MIN_R2, fit_caveats, loss_curves, width_scaling
 from lightning_mup.report.figures.preactivations import preactivations
 from lightning_mup.report.figures.sharpness import SHARPNESS_SERIES, sharpness
@@ -56,6 +56,7 @@ __all__ = [
     "initial_only",
     "limit_comparison",
     "limit_features",
+    "limit_posterior",
     "logit_rmse",
     "loss_curves",
     "loss_key",

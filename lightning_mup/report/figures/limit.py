@@ -21,9 +21,10 @@ from lightning_mup.report.runs import Run, by_width
 
 
 # ------------------------------------------------------------------------------ the infinite-width limit
-def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, list[Run]]:
+def _limit_and_runs(runs: Sequence[Run], figure: Figure, kind: str = "dmft") -> tuple[dict, dict, list[Run]]:
     """The sweep's ``limit.npz`` and the runs of its recipe (:class:`Skip` says which is missing). A run of
-    another configuration (an axis, parametrization or lr the limit is not of) is left out."""
+    another configuration (an axis, parametrization or lr the limit is not of) is left out. ``kind``: the DMFT of
+    gradient descent, or a Langevin recipe's posterior saddle ("statics") — each figure draws its own."""
     sweep = runs[0].folder.parent if runs else None
     path = sweep / LIMIT_FILE if sweep is not None else None
     if path is None or not path.exists():
@@ -33,6 +34,13 @@ def _limit_and_runs(runs: Sequence[Run], figure: Figure) -> tuple[dict, dict, li
 
     limit = load_arrays(path)
     settings = json.loads(str(limit["settings"]))
+    found = settings.get("kind", "dmft")
+    if found != kind:
+        raise Skip(
+            "limit.npz is a Langevin posterior's saddle point: drawn in 'limit_posterior'"
+            if found == "statics"
+            else "limit.npz is gradient descent's DMFT, not a posterior's saddle point: drawn in 'limit_comparison'"
+        )
     matching = [r for r in runs if recipe_fingerprint(r.config, MuPSettings.LIMIT_FIELDS) == settings["fingerprint"]]
     if not matching:
         raise Skip(
@@ -311,4 +319,90 @@ def limit_comparison(runs: Sequence[Run], figure: Figure):
         figure.caveats.append("one width: no distance against width")
     if not settings.get("converged", True):
         figure.caveats.append("the limit's DMFT iteration did not converge: it is not the limit")
+    return fig
+
+
+@register_figure(
+    order=15,
+    key="limit_posterior",
+    title="Posterior-mean feature kernels against the posterior's saddle point",
+    header=["width", "seeds", "layer", "|Φ_N − Φ*| / |Φ*|", "NNGP's", "cosine to Φ*", "effective samples"],
+)
+def limit_posterior(runs: Sequence[Run], figure: Figure):
+    """A Langevin sweep against its limit (``lightning-mup limit`` on a Langevin recipe): each hidden layer's
+    posterior-mean kernel (PosteriorMoments at its last saved step, the seed mean) against the saddle's, as the
+    relative distance against width with its fitted slope (the saddle-point argument: N^-1), beside the NNGP's
+    distance (what γ0 → 0 would give) and the saddle's own Monte Carlo error."""
+    limit, settings, matching = _limit_and_runs(runs, figure, kind="statics")
+    saddle, nngp = limit["feature_kernels_train_final"], limit["nngp_kernels_train"]
+    error = np.array([np.linalg.norm(e) / np.linalg.norm(k) for k, e in zip(saddle, limit["feature_kernels_error"])])
+    layers, measured, untrusted = len(saddle), {}, 0
+    for run in matching:
+        files = run.step_files("posterior")
+        arrays = run.arrays("posterior", max(files)) if files else None
+        if arrays is None or probe_of(arrays) != settings["probe_fingerprint"]:
+            continue
+        keys = [k for k in arrays if k.startswith("phi_mean/")]
+        if len(keys) != layers or any(arrays[k].shape != saddle[0].shape for k in keys):
+            figure.caveats.append(f"{run.folder.name}: its posterior kernels are not the saddle's {layers} layers")
+            continue
+        ess = min(float(v) for k, v in arrays.items() if k.startswith("ess/"))
+        minimum = (run.callback_settings("PosteriorMoments") or {}).get("min_ess", 100)
+        untrusted += ess < float(minimum)
+        measured.setdefault(run.width, []).append(([arrays[k] for k in keys], ess))
+    if not measured:
+        raise Skip(
+            "no run saved PosteriorMoments' kernels on the limit's training points — add PosteriorMoments to the "
+            "Langevin recipe (its default probe is the full training batch)"
+        )
+    if untrusted:
+        figure.caveats.append(
+            f"{untrusted} run(s) have fewer effective samples than their min_ess: their averages are not converged"
+        )
+    nngp_distance = [float(np.linalg.norm(n - k) / np.linalg.norm(k)) for n, k in zip(nngp, saddle)]
+    widths = sorted(measured)
+    distances = np.zeros((len(widths), layers))
+    for row, width in enumerate(widths):
+        members = measured[width]
+        means = [np.mean([m[0][layer] for m in members], axis=0) for layer in range(layers)]
+        for layer in range(layers):
+            target = saddle[layer]
+            distances[row, layer] = np.linalg.norm(means[layer] - target) / np.linalg.norm(target)
+            cosine = float(np.sum(means[layer] * target) / (np.linalg.norm(means[layer]) * np.linalg.norm(target)))
+            figure.rows.append(
+                [
+                    width,
+                    len(members),
+                    layer + 1,
+                    float(distances[row, layer]),
+                    nngp_distance[layer],
+                    cosine,
+                    min(m[1] for m in members),
+                ]
+            )
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4))
+    slopes = []
+    for layer, color in zip(range(layers), colors(layers)):
+        ax.loglog(widths, distances[:, layer], "o-", color=color, label=f"layer {layer + 1}")
+        ax.axhline(nngp_distance[layer], color=color, ls="--", lw=1)
+        if len(widths) >= 2:
+            slopes.append(float(np.polyfit(np.log(widths), np.log(distances[:, layer]), 1)[0]))
+    ax.axhline(error.max(), color="grey", ls=":", label=f"the saddle's MC error ({error.max():.1e})")
+    ax.set(xlabel="width N", ylabel="|Φ_N − Φ*| / |Φ*|", title="posterior mean vs saddle (dashed: NNGP)")
+    ax.legend(fontsize=7, frameon=False)
+    width_axis(ax, widths)
+    figure.note = (
+        f"The saddle of {settings['config']} ({settings['depth']} hidden layers, {settings['activation']}, γ0 = "
+        f"{settings['gamma0']:g}, β = {settings['beta']:g}) against each width's seed-mean posterior kernels. "
+        + (
+            f"Fitted slopes per layer: {', '.join(f'{s:.2f}' for s in slopes)} (saddle-point argument: −1). "
+            if slopes
+            else ""
+        )
+        + f"Validation loss: adaptive predictor {float(limit['adaptive_test_loss']):.4g}, NNGP "
+        f"{float(limit['nngp_test_loss']):.4g}."
+    )
+    if not settings.get("converged", True):
+        figure.caveats.append("the saddle did not converge: " + "; ".join(settings.get("notes", [])))
     return fig
