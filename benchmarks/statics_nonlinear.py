@@ -44,7 +44,7 @@ def cost() -> None:
             memory = saddle_memory(P, depth, 1024, 4, 8) / 2**20
             print(
                 f"{P:>4} {depth:>3} {saddle.seconds:>8.1f} {memory:>6.1f} {saddle.relative_error().max():>25.2%}"
-                f" {str(saddle.converged):>9}"
+                f" {saddle.converged!s:>9}"
             )
 
 

@@ -248,6 +248,7 @@ def _compute_saddle(config: Path, out: Path, inputs: dict[str, Any], particles: 
         out,
         feature_kernels_train_final=np.stack(saddle.kernels),
         feature_kernels_error=np.stack(errors),
+        preactivations_train_final=np.stack(saddle.preactivation_samples()),
         nngp_kernels_train=np.stack([_nngp_kernel(x, layer, activation) for layer in range(1, depth + 1)]),
         adaptive_test_loss=np.mean((adaptive - y_test) ** 2),
         nngp_test_loss=np.mean((nngp - y_test) ** 2),

@@ -93,6 +93,14 @@ class LinearSaddle:
         y = self.y.reshape(-1)
         return np.array([y @ k @ y for k in self.kernels]) / (y @ y)
 
+    def preactivation_samples(self, count: int = 20_000, seed: int = 0) -> list[np.ndarray]:
+        """Per layer, ``count`` draws of one neuron's preactivation on one training point: h ~ N(0, Φ^ℓ), exactly
+        (a linear network's tilted density is Gaussian)."""
+        rng = np.random.default_rng(seed)
+        P = len(self.input_kernel)
+        draws = -(-count // P)
+        return [(rng.normal(size=(draws, P)) @ np.linalg.cholesky(k).T).reshape(-1)[:count] for k in self.kernels]
+
     def predict(self, x_train: np.ndarray, x_test: np.ndarray) -> Posterior:
         """The adaptive-kernel predictor on test points: each layer's kernel on train ∪ test under the same tilt
         (a Gaussian tilt of the training block only: Σ' = Σ − Σ_{·,t}(I + Φ̂Σ_tt)⁻¹Φ̂Σ_{t,·}), then kernel

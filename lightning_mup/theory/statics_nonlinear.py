@@ -80,6 +80,17 @@ class NonlinearSaddle:
         """|standard error|_F / |Φ^ℓ|_F per layer."""
         return np.array([np.linalg.norm(e) / np.linalg.norm(k) for k, e in zip(self.kernels, self.kernel_errors)])
 
+    def preactivation_samples(self, count: int = 20_000, seed: int = 0) -> list[np.ndarray]:
+        """Per layer, ``count`` draws of one neuron's preactivation on one training point from its tilted density
+        (the snapshots' particles, pooled over replicas, particles and points)."""
+        if not self._snapshots:
+            raise ValueError("this saddle kept no particle snapshots (snapshots=0)")
+        rng = np.random.default_rng(seed)
+        pooled = [
+            torch.cat([s[layer].reshape(-1) for s in self._snapshots]).numpy() for layer in range(len(self.kernels))
+        ]
+        return [rng.choice(p, size=min(count, p.size), replace=False).astype(np.float64) for p in pooled]
+
     def predict(self, x_train: np.ndarray, x_test: np.ndarray) -> Posterior:
         """The adaptive-kernel predictor on test points. The tilt acts on the training block only, so a particle's
         test preactivations are Gaussian given its training ones: h* | h ~ N(Σ*ₜΣₜₜ⁻¹h, Σ** − Σ*ₜΣₜₜ⁻¹Σₜ*), layer

@@ -32,6 +32,7 @@ def test_a_recipe_outside_the_solvers_scope_is_refused_with_every_reason():
 def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_widths_against_it(
     tmp_path, monkeypatch
 ):
+    from lightning_mup.measure.distribution import histogram
     from lightning_mup.report.figures import limit_comparison, limit_posterior
     from lightning_mup.report.runs import Run
 
@@ -53,17 +54,26 @@ def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_
         folder = out / f"w{width}_s0" / "version_0"
         (folder / "posterior").mkdir(parents=True)
         kernels = {f"phi_mean/features.{2 * i + 1}": (1 + 3 / width) * k for i, k in enumerate(direct.kernels)}
+        # histograms of the saddle's own draws, the narrow widths' stretched by 1 + 8/N
+        edges = np.linspace(-6, 6, 121)
+        densities = {
+            f"hist/features.{2 * i + 1}": histogram(h * (1 + 8 / width), edges) if width < 1024 else histogram(h, edges)
+            for i, h in enumerate(saved["preactivations_train_final"])
+        }
         np.savez(
             folder / "posterior" / "step_00020000.npz",
             **kernels,
+            **densities,
+            edges=edges,
             **{"ess/kernel/a": np.array(500.0), "probe_fingerprint": np.array(settings["probe_fingerprint"])},
         )
         runs.append(Run(f"w{width}_s0", folder.parent, [folder], width, 0, None, "mf", {}))
     figure = limit_posterior(runs, out)
     assert figure.skipped is None, figure.skipped
     assert [row[:3] for row in figure.rows] == [[w, 1, layer] for w in (64, 256, 1024) for layer in (1, 2)]
-    for width, _, _, distance, nngp, cosine, ess in figure.rows:
+    for width, _, _, distance, nngp, cosine, tv, ess in figure.rows:
         assert distance == pytest.approx(3 / width) and cosine == pytest.approx(1.0) and ess == 500.0
+        assert (tv > 0.02) if width < 1024 else (tv == pytest.approx(0.0))  # the histograms against the tilted density
         assert nngp > 0.01  # the saddle moved away from the NNGP: the metric can tell them apart
     assert "Fitted slopes per layer: -1.00, -1.00" in figure.note and "adaptive predictor" in figure.note
     # the DMFT's figures do not read a posterior's saddle as gradient descent's limit

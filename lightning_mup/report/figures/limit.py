@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lightning_mup._run_folder import LIMIT_FILE, load_arrays, probe_of
+from lightning_mup.measure.distribution import histogram
 from lightning_mup.measure.ensemble import (
     distance_to_reference,
     resolved_widths,
@@ -326,13 +327,23 @@ def limit_comparison(runs: Sequence[Run], figure: Figure):
     order=15,
     key="limit_posterior",
     title="Posterior-mean feature kernels against the posterior's saddle point",
-    header=["width", "seeds", "layer", "|Φ_N − Φ*| / |Φ*|", "NNGP's", "cosine to Φ*", "effective samples"],
+    header=[
+        "width",
+        "seeds",
+        "layer",
+        "|Φ_N − Φ*| / |Φ*|",
+        "NNGP's",
+        "cosine to Φ*",
+        "TV to the tilted density",
+        "effective samples",
+    ],
 )
 def limit_posterior(runs: Sequence[Run], figure: Figure):
     """A Langevin sweep against its limit (``lightning-mup limit`` on a Langevin recipe): each hidden layer's
     posterior-mean kernel (PosteriorMoments at its last saved step, the seed mean) against the saddle's, as the
     relative distance against width with its fitted slope (the saddle-point argument: N^-1), beside the NNGP's
-    distance (what γ0 → 0 would give) and the saddle's own Monte Carlo error."""
+    distance (what γ0 → 0 would give) and the saddle's own Monte Carlo error; and each layer's posterior-mean
+    preactivation histogram against the saddle's tilted single-site density (total-variation distance per width)."""
     limit, settings, matching = _limit_and_runs(runs, figure, kind="statics")
     saddle, nngp = limit["feature_kernels_train_final"], limit["nngp_kernels_train"]
     error = np.array([np.linalg.norm(e) / np.linalg.norm(k) for k, e in zip(saddle, limit["feature_kernels_error"])])
@@ -349,7 +360,9 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
         ess = min(float(v) for k, v in arrays.items() if k.startswith("ess/"))
         minimum = (run.callback_settings("PosteriorMoments") or {}).get("min_ess", 100)
         untrusted += ess < float(minimum)
-        measured.setdefault(run.width, []).append(([arrays[k] for k in keys], ess))
+        histograms = [k for k in arrays if k.startswith("hist/")]  # saved in the layers' order
+        densities = [arrays[k] for k in histograms] if len(histograms) == layers else None
+        measured.setdefault(run.width, []).append(([arrays[k] for k in keys], ess, densities, arrays.get("edges")))
     if not measured:
         raise Skip(
             "no run saved PosteriorMoments' kernels on the limit's training points — add PosteriorMoments to the "
@@ -362,6 +375,14 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
     nngp_distance = [float(np.linalg.norm(n - k) / np.linalg.norm(k)) for n, k in zip(nngp, saddle)]
     widths = sorted(measured)
     distances = np.zeros((len(widths), layers))
+    samples = limit.get("preactivations_train_final")
+    tilted: dict[int, list[np.ndarray]] = {}  # width -> the seed-mean posterior densities per layer
+    for width in widths:
+        members = [m for m in measured[width] if m[2] is not None and m[3] is not None]
+        if members and samples is not None:
+            tilted[width] = [np.mean([m[2][layer] for m in members], axis=0) for layer in range(layers)]
+            edges = members[0][3]
+    nan = float("nan")
     for row, width in enumerate(widths):
         members = measured[width]
         means = [np.mean([m[0][layer] for m in members], axis=0) for layer in range(layers)]
@@ -369,6 +390,10 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
             target = saddle[layer]
             distances[row, layer] = np.linalg.norm(means[layer] - target) / np.linalg.norm(target)
             cosine = float(np.sum(means[layer] * target) / (np.linalg.norm(means[layer]) * np.linalg.norm(target)))
+            tv = nan
+            if width in tilted:
+                reference = histogram(samples[layer], edges)
+                tv = float(0.5 * np.sum(np.abs(tilted[width][layer] - reference) * np.diff(edges)))
             figure.rows.append(
                 [
                     width,
@@ -377,11 +402,21 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
                     float(distances[row, layer]),
                     nngp_distance[layer],
                     cosine,
+                    tv,
                     min(m[1] for m in members),
                 ]
             )
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 4))
+    fig, all_axes = plt.subplots(1, 1 + (layers if tilted else 0), figsize=(5.6 + (4.2 * layers if tilted else 0), 4))
+    ax = all_axes[0] if tilted else all_axes
+    if tilted:
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        for layer, hist_ax in enumerate(all_axes[1:]):
+            for width, color in zip(tilted, colors(len(tilted))):
+                hist_ax.plot(centres, tilted[width][layer], color=color, lw=1, label=f"N={width}")
+            hist_ax.plot(centres, histogram(samples[layer], edges), "k--", lw=1.5, label="saddle (tilted density)")
+            hist_ax.set(xlabel="preactivation h", ylabel="density", title=f"layer {layer + 1}")
+            hist_ax.legend(fontsize=7, frameon=False)
     slopes = []
     for layer, color in zip(range(layers), colors(layers)):
         ax.loglog(widths, distances[:, layer], "o-", color=color, label=f"layer {layer + 1}")
