@@ -210,7 +210,7 @@ def compute_limit(
 def _compute_saddle(config: Path, out: Path, inputs: dict[str, Any], particles: int, replicas: int, steps: int) -> Path:
     """A Langevin recipe's limit: the posterior's saddle (:func:`~lightning_mup.theory.nonlinear_saddle`; the
     exact solver for a linear network), its adaptive predictor and the NNGP's on the validation points."""
-    from lightning_mup.theory import deep_linear_saddle, nngp_posterior, nonlinear_saddle
+    from lightning_mup.theory import deep_linear_saddle, kernel_regression, nngp_posterior, nonlinear_saddle
 
     x, y, x_test, y_test = inputs["x_train"], inputs["y_train"], inputs["x_test"], inputs["y_test"]
     depth, activation, gamma0, beta = inputs["depth"], inputs["activation"], inputs["gamma0"], inputs["beta"]
@@ -251,6 +251,8 @@ def _compute_saddle(config: Path, out: Path, inputs: dict[str, Any], particles: 
         preactivations_train_final=np.stack(saddle.preactivation_samples()),
         nngp_kernels_train=np.stack([_nngp_kernel(x, layer, activation) for layer in range(1, depth + 1)]),
         adaptive_test_loss=np.mean((adaptive - y_test) ** 2),
+        # the posterior mean on the training points: Φ^L(Φ^L + β⁻¹I)⁻¹y, what PosteriorMoments' outputs_mean approaches
+        adaptive_train_mean=kernel_regression(*(3 * [saddle.kernels[-1]]), y, beta).mean.reshape(-1),
         nngp_test_loss=np.mean((nngp - y_test) ** 2),
         y_train=y,
         y_test=y_test,

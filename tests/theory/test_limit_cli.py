@@ -65,9 +65,11 @@ def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_
             **kernels,
             **densities,
             edges=edges,
+            outputs_mean=saved["adaptive_train_mean"] * (1 + 1 / width),
             **{"ess/kernel/a": np.array(500.0), "probe_fingerprint": np.array(settings["probe_fingerprint"])},
         )
-        runs.append(Run(f"w{width}_s0", folder.parent, [folder], width, 0, None, "mf", {}))
+        chain = {"val_loss": (np.arange(0.0, 20_001, 1000), np.full(21, 0.5 + 1 / width))}
+        runs.append(Run(f"w{width}_s0", folder.parent, [folder], width, 0, None, "mf", chain))
     figure = limit_posterior(runs, out)
     assert figure.skipped is None, figure.skipped
     assert [row[:3] for row in figure.rows] == [[w, 1, layer] for w in (64, 256, 1024) for layer in (1, 2)]
@@ -76,6 +78,8 @@ def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_
         assert (tv > 0.02) if width < 1024 else (tv == pytest.approx(0.0))  # the histograms against the tilted density
         assert nngp > 0.01  # the saddle moved away from the NNGP: the metric can tell them apart
     assert "Fitted slopes per layer: -1.00, -1.00" in figure.note and "adaptive predictor" in figure.note
+    # predictions against the saddle's, and the validation loss over the chain after PosteriorMoments' burn-in
+    assert "N = 64: predictions 0.016, validation loss 0.5156" in figure.note, figure.note
     # the DMFT's figures do not read a posterior's saddle as gradient descent's limit
     assert "posterior's saddle point" in limit_comparison(runs, out).skipped
 

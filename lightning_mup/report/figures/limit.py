@@ -348,6 +348,8 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
     saddle, nngp = limit["feature_kernels_train_final"], limit["nngp_kernels_train"]
     error = np.array([np.linalg.norm(e) / np.linalg.norm(k) for k, e in zip(saddle, limit["feature_kernels_error"])])
     layers, measured, untrusted = len(saddle), {}, 0
+    outputs: dict[int, list[np.ndarray]] = {}  # width -> each seed's posterior-mean outputs on the training points
+    gibbs: dict[int, list[float]] = {}  # width -> each seed's validation loss averaged over the chain after burn-in
     for run in matching:
         files = run.step_files("posterior")
         arrays = run.arrays("posterior", max(files)) if files else None
@@ -363,6 +365,10 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
         histograms = [k for k in arrays if k.startswith("hist/")]  # saved in the layers' order
         densities = [arrays[k] for k in histograms] if len(histograms) == layers else None
         measured.setdefault(run.width, []).append(([arrays[k] for k in keys], ess, densities, arrays.get("edges")))
+        outputs.setdefault(run.width, []).append(np.asarray(arrays.get("outputs_mean", np.nan)).reshape(-1))
+        series, burn_in = run.series("val_loss"), (run.callback_settings("PosteriorMoments") or {}).get("burn_in", 0)
+        if series is not None and np.any(series[0] >= burn_in):
+            gibbs.setdefault(run.width, []).append(float(np.nanmean(series[1][series[0] >= burn_in])))
     if not measured:
         raise Skip(
             "no run saved PosteriorMoments' kernels on the limit's training points — add PosteriorMoments to the "
@@ -438,6 +444,22 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
         + f"Validation loss: adaptive predictor {float(limit['adaptive_test_loss']):.4g}, NNGP "
         f"{float(limit['nngp_test_loss']):.4g}."
     )
+    if "adaptive_train_mean" in limit:
+        target = limit["adaptive_train_mean"]
+        parts = []
+        for width in widths:
+            mean = np.mean(outputs.get(width, [np.full_like(target, np.nan)]), axis=0)
+            rms = (
+                float(np.sqrt(np.mean((mean - target) ** 2)) / np.sqrt(np.mean(target**2)))
+                if mean.shape == target.shape
+                else nan
+            )
+            loss = np.mean(gibbs[width]) if width in gibbs else nan
+            parts.append(f"N = {width}: predictions {rms:.3f}, validation loss {loss:.4g}")
+        figure.note += (
+            " Posterior-mean predictions on the training points against the saddle's (relative RMS) and the networks'"
+            " validation loss averaged over the chain after the burn-in: " + "; ".join(parts) + "."
+        )
     if not settings.get("converged", True):
         figure.caveats.append("the saddle did not converge: " + "; ".join(settings.get("notes", [])))
     return fig
