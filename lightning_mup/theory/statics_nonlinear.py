@@ -50,7 +50,7 @@ class NonlinearSaddle:
     kernels: list[np.ndarray]  # Φ^ℓ on the training points, ℓ = 1 … L
     kernel_errors: list[np.ndarray]  # standard error of each entry, from the replicas' spread
     alignment_errors: np.ndarray  # standard error of yᵀΦ^ℓy/|y|² per layer, from the replicas' spread
-    conjugates: list[np.ndarray]  # Φ̂^ℓ at the averaged kernels' particles (mean over the averaging window)
+    conjugates: list[np.ndarray]  # Φ̂^ℓ, the replicas' mean averaged over the window
     input_kernel: np.ndarray
     y: np.ndarray
     gamma0: float
@@ -135,8 +135,8 @@ def _jitter(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def saddle_memory(points: int, depth: int, particles: int, replicas: int, snapshots: int) -> int:
-    """Bytes the particle solver holds: the particles and one proposal per layer in float64, the snapshots in
-    float32, and the per-layer P × P matrices."""
+    """Bytes the particle solver holds at most: the particles (float32) with the MALA step's ~7 temporaries of their
+    size, the snapshots (float32), and the per-layer P × P matrices (float64)."""
     state = depth * replicas * particles * points
     return 8 * 4 * state + 4 * snapshots * state + 8 * 8 * depth * replicas * points * points
 
