@@ -3,6 +3,7 @@ against it.
 
     python benchmarks/statics_nonlinear.py cost                                   # seconds and memory vs P, depth
     python benchmarks/statics_nonlinear.py chains --gamma0 1 [--widths 128,256]   # posterior-mean kernels vs saddle
+    python benchmarks/statics_nonlinear.py plot chains_*.log --out docs/statics_width.png   # chains' output, drawn
 
 ``cost`` times :func:`~lightning_mup.theory.nonlinear_saddle` (tanh, γ0 = 1, β = 50, its default particles and
 steps) and prints its memory, Monte Carlo error and convergence. ``chains`` runs the library's own path in plain
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,8 +95,9 @@ def chains(args) -> None:
     saddle = nonlinear_saddle(x, y, args.depth, args.gamma0, args.beta, "tanh", particles=args.particles)
     nngp = [mlp_kernels(x, layer + 1, "tanh").nngp for layer in range(1, args.depth + 1)]
     print(
-        f"tanh, depth {args.depth}, P={args.points}, γ0={args.gamma0}, β={args.beta}; saddle in {saddle.seconds:.0f} s, "
-        f"converged={saddle.converged}, rel. MC error {np.round(saddle.relative_error(), 4)}, "
+        f"tanh, depth {args.depth}, P={args.points}, γ0={args.gamma0}, β={args.beta}; saddle in "
+        f"{saddle.seconds:.0f} s, converged={saddle.converged}, rel. MC error {np.round(saddle.relative_error(), 4)}, "
+        f"finite-particle bias {np.round(saddle.particle_bias, 4)}, "
         f"yᵀΦy/|y|² {np.round(saddle.task_alignment(), 4)} ± {np.round(saddle.task_alignment_error(), 4)}"
     )
     print(
@@ -132,10 +135,46 @@ def chains(args) -> None:
         print("distance ∝ N^slope per layer: " + ", ".join(f"{s:+.2f}" for s in np.atleast_1d(slopes)))
 
 
+def plot(logs: list[str], out: str) -> None:
+    """The distance to the saddle against width, per layer, from the printed output of ``chains`` runs (one per γ0
+    or η), with each run's NNGP distance dashed."""
+    import re
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.8), squeeze=False)
+    for ax, log in zip(axes[0], logs):
+        text = Path(log).read_text()
+        header = text.splitlines()[0]
+        nngp = [float(v) for v in re.search(r"NNGP vs saddle: .*?distance ([\d., ]+);", text).group(1).split(", ")]
+        eta = re.search(r"η=([\d.]+)", text).group(1)
+        rows = re.findall(r"N=\s*(\d+): cosine [\d., ]+; distance ([\d., ]+);", text)
+        widths = np.array([int(n) for n, _ in rows])
+        distances = np.array([[float(v) for v in d.split(", ")] for _, d in rows])
+        for layer, color in zip(range(distances.shape[1]), ("C0", "C1", "C2", "C3")):
+            ax.loglog(widths, distances[:, layer], "o-", color=color, label=f"layer {layer + 1}")
+            ax.axhline(nngp[layer], color=color, ls="--", lw=1)
+        ax.set(xlabel="width N", ylabel="|Φ_N − Φ*| / |Φ*|", title=f"{header.split(';')[0]}, η={eta}")
+        ax.title.set_fontsize(8)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.legend(fontsize=7, frameon=False, title="dashed: NNGP", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("cost")
+    drawing = sub.add_parser("plot")
+    drawing.add_argument("logs", nargs="+")
+    drawing.add_argument("--out", default="docs/statics_width.png")
     c = sub.add_parser("chains")
     c.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")], default=[128, 256, 512])
     c.add_argument("--points", type=int, default=32)
@@ -150,7 +189,10 @@ def main() -> None:
     c.add_argument("--particles", type=int, default=4096)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cost() if args.what == "cost" else chains(args)
+    if args.what == "plot":
+        plot(args.logs, args.out)
+    else:
+        cost() if args.what == "cost" else chains(args)
 
 
 if __name__ == "__main__":
