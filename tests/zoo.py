@@ -22,6 +22,9 @@ class Arch:
     # what one Adam step adds to the unmodified model's logits grows with width (as in SP); not where the model's
     # own config already divides its logits by the width, or its head normalises a fixed-size bottleneck
     sp_logits_grow: bool = True
+    # (base, wide) where the zoo's 16 → 64 cannot resolve the rule: one network's change of the logits is μP's
+    # limit plus an O(1/√width) part from its random features, which at width 16 can dominate
+    widths: tuple[int, int] | None = None
 
 
 def _quiet():
@@ -581,6 +584,10 @@ NEW = {
             tie_word_embeddings=True,
         ),
         "causal_lm",
+        # its final features are nearly orthogonal across positions (correlation 0.01), so the random features'
+        # part dominates the change of most logits at width 16: mean |Δlogits| ∝ m^-0.26 at 16 → 64, −0.15 at
+        # 64 → 256, −0.05 at 256 → 1024, while the loss's change (+0.00) and the targets' logits (−0.01) are flat
+        widths=(64, 256),
     ),
     "hf_marian": Arch(
         _hf(

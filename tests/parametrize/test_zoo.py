@@ -129,8 +129,9 @@ def _run(
     name: str, parametrized: bool, lr: float, seeds=SEEDS, steps=STEPS, tied_readout="keep", routers=(), init=True
 ):
     arch = ZOO[name]
+    base, wide = arch.widths or (BASE, WIDE)
     per_width, initial, head_dims = {}, {}, {}
-    for width in (BASE, WIDE):
+    for width in (base, wide):
         totals: dict[str, list[float]] = {}
         checked = None  # the self-check's corrections at this width, measured on the first seed
         for seed in seeds:
@@ -141,8 +142,8 @@ def _run(
                     warnings.simplefilter("ignore")  # the self-check's notes are asserted elsewhere
                     model._record = parametrize(
                         model,
-                        base=lambda: arch.build(BASE),
-                        delta=(lambda: arch.build(WIDE)) if width == BASE else None,
+                        base=lambda: arch.build(base),
+                        delta=(lambda: arch.build(wide)) if width == base else None,
                         tied_readout=tied_readout,
                         check=checked is None,
                         check_optimizer=None,  # (the training self-check is asserted on once, in the test)
@@ -160,17 +161,17 @@ def _run(
                 initial.setdefault((width, key), []).append(value)
                 head_dims[(width, key)] = head_dim
         per_width[width] = {k: float(np.mean(v)) for k, v in totals.items()}
-    keys = {k for k in set(per_width[BASE]) & set(per_width[WIDE]) if per_width[BASE][k] > 0 and per_width[WIDE][k] > 0}
-    slopes = {k: math.log(per_width[WIDE][k] / per_width[BASE][k]) / math.log(WIDE / BASE) for k in keys}
+    keys = {k for k in set(per_width[base]) & set(per_width[wide]) if per_width[base][k] > 0 and per_width[wide][k] > 0}
+    slopes = {k: math.log(per_width[wide][k] / per_width[base][k]) / math.log(wide / base) for k in keys}
     # (slope, what μP's 1/d_head predicts: −½ per doubling… of the measured head_dim, 0 where heads grow instead or the
     # logits contract over tokens)
     init_slopes = {
         k: (
-            math.log(np.mean(initial[(WIDE, k)]) / np.mean(initial[(BASE, k)])) / math.log(WIDE / BASE),
-            -0.5 * math.log((head_dims[(WIDE, k)] or 1) / (head_dims[(BASE, k)] or 1)) / math.log(WIDE / BASE),
+            math.log(np.mean(initial[(wide, k)]) / np.mean(initial[(base, k)])) / math.log(wide / base),
+            -0.5 * math.log((head_dims[(wide, k)] or 1) / (head_dims[(base, k)] or 1)) / math.log(wide / base),
         )
         for (w, k) in initial
-        if w == WIDE and (BASE, k) in initial
+        if w == wide and (base, k) in initial
     }
     return slopes, init_slopes
 
@@ -194,8 +195,6 @@ def _tied_readouts(record) -> list[str]:
 
 # Known failures, kept visible: the test fails loudly the day they are fixed.
 _NOT_CLAIMED = {
-    "hf_mamba": "untied, what Adam adds to Mamba's logits falls ∝ m^-0.26 at lr 3e-3 (6 seeds; −0.32 after the first "
-    "step, when only the zero-initialised readout moves), cause not found",
     "timm_coatnet": "flat at lr 3e-3, but at 1e-2 the stages' output ∝ m^-0.38 and the logits' change ∝ m^-0.64 after "
     "4 steps (BatchNorm on 4 images), cause not found",
 }
@@ -207,14 +206,15 @@ ZOO_NAMES = [n for n in ZOO if n not in REFUSED and n != "torch_transformer_head
 @pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in ZOO_NAMES])
 def test_zoo_model_is_in_mup(name):
     arch = ZOO[name]
-    model = arch.build(WIDE)
+    base, wide = arch.widths or (BASE, WIDE)
+    model = arch.build(wide)
     model.train()
     frozen = next(iter(model.parameters()))
     frozen.requires_grad_(False)
     state = _untouchable_state(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = parametrize(model, base=lambda: arch.build(BASE))  # the whole self-check, training included
+        record = parametrize(model, base=lambda: arch.build(base))  # the whole self-check, training included
     # parametrize and its self-check leave every buffer bit-identical, every mode, flag and the RNG as they were
     assert _untouchable_state(model) == state
     frozen.requires_grad_(True)
