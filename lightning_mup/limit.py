@@ -146,7 +146,7 @@ def compute_limit(
     replicas: int,
     overrides: list[str],
     response_samples: int | None = None,
-    saddle_steps: int = 1200,
+    saddle_steps: int = 1000,
 ) -> Path:
     from lightning_mup.theory import solve_dmft
 
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
         "large P·T — their sampling error is in the error bars)",
     )
     parser.add_argument(
-        "--saddle-steps", type=int, default=1200, help="a Langevin recipe: the particle solver's steps (half averaged)"
+        "--saddle-steps", type=int, default=1000, help="a Langevin recipe: the particle solver's steps (half averaged)"
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override (repeatable)")
     args = parser.parse_args(argv)

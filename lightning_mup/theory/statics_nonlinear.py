@@ -150,7 +150,7 @@ def nonlinear_saddle(
     activation: str = "tanh",
     particles: int = 2048,
     replicas: int = 4,
-    steps: int = 1200,
+    steps: int = 1000,
     continuation: float = 0.25,
     snapshots: int = 8,
     seed: int = 0,
