@@ -275,7 +275,8 @@ def _nngp_kernel(x: np.ndarray, layer: int, activation: str) -> np.ndarray:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-mup limit",
-        description="the infinite-width (DMFT) limit of a recipe in the solver's scope, written to limit.npz",
+        description="the infinite-width limit of a recipe in the solvers' scope, written to limit.npz: the DMFT of "
+        "gradient descent, or for a Langevin recipe the posterior's saddle point",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=Path, required=True, help="the recipe (e.g. recipes/gegenbauer_limit.yaml)")
