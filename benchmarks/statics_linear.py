@@ -20,10 +20,9 @@ import time
 
 import numpy as np
 import torch
+from _langevin_mlp import langevin_mlp
 
-from lightning_mup import Langevin, parametrize, scale_optimizer
 from lightning_mup.measure.posterior import integrated_time
-from lightning_mup.models.mlp import MLP
 from lightning_mup.theory.statics import deep_linear_saddle, deep_linear_whitened
 
 
@@ -51,21 +50,7 @@ def chain(
 ):
     x, y = whitened(8)
     x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)[:, None]
-    torch.manual_seed(seed)
-
-    def build(n: int) -> MLP:
-        return MLP(in_dim=8, width=n, out_dim=1, depth=depth + 1, activation="identity", bias=False, init="normal")
-
-    model = build(width)
-    record = parametrize(
-        model, base=lambda: build(64), delta=lambda: build(128), parametrization="mf", gamma0=gamma0, check=False
-    )
-    optimizer = scale_optimizer(
-        Langevin(model.parameters(), lr=lr, beta=beta, prior_std=1.0, seed=seed),
-        record,
-        model,
-    )
-    optimizer.check_scales()
+    model, optimizer = langevin_mlp(8, width, depth, "identity", gamma0, beta, lr, seed)
     hidden = [m for m in model.features if isinstance(m, torch.nn.Linear)]
     seen: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.detach())) for m in hidden]

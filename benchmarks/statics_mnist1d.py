@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 import torch
+from _langevin_mlp import langevin_mlp
 
-from lightning_mup import Langevin, parametrize, scale_optimizer
 from lightning_mup.data.mnist1d import mnist1d_arrays
-from lightning_mup.models.mlp import MLP
 from lightning_mup.theory.statics import nngp_posterior
 from lightning_mup.theory.statics_nonlinear import nonlinear_saddle
 
@@ -42,16 +41,7 @@ def task(points: int, test_points: int, seed: int = 0):
 def network(x, y, x_test, width, depth, gamma0, beta, lr, steps, burn_in, thin, seed):
     x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)[:, None]
     test_t = torch.as_tensor(x_test, dtype=torch.float32)
-    torch.manual_seed(seed)
-
-    def build(n: int) -> MLP:
-        return MLP(in_dim=x.shape[1], width=n, out_dim=1, depth=depth + 1, activation="tanh", bias=False, init="normal")
-
-    model = build(width)
-    record = parametrize(
-        model, base=lambda: build(64), delta=lambda: build(128), parametrization="mf", gamma0=gamma0, check=False
-    )
-    optimizer = scale_optimizer(Langevin(model.parameters(), lr=lr, beta=beta, prior_std=1.0, seed=seed), record, model)
+    model, optimizer = langevin_mlp(x.shape[1], width, depth, "tanh", gamma0, beta, lr, seed)
     outputs = []
     for step in range(steps):
         optimizer.zero_grad()

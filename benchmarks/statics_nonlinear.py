@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _langevin_mlp import langevin_mlp
 
-from lightning_mup import Langevin, parametrize, scale_optimizer
-from lightning_mup.models.mlp import MLP
 from lightning_mup.theory.lazy import mlp_kernels
 from lightning_mup.theory.statics_nonlinear import nonlinear_saddle
 
@@ -53,17 +52,7 @@ def cost() -> None:
 
 def chain(x, y, width, depth, gamma0, beta, lr, steps, burn_in, thin, seed) -> tuple[np.ndarray, np.ndarray]:
     x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)[:, None]
-    torch.manual_seed(seed)
-
-    def build(n: int) -> MLP:
-        return MLP(in_dim=x.shape[1], width=n, out_dim=1, depth=depth + 1, activation="tanh", bias=False, init="normal")
-
-    model = build(width)
-    record = parametrize(
-        model, base=lambda: build(64), delta=lambda: build(128), parametrization="mf", gamma0=gamma0, check=False
-    )
-    optimizer = scale_optimizer(Langevin(model.parameters(), lr=lr, beta=beta, prior_std=1.0, seed=seed), record, model)
-    optimizer.check_scales()
+    model, optimizer = langevin_mlp(x.shape[1], width, depth, "tanh", gamma0, beta, lr, seed)
     hidden = [m for m in model.features if isinstance(m, torch.nn.Linear)]
     seen: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out.detach())) for m in hidden]

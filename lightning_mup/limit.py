@@ -262,7 +262,8 @@ def _compute_saddle(config: Path, out: Path, inputs: dict[str, Any], particles: 
         f"yᵀΦ^ℓy/|y|² = {np.round(saddle.task_alignment(), 4)}; validation loss: adaptive "
         f"{np.mean((adaptive - y_test) ** 2):.4g}, NNGP {np.mean((nngp - y_test) ** 2):.4g}"
     )
-    print(f"wrote {out}{'' if converged else ' — NOT CONVERGED: ' + '; '.join(notes)}")
+    said = "" if converged else " — NOT CONVERGED"
+    print(f"wrote {out}{said}" + "".join(f"\n  note: {note}" for note in notes))
     return out
 
 

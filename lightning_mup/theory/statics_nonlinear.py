@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -188,21 +189,8 @@ def nonlinear_saddle(
         )
     started = time.perf_counter()
     kernel0 = torch.as_tensor(x @ x.T / x.shape[1])
-    run = _flow(
-        kernel0,
-        targets,
-        depth,
-        gamma0,
-        beta,
-        phi_of,
-        particles,
-        replicas,
-        steps,
-        continuation,
-        snapshots,
-        seed,
-        progress,
-    )
+    flow = partial(_flow, kernel0, targets, depth, gamma0, beta, phi_of, replicas=replicas, steps=steps)
+    run = flow(particles, continuation=continuation, snapshots=snapshots, seed=seed, progress=progress)
     notes = list(run["notes"])
     converged = not notes
     kernels = [k.mean(0).numpy() for k in run["per_replica"]]
@@ -210,21 +198,7 @@ def nonlinear_saddle(
     bias = np.full(depth, np.nan)
     if bias_check:
         # the same flow with M/2 particles: a width-M mean field is off by c/M, so K(M/2) − K(M) estimates the bias
-        half = _flow(
-            kernel0,
-            targets,
-            depth,
-            gamma0,
-            beta,
-            phi_of,
-            max(2, particles // 2),
-            replicas,
-            steps,
-            continuation,
-            0,
-            seed + 1,
-            False,
-        )
+        half = flow(max(2, particles // 2), continuation=continuation, snapshots=0, seed=seed + 1, progress=False)
         for layer, (full, halved) in enumerate(zip(run["per_replica"], half["per_replica"])):
             difference = halved.mean(0) - full.mean(0)
             noise = torch.sqrt(((halved.var(0) + full.var(0)) / replicas).sum())
@@ -261,7 +235,20 @@ def nonlinear_saddle(
 
 
 def _flow(
-    kernel0, targets, depth, gamma0, beta, phi_of, particles, replicas, steps, continuation, snapshots, seed, progress
+    kernel0,
+    targets,
+    depth,
+    gamma0,
+    beta,
+    phi_of,
+    particles,
+    *,
+    replicas,
+    steps,
+    continuation,
+    snapshots,
+    seed,
+    progress,
 ) -> dict:
     """One run of the particle flow: ``replicas`` systems of ``particles`` per layer; the per-replica kernels
     averaged over the last half, and the diagnostics."""
@@ -271,16 +258,17 @@ def _flow(
     kernel0 = kernel0.expand(R, P, P)
     y_flat = targets.reshape(P, -1)
 
-    def kernel_of(h):  # the particles are float32 (their noise is far above its rounding); kernels float64
-        f = phi_of(h)[0]
+    def kernel_of(f):  # the particles are float32 (their noise is far above its rounding); kernels float64
         return (f.transpose(1, 2) @ f).to(torch.float64) / M
 
     # γ0 = 0: every layer Gaussian under the one below, drawn in sequence (the NNGP)
-    states, kernels = [], [kernel0]
+    # (each layer's φ(h) and φ'(h) are kept beside its particles and updated with the moves: computed once per move)
+    states, features, kernels = [], [], [kernel0]
     for _ in range(L):
         factor = torch.linalg.cholesky(kernels[-1] + _jitter(kernels[-1])).to(torch.float32)
         states.append(torch.randn(R, M, P, generator=generator) @ factor.transpose(1, 2))
-        kernels.append(kernel_of(states[-1]))
+        features.append(list(phi_of(states[-1])[:2]))
+        kernels.append(kernel_of(features[-1][0]))
     log_step = torch.full((L, R), float(np.log(0.5)), dtype=torch.float64)
     ramp = max(1, int(continuation * steps))
     average_from = steps // 2
@@ -295,14 +283,16 @@ def _flow(
     bar = _progress(steps, progress)
     for step in range(steps):
         g = gamma0 * min(1.0, (step + 1) / ramp) ** 0.5  # γ0² linear in the step over the ramp
-        conjugates = _conjugates(kernels, states, targets, g, beta, phi_of)
+        conjugates = _conjugates(kernels, states, features, targets, g, beta)
         for layer in range(L):
-            rate = _mala_step(states[layer], kernels[layer], conjugates[layer], phi_of, log_step[layer], generator)
+            rate = _mala_step(
+                states[layer], features[layer], kernels[layer], conjugates[layer], phi_of, log_step[layer], generator
+            )
             if step < average_from:  # adapt during burn-in only; each move is exact for its frozen target anyway
                 log_step[layer] += 0.05 * (rate - TARGET_ACCEPTANCE)
             else:
                 accepted[layer] += rate
-        kernels = [kernel0, *(kernel_of(h) for h in states)]
+        kernels = [kernel0, *(kernel_of(f[0]) for f in features)]
         stacked = torch.stack(kernels[1:])  # [L, R, P, P]
         alignments = torch.einsum("pk,lrpq,qk->lr", y_flat, stacked, y_flat) / (y_flat**2).sum()
         history[step] = alignments.mean(1).numpy()
@@ -327,7 +317,7 @@ def _flow(
     replica_alignment = series.mean(0)  # [L, R]
     effective = np.zeros(L)
     for layer in range(L):
-        value = (phi_of(states[layer])[0].to(torch.float64) @ y_flat) ** 2  # [R, M, outputs]
+        value = (features[layer][0].to(torch.float64) @ y_flat) ** 2  # [R, M, outputs]
         per_draw = (value.sum(-1) / (y_flat**2).sum()).var().item()
         effective[layer] = per_draw / max(replica_alignment[layer].var(ddof=1) / R, 1e-300)
     tau = np.array([integrated_time(series[:, layer, :]).tau for layer in range(L)])
@@ -357,7 +347,7 @@ def _flow(
     )
 
 
-def _conjugates(kernels, states, targets, gamma0, beta, phi_of):
+def _conjugates(kernels, states, features, targets, gamma0, beta):
     """Φ̂^ℓ per replica from the particles, top down: the readout's tilt at ℓ = L; below it the layer above's pull
     −(Φ^ℓ)⁻¹(⟨hhᵀ⟩ − Φ^ℓ)(Φ^ℓ)⁻¹ in its Stein form (Φ^ℓ)⁻¹⟨h ∇Ψ(h)ᵀ⟩ over the layer above's particles, Ψ its tilt
     (integration by parts under its tilted density). Equal at stationarity, but the Stein form's noise scales with
@@ -372,7 +362,7 @@ def _conjugates(kernels, states, targets, gamma0, beta, phi_of):
     out[L - 1] = -(gamma0**2) * tilt_direction @ tilt_direction.transpose(1, 2)
     for layer in range(L - 2, -1, -1):  # Φ̂ of hidden layer layer+1 (1-based), from the particles of layer+2
         above = states[layer + 1]
-        value, slope, _ = phi_of(above)
+        value, slope = features[layer + 1]
         grad_psi = slope * (value @ out[layer + 1].to(above.dtype))  # ∇Ψ of the layer above, [R, M, P]
         moment = (above.transpose(1, 2) @ grad_psi).to(torch.float64) / M
         conjugate = torch.linalg.solve(kernels[layer + 1], moment)
@@ -380,34 +370,38 @@ def _conjugates(kernels, states, targets, gamma0, beta, phi_of):
     return out
 
 
-def _mala_step(h, prior, conjugate, phi_of, log_step, generator) -> torch.Tensor:
+def _mala_step(h, features, prior, conjugate, phi_of, log_step, generator) -> torch.Tensor:
     """One MALA move of every particle (in place) for p(h) ∝ N(h; 0, prior) exp(−½ φ(h)ᵀ Ĉ φ(h)), in whitened
-    coordinates z = chol(prior)⁻¹h; ``log_step`` [R] per replica. Returns each replica's acceptance rate."""
+    coordinates z = chol(prior)⁻¹h; ``features`` = [φ(h), φ'(h)], updated in place with h; ``log_step`` [R] per
+    replica. Returns each replica's acceptance rate."""
     factor = torch.linalg.cholesky(prior + _jitter(prior))  # [R, P, P], in float64
     identity = torch.eye(h.shape[-1], dtype=factor.dtype).expand_as(factor)
     inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False).to(h.dtype)
     factor, conjugate = factor.to(h.dtype), conjugate.to(h.dtype)
     step = torch.exp(log_step).to(h.dtype)[:, None, None]
 
-    def energy_and_drift(hh, z):
-        value, slope, _ = phi_of(hh)
+    def energy_and_drift(value, slope, z):
         tilted = value @ conjugate  # [R, M, P]
         psi = 0.5 * (tilted * value).sum(-1)
         grad_z = -z - (slope * tilted) @ factor  # ∇_z [−½|z|² − Ψ(Lz)]
         return -0.5 * (z * z).sum(-1) - psi, grad_z
 
     z = h @ inverse_factor.transpose(1, 2)
-    log_p, grad = energy_and_drift(h, z)
+    log_p, grad = energy_and_drift(*features, z)
     noise = torch.randn(h.shape, generator=generator, dtype=h.dtype)
     z_new = z + 0.5 * step * grad + torch.sqrt(step) * noise
     h_new = z_new @ factor.transpose(1, 2)
-    log_p_new, grad_new = energy_and_drift(h_new, z_new)
+    value_new, slope_new, _ = phi_of(h_new)
+    log_p_new, grad_new = energy_and_drift(value_new, slope_new, z_new)
     forward = -((z_new - z - 0.5 * step * grad) ** 2).sum(-1) / (2 * step[..., 0])
     backward = -((z - z_new - 0.5 * step * grad_new) ** 2).sum(-1) / (2 * step[..., 0])
     log_ratio = log_p_new - log_p + backward - forward
     accept = torch.log(torch.rand(log_ratio.shape, generator=generator, dtype=h.dtype)) < log_ratio
     accept &= torch.isfinite(log_ratio)
-    h.copy_(torch.where(accept[..., None], h_new, h))
+    keep = accept[..., None]
+    h.copy_(torch.where(keep, h_new, h))
+    features[0] = torch.where(keep, value_new, features[0])
+    features[1] = torch.where(keep, slope_new, features[1])
     return accept.to(torch.float64).mean(-1)
 
 

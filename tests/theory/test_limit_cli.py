@@ -46,14 +46,13 @@ def test_a_langevin_recipe_s_limit_is_its_posterior_saddle_and_the_report_draws_
     assert settings["converged"], settings
     saddle, nngp, y = saved["feature_kernels_train_final"], saved["nngp_kernels_train"], saved["y_train"]
     assert all(y @ s @ y > 1.1 * (y @ n @ y) for s, n in zip(saddle, nngp))  # γ0 = 1 grew the kernels along y
-    direct = type("Saddle", (), {"kernels": list(saddle)})
     # runs whose posterior-mean kernels sit (1 + 3/N)·Φ* away: the figure finds the slope −1 and the distances
     monkeypatch.setattr("lightning_mup._run_folder.recipe_fingerprint", lambda *a, **k: settings["fingerprint"])
     runs = []
     for width in (64, 256, 1024):
         folder = out / f"w{width}_s0" / "version_0"
         (folder / "posterior").mkdir(parents=True)
-        kernels = {f"phi_mean/features.{2 * i + 1}": (1 + 3 / width) * k for i, k in enumerate(direct.kernels)}
+        kernels = {f"phi_mean/features.{2 * i + 1}": (1 + 3 / width) * k for i, k in enumerate(saddle)}
         # histograms of the saddle's own draws, the narrow widths' stretched by 1 + 8/N
         edges = np.linspace(-6, 6, 121)
         densities = {

@@ -462,4 +462,6 @@ def limit_posterior(runs: Sequence[Run], figure: Figure):
         )
     if not settings.get("converged", True):
         figure.caveats.append("the saddle did not converge: " + "; ".join(settings.get("notes", [])))
+    elif settings.get("notes"):  # settled, with what its numbers do not include (a finite-particle bias)
+        figure.caveats.append("the saddle: " + "; ".join(settings["notes"]))
     return fig
