@@ -59,6 +59,9 @@ def limit_inputs(config: Path, overrides: list[str]) -> dict[str, Any]:
         problems.append("readout_zero_init=true: the theory's readout starts from w(0) ~ N(0, 1)")
     if kwargs.get("output_mult", 1.0) != 1.0 or kwargs.get("lr_mults"):
         problems.append("output_mult / lr_mults: the solver has the mf form's own multipliers and learning rates only")
+    ruled = [name for name in MuPSettings.AXIS_FIELDS if kwargs.get(name) is not None]
+    if ruled:
+        problems.append(f"{', '.join(ruled)}: the solver trains at the recipe's lr and decay, without axis rules")
     hp = getattr(model, "hparams", {})
     if not isinstance(model, MLPRegressor) or hp.get("residual"):
         problems.append(f"model {type(model).__name__}: the solver covers MLPRegressor's plain MLP (residual=false)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from lightning_mup._names import unwrap_name
 from lightning_mup._rng import private_rng
 from lightning_mup._run_folder import ROLE_MAP_FILE
 from lightning_mup.parametrize import Parametrization, parametrize, scaling_param_groups
+from lightning_mup.parametrize.axes import RunSize, apply_axis_rules, split_base
 from lightning_mup.parametrize.langevin import Langevin
 from lightning_mup.parametrize.optim import describe_groups, optimizer_family
 from lightning_mup.parametrize.settings import MuPSettings
@@ -73,17 +75,27 @@ class _MuP:
         residual_blocks: dict[str, list[str]] | None = None,
         keep_weights: bool = False,
         tied_readout: str = "keep",
+        batch_rule: str | None = None,
+        weight_decay_rule: str | None = None,
+        horizon_exponent: float | None = None,
         check: bool | str = True,
         optimizer_family: str | None = None,
         **strategy_kwargs: Any,
     ) -> None:
         given = locals()  # the μP keywords mirror MuPSettings' fields (test-checked): read them by its names
         super().__init__(**strategy_kwargs)
+        # a mapping base also describes the tuned run (batch_size, max_steps): the axis rules' reference
+        self.base_run = RunSize()
+        if isinstance(base, Mapping):
+            base, self.base_run = split_base(base)
         self.base, self.delta = base, delta
+        self.axes: dict[str, Any] | None = None  # the axis rules applied when training started (mup.json "axes")
         # settings that cannot work are refused here, before any model is built; None: no parameterization
         self.settings: MuPSettings | None = None
         if parametrization is not None:
             self.settings = MuPSettings.from_options({name: given[name] for name in MuPSettings.names()})
+            if self.base is not None:  # with the module's mup_base, checked when it is read
+                self._check_base_run()
         self.residual_blocks, self.self_check = residual_blocks, check
         self.optimizer_family = optimizer_family
         self.record: Parametrization | None = None
@@ -113,15 +125,35 @@ class _MuP:
             self._write_role_map(trainer)
             rank_zero_info(f"lightning_mup: {record.parametrization} applied\n{record.summary()}")
 
+    def _check_base_run(self) -> None:
+        """A rule across batch size or length needs the tuned run's: refused before any model is built."""
+        needs = {"batch_rule": "batch_size", "horizon_exponent": "max_steps", "weight_decay_rule": "max_steps"}
+        for option, key in needs.items():
+            if getattr(self.settings, option) and getattr(self.base_run, key) is None:
+                raise ValueError(
+                    f"{option}={getattr(self.settings, option)!r} needs the batch size and length the base was tuned "
+                    f"at: MuPStrategy(base={{'width': 64, 'batch_size': 32, 'max_steps': 1000}}) — {key} is missing"
+                )
+
+    def _base_spec(self, module: nn.Module) -> Base:
+        if self.base is not None:
+            return self.base
+        spec = getattr(module, "mup_base", None)
+        if isinstance(spec, Mapping):
+            spec, self.base_run = split_base(spec)
+            if self.settings is not None:
+                self._check_base_run()
+        return spec
+
     def _reparameterize(self, module: L.LightningModule) -> Parametrization:
-        base = self._resolve(self.base if self.base is not None else getattr(module, "mup_base", None), module, "base")
+        spec = self._base_spec(module)
+        base = self._resolve(spec, module, "base")
         if base is None:
             raise ValueError(
                 "MuPStrategy needs the base model: pass MuPStrategy(base={'<hyperparameter>': <base value>}) "
                 "(e.g. {'width': 64}), a module or factory, or set `mup_base` on your LightningModule."
             )
         delta_spec = self.delta
-        spec = self.base if self.base is not None else getattr(module, "mup_base", None)
         if delta_spec is None and isinstance(spec, Mapping):
             # Training at the base width itself: nothing differs in shape from the base, so build a second
             # width (on meta, no memory) to tell which dimensions are width.
@@ -196,13 +228,55 @@ class _MuP:
                 optimizer.check_scales(names)  # one temperature for every group, or no posterior: before training
         rank_zero_info(describe_groups(self.optimizers))
 
+    # ------------------------------------------------------------------------------- batch size, length, decay
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.record is None:
+            return
+        trainer = self.lightning_module.trainer
+        run = self._run_size(trainer)
+        settings = self.record.settings
+        families = [optimizer_family(o, self.optimizer_family) for o in self.optimizers]
+        groups = [
+            {"optimizer": i, **g}
+            for i, (optimizer, family) in enumerate(zip(self.optimizers, families))
+            for g in apply_axis_rules(optimizer, settings, self.base_run, run, family)
+        ]
+        rules = {name: settings.get(name) for name in MuPSettings.AXIS_FIELDS}
+        self.axes = {"base": asdict(self.base_run), "run": asdict(run), "rules": rules, "groups": groups}
+        said = list(dict.fromkeys(line for g in groups for line in g["applied"] + g["unruled"]))
+        if said:
+            rank_zero_info(
+                f"lightning_mup: this run's batch size {run.batch_size} and {run.max_steps} steps (base: "
+                f"{self.base_run.batch_size}, {self.base_run.max_steps})\n  " + "\n  ".join(said)
+            )
+            if any(g["lr_factor"] != 1.0 or g["weight_decay_factor"] != 1.0 for g in groups):
+                rank_zero_info(describe_groups(self.optimizers))
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._write_role_map(trainer)
+
+    def _run_size(self, trainer: L.Trainer) -> RunSize:
+        """This run's global batch size (loader batch × data-parallel replicas × accumulation) and optimizer steps."""
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, Mapping) else loaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        per_device = next((b for b in map(_batch_size, loaders) if b is not None), None)
+        replicas = int(self.distributed_sampler_kwargs.get("num_replicas", 1))  # independent members: 1
+        batch = per_device * replicas * trainer.accumulate_grad_batches if per_device is not None else None
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        steps = int(steps) if steps is not None and float(steps) != float("inf") and steps > 0 else None
+        return RunSize(batch_size=batch, max_steps=steps)
+
     # ------------------------------------------------------------------------------- files, checkpoints
     def _write_role_map(self, trainer: L.Trainer) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if log_dir is None or not self.is_global_zero:
             return
         os.makedirs(log_dir, exist_ok=True)
-        Path(log_dir, ROLE_MAP_FILE).write_text(json.dumps(self.record.to_dict(), indent=1))
+        written = self.record.to_dict()
+        if self.axes is not None:
+            written["axes"] = self.axes
+        Path(log_dir, ROLE_MAP_FILE).write_text(json.dumps(written, indent=1))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         if self.record is not None:
@@ -435,3 +509,11 @@ StrategyRegistry.register(
     description="μP via lightning_mup, DDP processes started by fork (notebooks, CPU tests)",
     start_method="fork",
 )
+
+
+def _batch_size(loader: object) -> int | None:
+    """A training loader's batch size per step on one device (None: not readable, e.g. an iterable of batches)."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None

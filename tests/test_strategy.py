@@ -544,3 +544,33 @@ def test_langevin_noise_is_the_same_on_every_ddp_rank(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["weights"] for r in (0, 1)]
     for name, p in ranks[0].items():  # replicas that drew different noise would be different networks
         torch.testing.assert_close(p, ranks[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_batch_and_length_rules_through_the_strategy_are_recorded_per_group(tmp_path, caplog):
+    """The base is the tuned run (batch 16, 10 steps); this run has 4× the batch and 2× the steps: every group's lr
+    gets √4 (Adam's rule), AdamW's λ keeps τ/T at the base's, and mup.json records both per group."""
+    AdamW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    base = {"width": 32, "batch_size": 16, "max_steps": 10}
+    strategy = MuPStrategy(base=base, batch_rule="sqrt", weight_decay_rule="tau")
+    with caplog.at_level("INFO"):
+        _trainer(tmp_path, max_steps=20, strategy=strategy).fit(
+            _module(width=64, optimizer=AdamW), GegenbauerDataModule(batch_size=64, batches_per_epoch=5)
+        )
+    assert "batch sqrt: lr × (64/16)^0.5 = 2" in caplog.text and "τ/T as at the base" in caplog.text
+    axes = json.loads((tmp_path / "lightning_logs" / "version_0" / "mup.json").read_text())["axes"]
+    assert axes["base"] == {"batch_size": 16, "max_steps": 10} and axes["run"] == {"batch_size": 64, "max_steps": 20}
+    assert axes["rules"] == {"batch_rule": "sqrt", "weight_decay_rule": "tau", "horizon_exponent": None}
+    record = strategy.record
+    for group in axes["groups"]:
+        assert group["lr_factor"] == pytest.approx(2.0) and group["weight_decay_factor"] == pytest.approx(0.25)
+        # τ/T as at the base: 1/(η·λ·T) with the width scales' η·λ = the base's (coupled), × 2 × 0.25 × 20 = 10 steps
+        assert group["tau_fraction"] == pytest.approx(1 / (1e-3 * 0.1 * 10))
+    hidden = record.params["model.features.2.weight"].lr_scale["adam"]
+    opt = strategy.optimizers[0]
+    weight = dict(strategy.lightning_module.named_parameters())["model.features.2.weight"]
+    hidden_group = next(g for g in opt.param_groups if any(p is weight for p in g["params"]))
+    assert hidden_group["lr"] * hidden_group["mup"]["lr"] * hidden_group["mup"]["axes"]["lr"] == pytest.approx(
+        1e-3 * hidden * 2.0
+    )
+    with pytest.raises(ValueError, match="batch_size is missing"):
+        MuPStrategy(base={"width": 32}, batch_rule="sqrt")

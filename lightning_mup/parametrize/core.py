@@ -58,6 +58,9 @@ def parametrize(
     residual_blocks: Mapping[str, Sequence[str]] | None = None,
     keep_weights: bool = False,
     tied_readout: str = "keep",
+    batch_rule: str | None = None,
+    weight_decay_rule: str | None = None,
+    horizon_exponent: float | None = None,
     check: bool | str = True,
     check_optimizer: str | None = "adam",
     example_input: Any = None,
@@ -80,8 +83,9 @@ def parametrize(
         readout_zero_init: zero the readout weights (default: on for ``mup``, off otherwise).
         lr_mults: constant per-role learning-rate multipliers, e.g. ``{"input": 10.0}``.
         weight_decay: ``"coupled"`` (as `mup`: lr·λ constant in width), ``"lr_invariant"`` (lr·λ
-            constant in width and depth, CompleteP) or ``"independent"`` (decay per step λ times the
-            schedule, independent of lr).
+            constant in width and depth, CompleteP), ``"independent"`` (decay per step λ times the
+            schedule, independent of lr) or ``"unscaled"`` (the user's λ in every group: with μP's hidden
+            lr ∝ 1/N, AdamW's timescale 1/(η·λ) grows ∝ N — the contrast for the τ rule).
         eps: Adam ε, ``"constant"`` or ``"scaled"`` (ε·m⁻¹ on hidden weights, ·m_L^-α in blocks).
         attention: ``None`` for the form's rule (1/d_head for μP/mf), or ``"unchanged"``.
         residual_blocks: ``{"block glob": ["branch end", ...]}`` for models without a block adapter.
@@ -92,6 +96,10 @@ def parametrize(
             initial part makes the logits' change fall ∝ m^-¼…-½; the training self-check says so), or ``"untie"``
             (the readout gets its own zero-initialised tensor, a copy of the embedding's shape; the role map
             records it and ``Parametrization.attach`` unties a freshly built model the same way).
+        batch_rule, weight_decay_rule, horizon_exponent: the rules across batch size, weight decay's timescale and
+            training length (:mod:`.axes`), recorded here and applied to an optimizer by
+            :func:`~lightning_mup.parametrize.axes.apply_axis_rules` once the run's batch size and length are known
+            (MuPStrategy does it when training starts).
         check: the self-check: one forward of the model and of base draws on a small synthetic input (:mod:`.verify`),
             then a few optimizer steps of each (:mod:`.train_check`); what deviates from the parameterization by a
             width-dependent constant is corrected (recorded in the role map) and verified, what cannot be is raised

@@ -206,17 +206,17 @@ class _StepScaler:
             self.post(optimizer, args, kwargs)
         self.saved = []
         for group in optimizer.param_groups:
-            scales = group.get("mup")
             saved: dict[str, Any] = {}
             self.saved.append(saved)
-            if scales is None:
+            if group.get("mup") is None:
                 continue
+            scales = group_scales(group)
             saved["lr"] = group["lr"]
             group["lr"] = group["lr"] * scales["lr"]
             if "weight_decay" in group:
                 saved["weight_decay"] = group["weight_decay"]
-                if scales["independent_weight_decay"]:
-                    _decay_independently(group)
+                if group["mup"]["independent_weight_decay"]:
+                    _decay_independently(group, scales["weight_decay"])
                     group["weight_decay"] = 0.0
                 else:
                     group["weight_decay"] = group["weight_decay"] * scales["weight_decay"]
@@ -230,9 +230,10 @@ class _StepScaler:
         self.saved = None
 
 
-def _decay_independently(group: dict[str, Any]) -> None:
-    """Decay per step λ × (schedule factor), independent of the lr's value and its μP scale."""
-    decay = group["weight_decay"]
+def _decay_independently(group: dict[str, Any], factor_of_axes: float) -> None:
+    """Decay per step λ × (schedule factor), independent of the lr's value and its μP scale (× the τ rule's
+    factor, which the width convention leaves at 1)."""
+    decay = group["weight_decay"] * factor_of_axes
     if not decay:
         return
     base = group.get("initial_lr", group["lr"])
@@ -306,9 +307,17 @@ _UNSCALED = {"lr": 1.0, "weight_decay": 1.0, "eps": 1.0}
 
 
 def group_scales(group: dict[str, Any]) -> dict[str, float]:
-    """The μP scales a group steps with: ``lr``, ``weight_decay``, ``eps`` (all 1 for a group that
-    lightning_mup did not split, e.g. without MuPStrategy)."""
-    return group.get("mup", _UNSCALED)
+    """The μP scales a group steps with: ``lr``, ``weight_decay``, ``eps`` — width's and depth's, times the axis
+    rules' factors (:mod:`.axes`: batch size, length) — all 1 for a group that lightning_mup did not split."""
+    scales = group.get("mup")
+    if scales is None:
+        return _UNSCALED
+    axes = scales.get("axes") or {}
+    return {
+        "lr": scales["lr"] * axes.get("lr", 1.0),
+        "weight_decay": scales["weight_decay"] * axes.get("weight_decay", 1.0),
+        "eps": scales["eps"],
+    }
 
 
 def lr_scales(optimizers: Iterable[Optimizer]) -> dict[int, float]:

@@ -165,7 +165,7 @@ def scale_tensor(
         if wd_convention == "coupled"
         else 1.0 / (width_lr[f] * d_lr[f])
         if wd_convention == "lr_invariant"
-        else 1.0
+        else 1.0  # "independent" (decay not multiplied by the lr) and "unscaled" (the user's λ everywhere)
         for f in width_lr
     }
     eps_scale = 1.0

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lightning_mup.parametrize.axes import BATCH_RULES, WEIGHT_DECAY_RULES
 from lightning_mup.parametrize.table import EPS_RULES, ROLES, WEIGHT_DECAY_CONVENTIONS, Form, form
 
 TIED_READOUTS = ("keep", "untie")
@@ -32,6 +33,11 @@ class MuPSettings:
         attention: None (the form's rule) or ``"unchanged"``.
         keep_weights: keep existing weights (only multipliers and lr scales apply).
         tied_readout: ``"keep"`` or ``"untie"`` a readout that shares the input embedding's tensor.
+        batch_rule: lr × (B/B₀)^½ (``"sqrt"``) or × B/B₀ (``"linear"``) for a run of global batch size B whose base
+            was tuned at B₀ (:mod:`.axes`); None: no rule.
+        weight_decay_rule: ``"tau"``: weight decay's timescale τ = 1/(η·λ) keeps its fraction of training τ/T as
+            the run's length and other lr factors change (width: the ``weight_decay`` convention); None: no rule.
+        horizon_exponent: a: lr × (T/T₀)^-a for a run of T optimizer steps whose base was tuned at T₀; None: none.
     """
 
     parametrization: str = "mup"
@@ -45,7 +51,12 @@ class MuPSettings:
     attention: str | None = None
     keep_weights: bool = False
     tied_readout: str = "keep"
+    batch_rule: str | None = None
+    weight_decay_rule: str | None = None
+    horizon_exponent: float | None = None
 
+    # the rules of the axes besides width and depth (:mod:`.axes`): they need the tuned run's batch size / length
+    AXIS_FIELDS = ("batch_rule", "weight_decay_rule", "horizon_exponent")
     # what the infinite-width limit of a recipe depends on (the recipe fingerprint): not keep_weights etc.
     LIMIT_FIELDS = ("parametrization", "gamma0", "output_mult", "readout_zero_init", "lr_mults", "depth_alpha")
 
@@ -108,6 +119,22 @@ class MuPSettings:
             raise ValueError(
                 f"gamma0={self.gamma0} has no effect here: the richness γ0 is a parameter of the mean-field form. "
                 "Use parametrization='mf' with gamma0, or leave gamma0 at 1"
+            )
+        if self.batch_rule not in (None, *BATCH_RULES):
+            raise ValueError(
+                f"batch_rule={self.batch_rule!r}; choose 'sqrt' (Adam: lr ∝ √B), 'linear' (SGD: lr ∝ B) or None"
+            )
+        if self.weight_decay_rule not in (None, *WEIGHT_DECAY_RULES):
+            raise ValueError(f"weight_decay_rule={self.weight_decay_rule!r}; choose 'tau' (τ/T held fixed) or None")
+        if self.weight_decay_rule == "tau" and self.weight_decay == "unscaled":
+            raise ValueError(
+                "weight_decay_rule='tau' holds τ fixed across width too, and weight_decay='unscaled' lets it grow with "
+                "μP's 1/N hidden lr: use weight_decay='coupled' (η·λ fixed in width), 'lr_invariant' or 'independent'"
+            )
+        if self.horizon_exponent is not None and not -2.0 <= self.horizon_exponent <= 2.0:
+            raise ValueError(
+                f"horizon_exponent={self.horizon_exponent}: lr × (T/T₀)^-a with a of order ½ (e.g. 0.5); "
+                "None for no horizon rule"
             )
         if self.tied_readout not in TIED_READOUTS:
             raise ValueError(f"tied_readout={self.tied_readout!r}; choose one of {TIED_READOUTS}")

@@ -164,7 +164,7 @@ DEPTH = {
 # Adam ε with eps="scaled": gradients of hidden weights shrink as 1/m_in, so ε follows them.
 EPS_SCALED = {HIDDEN: S(m_in=-1)}
 
-WEIGHT_DECAY_CONVENTIONS = ("coupled", "lr_invariant", "independent")
+WEIGHT_DECAY_CONVENTIONS = ("coupled", "lr_invariant", "independent", "unscaled")
 EPS_RULES = ("constant", "scaled")
 
 

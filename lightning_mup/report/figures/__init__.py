@@ -21,6 +21,7 @@ from lightning_mup.report.figures._common import (
 )
 from lightning_mup.report.figures._registry import Skip, register_figure, registered
 from lightning_mup.report.figures.after_ntk import after_ntk
+from lightning_mup.report.figures.axes import axis_transfer, transfer_summary
 from lightning_mup.report.figures.ensemble_logits import ensembles, logit_rmse
 from lightning_mup.report.figures.feature_kernels import cka_to_widest
 from lightning_mup.report.figures.limit import limit_comparison, limit_features, limit_posterior
@@ -48,6 +49,7 @@ __all__ = [
     "Figure",
     "Skip",
     "after_ntk",
+    "axis_transfer",
     "best_group_per_width",
     "cka_to_widest",
     "depth_transfer",
@@ -69,6 +71,7 @@ __all__ = [
     "pretty",
     "register_figure",
     "sharpness",
+    "transfer_summary",
     "transfer_verdict",
     "update_sizes",
     "width_scaling",
