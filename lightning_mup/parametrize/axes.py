@@ -64,8 +64,8 @@ def decay_kind(optimizer: Optimizer, group: Mapping[str, Any], family: str, inde
     """How a group's weight decay acts: ``"decoupled"`` (p ← p·(1 − η·λ): AdamW, Muon, Adam with
     ``decoupled_weight_decay``), ``"l2"`` (SGD's λ·p in the gradient: the same exponential decay, τ = 1/(η·λ)),
     ``"l2_normalised"`` (Adam-like L2, divided by √v with the gradient: no timescale), ``"independent"``
-    (lightning_mup's convention: p ← p·(1 − λ) per step) or ``"none"`` (the optimizer has no weight decay)."""
-    if "weight_decay" not in group:
+    (lightning_mup's convention: p ← p·(1 − λ) per step) or ``"none"`` (λ = 0, or no weight decay at all)."""
+    if not group.get("weight_decay"):
         return "none"
     if independent:
         return "independent"

@@ -194,7 +194,8 @@ def _parametrize(
             if delta_model is not None:
                 untie(delta_model, [to_base(n) if to_base else n for n in untied])
             tensors = infer_roles(model, base_model, delta_model, to_base, uses)
-    if all(not s.width_dims for t in tensors.values() for s in t.shapes) and depth_mult == 1.0:
+    grows = any(s.width_dims or s.symbols.get("m_count", 1.0) != 1.0 for t in tensors.values() for s in t.shapes)
+    if not grows and depth_mult == 1.0:
         raise ValueError(
             "no parameter differs in shape between the model and its base, so no width dimension can be "
             "identified. Give a base built at a smaller width, or pass delta= (the model at another width) "

@@ -130,14 +130,15 @@ def infer_roles(
 
     out: dict[str, TensorRoles] = {}
     uses_by_param = parameter_uses(model)
+    for param in model.parameters():
+        seen = (uses_in_forward or {}).get(id(param))
+        for use in uses_by_param[id(param)] if seen else ():
+            if use.kind is None:
+                only = len([p for p in use.module._parameters.values() if p is not None]) == 1
+                use.kind = kind_from_use(param, use.attr, seen, only)
+    counts = _expert_counts(model, uses_by_param, base_shapes, to_base_name)
     for name, param in model.named_parameters():
         uses = uses_by_param[id(param)]
-        seen = (uses_in_forward or {}).get(id(param))
-        if seen:
-            for use in uses:
-                if use.kind is None:
-                    only = len([p for p in use.module._parameters.values() if p is not None]) == 1
-                    use.kind = kind_from_use(param, use.attr, seen, only)
         shapes = []
         for use in uses:
             base_name = to_base_name(use.name)
@@ -155,7 +156,7 @@ def infer_roles(
                         "with everything but the width equal to the model."
                     )
             base_module = base_modules.get(to_base_name(use.module_name)) if use.module_name else base
-            shapes.append(_shape(use, base_module, shape, base_shape, width_dims))
+            shapes.append(_shape(use, base_module, shape, base_shape, width_dims, counts))
         # A tied tensor is stored (and initialised) as its input use, e.g. the embedding, never the lm_head.
         order = sorted(range(len(uses)), key=lambda i: shapes[i].role != INPUT)
         uses, shapes = [uses[i] for i in order], [shapes[i] for i in order]
@@ -164,20 +165,49 @@ def infer_roles(
     return out
 
 
+def _stacked(kind: LayerKind | None) -> bool:
+    """A stack of layers (experts) whose leading dimension counts them."""
+    return kind is not None and min(kind.out_dim, kind.in_dim) == 1
+
+
+def _expert_counts(
+    model: nn.Module, uses: dict[int, list[Use]], base_shapes: dict[str, list[int]], to_base_name: Callable
+) -> dict[str, tuple[int, int]]:
+    """{module holding a stack of experts' parent: (count in the model, count in the base)} where the count differs:
+    a 2-D layer beside such a stack with that many outputs is their router, its output dimension a count."""
+    counts: dict[str, tuple[int, int]] = {}
+    for param in model.parameters():
+        for use in uses[id(param)]:
+            base_shape = base_shapes.get(to_base_name(use.name))
+            if _stacked(use.kind) and base_shape is not None and param.shape[0] != base_shape[0]:
+                counts[use.module_name.rpartition(".")[0]] = (int(param.shape[0]), int(base_shape[0]))
+    return counts
+
+
 def _shape(
-    use: Use, base_module: nn.Module | None, shape: list[int], base_shape: list[int], width_dims: list[int]
+    use: Use,
+    base_module: nn.Module | None,
+    shape: list[int],
+    base_shape: list[int],
+    width_dims: list[int],
+    counts: dict[str, tuple[int, int]] | None = None,
 ) -> Shape:
     def ratio(dim: int) -> float:
         return shape[dim] / base_shape[dim]
 
-    if not width_dims:
-        return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0})
     kind = use.kind
+    # m_count: how many times more experts a stack (or its router's output) has than the base (recorded)
+    m_count = ratio(0) if _stacked(kind) else 1.0
+    count = (counts or {}).get(use.module_name.rpartition(".")[0])
+    if kind is not None and len(shape) == 2 and count and (shape[kind.out_dim], base_shape[kind.out_dim]) == count:
+        width_dims = [d for d in width_dims if d != kind.out_dim]  # a router: its outputs are the experts
+        m_count = count[0] / count[1]
+    if not width_dims or (kind is not None and not set(width_dims) & {kind.out_dim, kind.in_dim}):
+        # nothing grows, or only the count of stacked layers (experts)
+        return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0, "m_count": m_count})
     if kind is not None:
         # a stack of layers (experts): its leading dimension counts them, whether or not it grows
-        extra = set(width_dims) - {kind.out_dim, kind.in_dim} - ({0} if min(kind.out_dim, kind.in_dim) == 1 else set())
-        if not set(width_dims) & {kind.out_dim, kind.in_dim}:  # only the count of stacked layers grows
-            return Shape(FIXED, [], {"m_in": 1.0, "m_out": 1.0, "m": 1.0, "n": 1.0, "fan_in": 1.0})
+        extra = set(width_dims) - {kind.out_dim, kind.in_dim} - ({0} if _stacked(kind) else set())
         if extra:
             raise ValueError(f"{use.name}: width changes dims {sorted(extra)}, which are neither fan-in nor fan-out")
         fan_in = kind.fan_in(use.module)
@@ -190,7 +220,8 @@ def _shape(
         else:
             role = VECTOR if is_depthwise(use.module) else INPUT
             m, n, m_in = m_out, shape[kind.out_dim], 1.0
-        return Shape(role, width_dims, {"m_in": m_in, "m_out": m_out, "m": m, "n": float(n), "fan_in": float(fan_in)})
+        symbols = {"m_in": m_in, "m_out": m_out, "m": m, "n": float(n), "fan_in": float(fan_in), "m_count": m_count}
+        return Shape(role, width_dims, symbols)
 
     # Not a layer weight: biases, norm gains, layer scale, position embeddings, cls tokens, raw matrices.
     if len(width_dims) == 1:

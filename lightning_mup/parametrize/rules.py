@@ -147,7 +147,7 @@ def scale_tensor(
     native: float,
 ) -> ParamScale:
     shape = t.shapes[0]
-    role, symbols = shape.role, {**shape.symbols, "gamma0": settings["gamma0"]}
+    role, symbols = shape.role, {"m_count": 1.0, **shape.symbols, "gamma0": settings["gamma0"]}
     rule = chosen.rules[role]
     block = blocks.block_of(t.name)
     alpha = settings["depth_alpha"] or None  # 0: blocks matched to the base, no depth rule applied

@@ -11,6 +11,7 @@ m          the tensor's width multiplier (hidden/output: m_in, input: m_out, vec
 n          the tensor's width itself (the size of that width dimension, not a ratio)
 fan_in     fan-in of the matmul the tensor takes part in (1 for lookups and additive tensors)
 gamma0     mean-field richness γ0
+m_count    experts in a stack (or a router's outputs) / at base; 1 for everything else
 =========  =====================================================================================
 
 ``init`` multiplies the *base-calibrated* initial value: the model's own initialiser, rescaled so
@@ -33,6 +34,15 @@ The forms (N = width, m = N / N_base; abc notation W = N^-a w, w ~ N(0, N^-2b), 
 
 Depth (residual branches h + m_L^-α·F(h), Depth-μP α=½, CompleteP α=1) is in :data:`DEPTH`.
 
+Experts (a stack of E layers, one tensor [E, out, in]) are an axis of their own: a model with more experts than its
+base (``m_count`` = E/E₀, fixed expert size) keeps every initialisation and learning rate — each expert is a
+fixed-size layer. Measured on Mixtral (E = 4 → 32, top-2, 3 seeds, RMS change of each expert's weights after 5
+steps): flat under Adam (m_count^-0.05; the router −0.04), which normalises each expert's gradient. Under SGD an
+expert's gradient falls with the share of tokens routed to it, and no per-expert rule is applied: a constant lr gives
+m_count^-0.63 and lr ∝ m_count gives +0.33 (also at 8× the tokens, +0.31) — neither keeps it flat. A 2-D layer beside
+the stack with one output per expert is their router: its outputs are counted, not width, so it stays a readout of the
+hidden size (``output``: 1/m, zero init) when the experts grow with the width.
+
 Routers (an MoE's width → experts gate) are readouts, ``output`` role: zero-initialised under ``mup`` with the
 readout's 1/m, Adam lr η, SGD lr η·m. Why: any O(1/√N) initial router (SP's) sends a backward signal √N times μP's
 into the residual stream and makes the routing at init a random projection whose weight in the gradient grows
@@ -50,7 +60,7 @@ from dataclasses import dataclass, field
 
 INPUT, HIDDEN, OUTPUT, VECTOR, FIXED = "input", "hidden", "output", "vector", "fixed"
 ROLES = (INPUT, HIDDEN, OUTPUT, VECTOR, FIXED)
-SYMBOLS = ("m_in", "m_out", "m", "n", "fan_in", "gamma0")
+SYMBOLS = ("m_in", "m_out", "m", "n", "fan_in", "gamma0", "m_count")
 
 
 @dataclass(frozen=True)

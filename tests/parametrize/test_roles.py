@@ -151,3 +151,38 @@ def test_model_at_base_width_needs_delta():
     assert record.roles()["features.2.weight"] == "hidden"
     assert all(p.width_mult == 1.0 for p in record.params.values())
     assert all(p.init_scale in (0.0, 1.0) for p in record.params.values())  # base width: only the zeroed readout
+
+
+def _mixtral(experts: int, width: int):
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=64,
+        hidden_size=width,
+        intermediate_size=width,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=32,
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_more_experts_are_counted_not_width_and_the_router_stays_a_readout():
+    """Experts 4 → 16 at one width: every expert tensor and the router keep their init and lr (nothing is width).
+    Experts and width growing together: the router's 16 outputs are counted, so it is the hidden size's readout
+    (zero, 1/m) — read off shapes alone it would be a hidden matrix with an SP-sized random init."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    record = parametrize(_mixtral(16, 32), base=lambda: _mixtral(4, 32), check=False)
+    moe = {n.split("mlp.")[1]: s for n, s in record.params.items() if ".mlp." in n}
+    assert set(moe) == {"gate.weight", "experts.gate_up_proj", "experts.down_proj"}
+    for scale in moe.values():
+        assert (scale.role, scale.init_scale, scale.lr_scale) == ("fixed", 1.0, {"sgd": 1.0, "adam": 1.0})
+    both = parametrize(_mixtral(16, 128), base=lambda: _mixtral(4, 32), check=False)
+    router = both.params["model.layers.0.mlp.gate.weight"]
+    assert (router.role, router.init_scale, router.forward_mult, router.fan_in_mult) == ("output", 0.0, 0.25, 4.0)
+    assert both.params["model.layers.0.mlp.experts.down_proj"].role == "hidden"

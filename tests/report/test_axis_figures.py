@@ -64,7 +64,8 @@ def test_weight_decay_is_tuned_with_the_lr_and_the_optimum_is_a_pair(tmp_path):
                 runs.append(_run(lr, loss, width=width, weight_decay=str(decay)))
     summary = transfer_summary(runs, tmp_path)
     assert [row[:2] for row in summary.rows] == [["width", "mup"]]
-    assert summary.rows[0][4:] == [0, 2, "gets worse"]
+    assert summary.rows[0][4:6] == [0, 2] and "the loss at the optimum gets worse with width" in summary.note
+    assert any("edge of the grid for mup width=64, mup width=256" in c for c in summary.caveats)
     assert "(η=0.004, λ=0.01) → (η=0.004, λ=1); the best lr moves by 0 grid step(s) and the best weight decay by 2" in (
         summary.note
     )

@@ -135,11 +135,29 @@ def verdict(panel: Panel, lrs: Sequence[float], decays: Sequence[float] | None) 
         point = lambda o: f"(η={lrs[o.lr_index]:g}, λ={decays[o.decay_index]:g})"  # noqa: E731
     else:
         point = lambda o: f"lr {lrs[o.lr_index]:g}"  # noqa: E731
+    # μP's promise along width: wider is never worse; along other axes the loss is reported, not judged
+    if panel.axis == "width":
+        trend = f"the loss at the optimum {'never gets worse' if panel.loss_never_worse else 'gets worse'} with width"
+    else:
+        trend = f"the loss at the optimum {first.loss:.4g} → {last.loss:.4g}"
     return (
         f"{panel.setting}, {panel.axis} {_fmt(first.value)} → {_fmt(last.value)}: {point(first)} → {point(last)}; "
-        f"{moved}; the loss at the optimum {'never gets worse' if panel.loss_never_worse else 'gets worse'} "
-        f"along {panel.axis}."
+        f"{moved}; {trend}."
     )
+
+
+def edge_caveats(panels: Sequence[Panel], lrs: Sequence[float], decays: Sequence[float] | None) -> list[str]:
+    """Optima on the edge of the grid: the true optimum may lie beyond, and the steps moved are a lower bound."""
+    edge = [
+        f"{p.setting} {p.axis}={_fmt(o.value)}"
+        for p in panels
+        for o in p.optima
+        if o.lr_index in (0, len(lrs) - 1) or (decays and o.decay_index in (0, len(decays) - 1))
+    ]
+    if not edge:
+        return []
+    shown = ", ".join(edge[:6]) + (f" and {len(edge) - 6} more" if len(edge) > 6 else "")
+    return [f"the optimum is on the edge of the grid for {shown}: it may lie beyond (extend the grid)"]
 
 
 @register_figure(
@@ -159,6 +177,7 @@ def axis_transfer(runs: Sequence[Run], figure: Figure):
         raise Skip("no --grid axis with ≥ 2 numeric values (e.g. --grid data.init_args.batch_size=16,64,256)")
     if len(panels) > PANEL_CAP:
         figure.caveats.append(f"{len(panels) - PANEL_CAP} more panel(s) are in the table and the summary, not drawn")
+    figure.caveats += edge_caveats(panels, lrs, decays)
     drawn = panels[:PANEL_CAP]
     columns = 2 if decays else 1
     plt = pyplot()
@@ -224,13 +243,14 @@ def transfer_summary(runs: Sequence[Run], figure: Figure):
                 " ".join(f"{lrs[o.lr_index]:g}" for o in panel.optima),
                 panel.lr_steps,
                 panel.decay_steps,
-                "never worse" if panel.loss_never_worse else "gets worse",
+                " ".join(f"{o.loss:.4g}" for o in panel.optima),
             ]
         )
     ax.set_yticks(range(len(panels)), [f"{p.axis}: {p.setting}"[:70] for p in panels], fontsize=7)
     ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], fontsize=7, rotation=45)
     ax.set(xlabel="best learning rate (dark → light: small → large value of the axis)", ylim=(-0.7, len(panels) - 0.3))
     ax.invert_yaxis()
+    figure.caveats += edge_caveats(panels, lrs, decays)
     held = [p for p in panels if p.lr_steps <= 1 and (p.decay_steps or 0) <= 1]
     figure.note = (
         f"{len(held)} of {len(panels)} panel(s) keep the optimum within one grid step along their axis. "
