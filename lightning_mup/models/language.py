@@ -11,7 +11,8 @@ from lightning_mup.models._base import RecipeModule
 
 class LanguageModel(RecipeModule):
     """A GPT-2-style causal LM (``architecture="gpt2"``), a Llama-style one (``"llama"``: RMSNorm, rotary
-    positions, gated MLP, bias-free ``nn.Linear`` layers) or a BERT-style masked LM (``"bert"``).
+    positions, gated MLP, bias-free ``nn.Linear`` layers), a Mixtral-style mixture of experts (``"mixtral"``: Llama's
+    blocks with a top-k routed stack of experts for the MLP) or a BERT-style masked LM (``"bert"``).
 
     Under :class:`~lightning_mup.MuPModelParallelStrategy` ``configure_model`` shards it: tensor parallel
     (Megatron's plan: attention heads and the MLP's hidden units split column- then row-wise) where the
@@ -23,12 +24,14 @@ class LanguageModel(RecipeModule):
     N, so μP's 1/d_head attention scale matters), Adam 1e-4, batch 32.
 
     Args:
-        architecture: ``"gpt2"``, ``"llama"`` or ``"bert"``.
+        architecture: ``"gpt2"``, ``"llama"``, ``"mixtral"`` or ``"bert"``.
         width: d_model (N).
         depth: transformer blocks.
         heads: attention heads (fixed across widths).
         max_len: positions.
         tie_embeddings: tie input and output embeddings (μP applies the 1/m readout multiplier on the tied use).
+        experts, experts_per_token, expert_width: ``"mixtral"``: the number of experts, how many each token is routed
+            to, and each expert's hidden size (default 2·width).
         optimizer, lr_scheduler: built in ``configure_optimizers``.
     """
 
@@ -40,6 +43,9 @@ class LanguageModel(RecipeModule):
         heads: int = 4,
         max_len: int = 256,
         tie_embeddings: bool = True,
+        experts: int = 8,
+        experts_per_token: int = 2,
+        expert_width: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -80,6 +86,25 @@ class LanguageModel(RecipeModule):
                 pad_token_id=None,
             )
             self.model = LlamaForCausalLM(config)
+        elif architecture == "mixtral":
+            from transformers import MixtralConfig, MixtralForCausalLM
+
+            config = MixtralConfig(
+                vocab_size=VOCAB_SIZE,
+                hidden_size=width,
+                intermediate_size=expert_width or 2 * width,
+                num_hidden_layers=depth,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                num_local_experts=experts,
+                num_experts_per_tok=experts_per_token,
+                max_position_embeddings=max_len,
+                tie_word_embeddings=tie_embeddings,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=None,
+            )
+            self.model = MixtralForCausalLM(config)
         elif architecture == "bert":
             from transformers import BertConfig, BertForMaskedLM
 
@@ -95,7 +120,7 @@ class LanguageModel(RecipeModule):
             )
             self.model = BertForMaskedLM(config)
         else:
-            raise ValueError(f"architecture={architecture!r}; use 'gpt2', 'llama' or 'bert'")
+            raise ValueError(f"architecture={architecture!r}; use 'gpt2', 'llama', 'mixtral' or 'bert'")
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
 
     def configure_model(self) -> None:
@@ -133,7 +158,9 @@ class LanguageModel(RecipeModule):
 
     def _blocks(self) -> list[torch.nn.Module]:
         body = getattr(self.model, self.model.base_model_prefix)
-        where = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}[self.hparams.architecture]
+        where = {"gpt2": "h", "llama": "layers", "mixtral": "layers", "bert": "encoder.layer"}[
+            self.hparams.architecture
+        ]
         return list(body.get_submodule(where))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,18 @@ def scale_tensor(
         init_scale = rule.init(symbols) / native
         if role == OUTPUT and settings["readout_zero_init"] and not t.aliases:
             init_scale = 0.0
+    use = t.uses[0]
+    if forward_mult != 1.0 and not t.aliases and not (use.kind is not None and use.kind.scalable_input):
+        # No hook point for the multiplier c (a stack of experts' matrices, a bare tensor in a custom op): fold it into
+        # the tensor — the same training (abc-symmetry): the weights × c, Adam's lr × c, SGD's × c², the gradient's
+        # ε × 1/c, and decay that multiplies the lr compensated
+        c, forward_mult = forward_mult, 1.0
+        init_scale *= c
+        folded = {"sgd": c * c, "adam": c}
+        lr_scale = {f: lr_scale[f] * folded[f] for f in lr_scale}
+        if wd_convention in ("coupled", "lr_invariant"):
+            weight_decay_scale = {f: weight_decay_scale[f] / folded[f] for f in weight_decay_scale}
+        eps_scale /= c
     return ParamScale(
         role=role,
         shape=list(t.param.shape),
@@ -226,9 +238,9 @@ def layer_hooks(
                 continue
             if use.kind is None or not use.kind.scalable_input:
                 raise ValueError(
-                    f"{use.name} ({shape.role}) needs a forward multiplier {mult:.4g}, but "
-                    f"{type(use.module).__name__} is not a layer whose input can be scaled (Linear, Conv, "
-                    "HF Conv1D). Use parametrization='mup', whose multiplier sits on the readout only."
+                    f"{use.name} ({shape.role}) shares its tensor with {name} and needs a forward multiplier "
+                    f"{mult:.4g} of its own, but {type(use.module).__name__} is not a layer whose input can be scaled "
+                    "(Linear, Conv, HF Conv1D). Untie the two (tied_readout='untie', or tie_word_embeddings=False)."
                 )
             reason = "readout multiplier" if shape.role == OUTPUT else "forward multiplier"
             hooks.append(ModuleHook(use.module_name, "input", mult, reason))

@@ -52,3 +52,46 @@ def test_mf_and_mup_train_to_the_same_function(gamma0):
     assert outputs["mf"].abs().max() > 1e-3  # a real function, not two zeros
     assert (outputs["mf"][-1] - outputs["mf"][0]).abs().max() > 1e-2  # that moved while training
     torch.testing.assert_close(outputs["mf"], outputs["mup"], rtol=1e-9, atol=1e-12)
+
+
+class _Readout(torch.nn.Module):
+    """A readout lightning_mup cannot put a hook on (a custom op with a weight and a bias, input not scalable)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(3, width) / math.sqrt(width))
+        self.bias = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _net(width: int, custom: bool) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
+    if custom:
+        readout = _Readout(width)
+        readout.load_state_dict(net[2].state_dict())
+        net[2] = readout
+    return net
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_a_multiplier_without_a_hook_point_is_folded_into_the_weights_and_trains_the_same(optimizer):
+    """μP's readout multiplier 1/m on a module whose input cannot be scaled goes into its weights and learning rates
+    (abc-symmetry): the network trains to the same function as with the multiplier as a hook."""
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    outputs = []
+    for custom in (False, True):
+        net = _net(64, custom)
+        record = parametrize(net, base=lambda c=custom: _net(16, c), check=False, readout_zero_init=False)
+        assert record.params["2.weight"].forward_mult == (0.25 if not custom else 1.0)
+        opt = scale_optimizer(
+            optimizer(net.parameters(), lr=0.05 if optimizer is torch.optim.SGD else 1e-2), record, net
+        )
+        for _ in range(5):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+        outputs.append(net(x).detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
