@@ -321,11 +321,17 @@ class MuPStrategy(_MuP, DDPStrategy):
     Args:
         base: how to build the model at the base width (and depth): dotted overrides of the
             LightningModule's saved hyperparameters (``{"model.embed_dim": 64}``), a module, or a
-            zero-argument factory. ``None``: the LightningModule's ``mup_base`` attribute.
+            zero-argument factory. ``None``: the LightningModule's ``mup_base`` attribute. Overrides may also
+            describe the tuned run, ``"batch_size"`` (global, per optimizer step) and ``"max_steps"``: the reference
+            of the axis rules, and of the summary's note on an axis that varies without one.
         delta: the same for a third width, needed only when training at the base width itself
             (overrides, module or factory).
         parametrization, gamma0, depth_alpha, output_mult, readout_zero_init, lr_mults, weight_decay,
             eps, attention, residual_blocks, tied_readout: see :func:`lightning_mup.parametrize`.
+        batch_rule, weight_decay_rule, horizon_exponent: rules across batch size (``"sqrt"``, ``"linear"``), weight
+            decay's timescale (``"tau"``: τ/T held) and training length (lr × (T/T₀)^-a), applied when training
+            starts to the run's batch size and length (:mod:`lightning_mup.parametrize.axes`), recorded per
+            optimizer group in ``mup.json`` under ``"axes"`` and printed.
         keep_weights: keep existing (e.g. pretrained) weights; only multipliers and lr scales apply.
         check: run the self-check (see :func:`lightning_mup.parametrize`): at initialisation, then a few steps of
             the optimizer family training will use; ``False`` skips it, ``"report"`` corrects nothing.

@@ -1,6 +1,7 @@
 """Pure-torch core: roles from shapes, the parameterization table, and applying it (no Lightning)."""
 
 from lightning_mup.families import register_block, register_layer
+from lightning_mup.parametrize.axes import RunSize, apply_axis_rules
 from lightning_mup.parametrize.coord_check import CoordCheck, coord_check, plot_coord_checks
 from lightning_mup.parametrize.core import parametrize
 from lightning_mup.parametrize.langevin import Langevin
@@ -24,6 +25,8 @@ __all__ = [
     "MuPSettings",
     "ParamScale",
     "Parametrization",
+    "RunSize",
+    "apply_axis_rules",
     "coord_check",
     "declare_optimizer_family",
     "effective_lrs",

@@ -36,12 +36,15 @@ Depth (residual branches h + m_L^-α·F(h), Depth-μP α=½, CompleteP α=1) is 
 
 Experts (a stack of E layers, one tensor [E, out, in]) are an axis of their own: a model with more experts than its
 base (``m_count`` = E/E₀, fixed expert size) keeps every initialisation and learning rate — each expert is a
-fixed-size layer. Measured on Mixtral (E = 4 → 32, top-2, 3 seeds, RMS change of each expert's weights after 5
-steps): flat under Adam (m_count^-0.05; the router −0.04), which normalises each expert's gradient. Under SGD an
-expert's gradient falls with the share of tokens routed to it, and no per-expert rule is applied: a constant lr gives
-m_count^-0.63 and lr ∝ m_count gives +0.33 (also at 8× the tokens, +0.31) — neither keeps it flat. A 2-D layer beside
-the stack with one output per expert is their router: its outputs are counted, not width, so it stays a readout of the
-hidden size (``output``: 1/m, zero init) when the experts grow with the width.
+fixed-size layer. Measured on Mixtral (``benchmarks/experts_axis.py``: E = 4 → 32, top-2, 3 seeds, RMS change of
+each expert's weights after 5 steps): flat under Adam (E^-0.05; the router's rows E^-0.00), which normalises each
+expert's gradient. Under SGD an expert's gradient falls with the share of tokens routed to it, and no per-expert rule
+is applied: a constant lr gives E^-0.6 (the router −0.39) and lr ∝ E gives E^+0.34 (+0.51; +0.31 also at 8× the
+tokens) — neither keeps it flat. A 2-D layer beside the stack with one output per expert is their router: its outputs
+are counted, not width, so it stays a readout of the hidden size (``output``: 1/m, zero init) when the experts grow
+with the width. Growing each expert's hidden size makes its down-projection a width → fixed ``output`` tensor whose
+1/m multiplier has no hook point in a stacked experts module: it is folded into the tensor (see
+:func:`~lightning_mup.parametrize.rules.scale_tensor`).
 
 Routers (an MoE's width → experts gate) are readouts, ``output`` role: zero-initialised under ``mup`` with the
 readout's 1/m, Adam lr η, SGD lr η·m. Why: any O(1/√N) initial router (SP's) sends a backward signal √N times μP's
