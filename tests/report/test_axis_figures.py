@@ -70,3 +70,18 @@ def test_weight_decay_is_tuned_with_the_lr_and_the_optimum_is_a_pair(tmp_path):
         summary.note
     )
     assert axis_transfer(runs, tmp_path).skipped.startswith("no --grid axis")
+
+
+def test_a_move_the_seeds_cannot_resolve_is_said(tmp_path):
+    """At batch 256 the optimum (lr 0.008) beats lr 0.002 by less than the seeds' spread: the optimum moves two
+    grid steps from batch 16's, but the seeds cannot rule out it staying put — the verdict gives both."""
+    losses = {16: [0.9, 0.5, 0.9, 0.9, 0.9], 256: [0.9, 0.52, 0.9, 0.5, 0.9]}
+    runs = [
+        _run(lr, loss + spread, seed, batch_size=str(batch))
+        for batch, row in losses.items()
+        for lr, loss in zip(LRS, row)
+        for seed, spread in ((0, -0.05), (1, 0.05))
+    ]
+    summary = transfer_summary(runs, tmp_path)
+    assert summary.rows[0][4] == 2
+    assert "the best lr moves by 2 grid step(s) (at least 0 within the seeds' spread)" in summary.note

@@ -48,6 +48,10 @@ class Optimum:
     loss: float
     curve_lr: np.ndarray  # loss vs lr at the best decay
     curve_decay: np.ndarray | None  # loss vs decay at the best lr
+    # index ranges of the grid points the seeds cannot tell from the optimum (within one standard error of the
+    # difference); (i, i) with one seed
+    lr_tied: tuple[int, int] = (0, 0)
+    decay_tied: tuple[int, int] | None = None
 
 
 @dataclass
@@ -67,6 +71,17 @@ class Panel:
         return max(o.decay_index for o in self.optima) - min(o.decay_index for o in self.optima)
 
     @property
+    def resolved_steps(self) -> tuple[int, int | None]:
+        """The fewest grid steps the optimum must move along the axis (lr, decay), any point the seeds cannot tell
+        from a value's optimum taken as its optimum: below ``lr_steps`` when the seeds' spread hides the move."""
+
+        def least(ranges: list[tuple[int, int]]) -> int:
+            return max(0, max(lo for lo, _ in ranges) - min(hi for _, hi in ranges))
+
+        decay = least([o.decay_tied for o in self.optima]) if self.optima[0].decay_tied is not None else None
+        return least([o.lr_tied for o in self.optima]), decay
+
+    @property
     def loss_never_worse(self) -> bool:
         losses = [o.loss for o in self.optima]
         return all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
@@ -82,14 +97,20 @@ def _optimum(runs: Sequence[Run], value: float, lrs, decays, key: str) -> Optimu
     """The best (lr, decay) of one axis value: lowest final loss averaged over seeds (diverged runs never win)."""
     rows = decays or [None]
     table = np.full((len(rows), len(lrs)), np.nan)
+    error = np.zeros_like(table)  # standard error of each mean over seeds (0 with one seed)
     for i, decay in enumerate(rows):
         for j, lr in enumerate(lrs):
             same = [r for r in runs if r.lr == lr and (decay is None or _number(r.axes.get(DECAY)) == decay)]
             if same:
                 table[i, j] = mean_final(same, key)
+                finals = [r.final(key) for r in same]
+                if len(finals) > 1 and None not in finals:
+                    error[i, j] = float(np.std(finals, ddof=1) / np.sqrt(len(finals)))
     if not np.isfinite(table).any():
         return None
     i, j = np.unravel_index(np.argmin(np.where(np.isfinite(table), table, np.inf)), table.shape)
+    tied = np.isfinite(table) & (table - table[i, j] <= np.sqrt(error**2 + error[i, j] ** 2))
+    rows_tied, cols_tied = np.nonzero(tied)
     return Optimum(
         value=value,
         lr_index=int(j),
@@ -97,6 +118,8 @@ def _optimum(runs: Sequence[Run], value: float, lrs, decays, key: str) -> Optimu
         loss=float(table[i, j]),
         curve_lr=table[i],
         curve_decay=table[:, j] if decays else None,
+        lr_tied=(int(cols_tied.min()), int(cols_tied.max())),
+        decay_tied=(int(rows_tied.min()), int(rows_tied.max())) if decays else None,
     )
 
 
@@ -135,6 +158,10 @@ def verdict(panel: Panel, lrs: Sequence[float], decays: Sequence[float] | None) 
         point = lambda o: f"(η={lrs[o.lr_index]:g}, λ={decays[o.decay_index]:g})"  # noqa: E731
     else:
         point = lambda o: f"lr {lrs[o.lr_index]:g}"  # noqa: E731
+    least = panel.resolved_steps
+    if least != (panel.lr_steps, panel.decay_steps):
+        within = f"{least[0]}" + (f" and {least[1]}" if decays is not None else "")
+        moved += f" (at least {within} within the seeds' spread)"
     # μP's promise along width: wider is never worse; along other axes the loss is reported, not judged
     if panel.axis == "width":
         trend = f"the loss at the optimum {'never gets worse' if panel.loss_never_worse else 'gets worse'} with width"
