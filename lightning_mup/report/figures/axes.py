@@ -187,6 +187,13 @@ def edge_caveats(panels: Sequence[Panel], lrs: Sequence[float], decays: Sequence
     return [f"the optimum is on the edge of the grid for {shown}: it may lie beyond (extend the grid)"]
 
 
+def _ticks(plt, ax, values: Sequence[float]) -> None:
+    """The grid's own values as the ticks of a log axis (no minor ticks crowding them)."""
+    ax.set_xticks(values, [f"{v:g}" for v in values], fontsize=7, rotation=45 if len(values) > 5 else 0)
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.yaxis.set_minor_formatter(plt.NullFormatter())
+
+
 @register_figure(
     order=16,
     key="axis_transfer",
@@ -229,9 +236,11 @@ def axis_transfer(runs: Sequence[Run], figure: Figure):
             )
         row[0].set(xlabel="learning rate", ylabel=f"final {pretty(key)}", title=panel.setting, yscale="log")
         row[0].legend(fontsize=7, frameon=False)
+        _ticks(plt, row[0], lrs)
         if decays:
             row[1].set(xlabel="weight decay λ (at each value's best lr)", yscale="log", title=panel.setting)
             row[1].legend(fontsize=7, frameon=False)
+            _ticks(plt, row[1], decays)
     figure.note = (
         f"The {pretty(key)} over the last tenth of training, averaged over seeds; ★ the optimum per value"
         + (" (the best (η, λ) pair; the left panel at its λ, the right at its η)" if decays else "")
