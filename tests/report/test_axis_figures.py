@@ -69,7 +69,12 @@ def test_weight_decay_is_tuned_with_the_lr_and_the_optimum_is_a_pair(tmp_path):
     assert "(η=0.004, λ=0.01) → (η=0.004, λ=1); the best lr moves by 0 grid step(s) and the best weight decay by 2" in (
         summary.note
     )
-    assert axis_transfer(runs, tmp_path).skipped.startswith("no --grid axis")
+    drawn = axis_transfer(runs, tmp_path)  # width is drawn here when the optimum is an (η, λ) pair
+    assert [(row[0], row[2], row[3], row[4]) for row in drawn.rows] == [
+        ("width", 64, 0.004, 0.01),
+        ("width", 128, 0.004, 0.1),
+        ("width", 256, 0.004, 1.0),
+    ]
 
 
 def test_a_move_the_seeds_cannot_resolve_is_said(tmp_path):

@@ -197,7 +197,7 @@ def _ticks(plt, ax, values: Sequence[float]) -> None:
 @register_figure(
     order=16,
     key="axis_transfer",
-    title=lambda runs: f"Final {pretty(loss_key(runs))} vs learning rate along each grid axis (batch size, steps, …)",
+    title=lambda runs: f"Final {pretty(loss_key(runs))} vs learning rate (and weight decay) along each axis",
     header=["axis", "setting", "value", "best lr", "best weight decay", "loss at the optimum"],
 )
 def axis_transfer(runs: Sequence[Run], figure: Figure):
@@ -205,7 +205,8 @@ def axis_transfer(runs: Sequence[Run], figure: Figure):
     lrs, decays = _grid(runs)
     if len(lrs) < 2:
         raise Skip("the sweep has no learning-rate axis (lightning-mup sweep --lrs ...)")
-    axes = [a for a in transfer_axes(runs) if a not in ("width", "depth")]
+    # width and depth have their own figures, except where the optimum is an (η, λ) pair, which only this one draws
+    axes = [a for a in transfer_axes(runs) if decays or a not in ("width", "depth")]
     panels = [p for axis in axes for p in axis_panels(runs, axis, key)]
     if not panels:
         raise Skip("no --grid axis with ≥ 2 numeric values (e.g. --grid data.init_args.batch_size=16,64,256)")
