@@ -574,3 +574,25 @@ def test_batch_and_length_rules_through_the_strategy_are_recorded_per_group(tmp_
     )
     with pytest.raises(ValueError, match="batch_size is missing"):
         MuPStrategy(base={"width": 32}, batch_rule="sqrt")
+
+
+class _SaveAxes(Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_end(self, trainer, module):
+        factors = [g["mup"]["axes"] for g in trainer.optimizers[0].param_groups]
+        torch.save(factors, self.path / f"axes{trainer.global_rank}.pt")
+
+
+def test_ddp_counts_the_global_batch_for_the_batch_rule(tmp_path):
+    """Two processes of 16 examples each step with a batch of 32: against a base tuned at 16, √2 on every rank."""
+    ddp = MuPStrategy(base={"width": 32, "batch_size": 16}, batch_rule="sqrt", start_method="fork")
+    _trainer(tmp_path, max_steps=2, devices=2, strategy=ddp, callbacks=[_SaveAxes(tmp_path)]).fit(
+        _module(width=64), GegenbauerDataModule(batch_size=16, batches_per_epoch=5)
+    )
+    axes = json.loads((tmp_path / "lightning_logs" / "version_0" / "mup.json").read_text())["axes"]
+    assert axes["run"]["batch_size"] == 32
+    for rank in (0, 1):
+        factors = torch.load(tmp_path / f"axes{rank}.pt", weights_only=True)
+        assert all(f["lr"] == pytest.approx(2**0.5) for f in factors)
