@@ -69,13 +69,13 @@ class LanguageModel(RecipeModule):
                 eos_token_id=0,
             )
             self.model = GPT2LMHeadModel(config)
-        elif architecture == "llama":
-            from transformers import LlamaConfig, LlamaForCausalLM
+        elif architecture in ("llama", "mixtral"):
+            import transformers
 
-            config = LlamaConfig(
+            # Llama's blocks; Mixtral's replace the MLP by a routed stack of experts
+            decoder = dict(
                 vocab_size=VOCAB_SIZE,
                 hidden_size=width,
-                intermediate_size=4 * width,
                 num_hidden_layers=depth,
                 num_attention_heads=heads,
                 num_key_value_heads=heads,
@@ -85,26 +85,17 @@ class LanguageModel(RecipeModule):
                 eos_token_id=0,
                 pad_token_id=None,
             )
-            self.model = LlamaForCausalLM(config)
-        elif architecture == "mixtral":
-            from transformers import MixtralConfig, MixtralForCausalLM
-
-            config = MixtralConfig(
-                vocab_size=VOCAB_SIZE,
-                hidden_size=width,
-                intermediate_size=expert_width or 2 * width,
-                num_hidden_layers=depth,
-                num_attention_heads=heads,
-                num_key_value_heads=heads,
-                num_local_experts=experts,
-                num_experts_per_tok=experts_per_token,
-                max_position_embeddings=max_len,
-                tie_word_embeddings=tie_embeddings,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=None,
-            )
-            self.model = MixtralForCausalLM(config)
+            if architecture == "llama":
+                config = transformers.LlamaConfig(intermediate_size=4 * width, **decoder)
+                self.model = transformers.LlamaForCausalLM(config)
+            else:
+                config = transformers.MixtralConfig(
+                    intermediate_size=expert_width or 2 * width,
+                    num_local_experts=experts,
+                    num_experts_per_tok=experts_per_token,
+                    **decoder,
+                )
+                self.model = transformers.MixtralForCausalLM(config)
         elif architecture == "bert":
             from transformers import BertConfig, BertForMaskedLM
 

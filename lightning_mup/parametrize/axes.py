@@ -152,8 +152,9 @@ def _need(option: str, key: str, base: RunSize, run: RunSize) -> None:
         )
     if getattr(run, key) is None:
         raise ValueError(
-            f"{option} needs this run's {key}, which lightning_mup could not read off the trainer "
-            f"(a loader without a batch_size, or no max_steps): set it explicitly, or drop {option}"
+            f"{option} needs this run's {key}, which lightning_mup could not read off the trainer: give the training "
+            "DataLoader a batch_size (or a batch sampler with one) and the Trainer max_steps (or a loader with a "
+            f"length), or drop {option}"
         )
 
 

@@ -179,7 +179,11 @@ def scale_tensor(
         init_scale = 1.0 / forward_mult
     else:
         init_scale = rule.init(symbols) / native
-        if role == OUTPUT and settings["readout_zero_init"] and not t.aliases:
+        use = t.uses[0]
+        hookable = use.kind is not None and use.kind.scalable_input
+        # only a readout with a hook point is zeroed: a width → fixed tensor without one (an expert's in- or
+        # out-projection in a stack) sits inside the network, where zero can be a dead start (ReLU'(0) = 0)
+        if role == OUTPUT and settings["readout_zero_init"] and not t.aliases and hookable:
             init_scale = 0.0
     use = t.uses[0]
     if forward_mult != 1.0 and not t.aliases and not (use.kind is not None and use.kind.scalable_input):
@@ -190,7 +194,7 @@ def scale_tensor(
         init_scale *= c
         folded = {"sgd": c * c, "adam": c}
         lr_scale = {f: lr_scale[f] * folded[f] for f in lr_scale}
-        if wd_convention in ("coupled", "lr_invariant"):
+        if wd_convention != "independent":  # decay that multiplies the lr: the same η·λ as with the multiplier
             weight_decay_scale = {f: weight_decay_scale[f] / folded[f] for f in weight_decay_scale}
         eps_scale /= c
     return ParamScale(

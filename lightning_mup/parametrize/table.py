@@ -44,7 +44,8 @@ tokens) — neither keeps it flat. A 2-D layer beside the stack with one output 
 are counted, not width, so it stays a readout of the hidden size (``output``: 1/m, zero init) when the experts grow
 with the width. Growing each expert's hidden size makes its down-projection a width → fixed ``output`` tensor whose
 1/m multiplier has no hook point in a stacked experts module: it is folded into the tensor (see
-:func:`~lightning_mup.parametrize.rules.scale_tensor`).
+:func:`~lightning_mup.parametrize.rules.scale_tensor`), and not zeroed by ``readout_zero_init``: inside the network a
+zero projection can be a dead start (a zero in-projection before a ReLU never receives a gradient).
 
 Routers (an MoE's width → experts gate) are readouts, ``output`` role: zero-initialised under ``mup`` with the
 readout's 1/m, Adam lr η, SGD lr η·m. Why: any O(1/√N) initial router (SP's) sends a backward signal √N times μP's
